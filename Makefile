@@ -1,0 +1,22 @@
+# `make demo` and `make test` each do all the set-up on a fresh machine (a .venv in the clone).
+# torch and torchvision must be one matched build, so pip resolves both from the package index;
+# PIP_CONFIG_FILE=/dev/null keeps a machine-local torch wheel (find-links) out of the resolution.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: demo test lint install
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP_ENV) $(VENV)/bin/pip install -q -e '.[all,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m mobileone demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check mobileone tests && $(VENV)/bin/ruff format --check mobileone tests

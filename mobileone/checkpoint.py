@@ -1,0 +1,352 @@
+"""Reading and writing MobileOne weights: Apple's, timm's and mmpretrain's layouts, and our own files.
+
+The model's native state_dict layout is Apple's (spec section 3). Files we write are a
+``.safetensors`` of that layout plus a ``.json`` beside it holding the architecture, the classes
+and the preprocessing, so a file alone rebuilds its model. Apple's own files carry no config;
+the architecture is read off the tensor shapes instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .model import VARIANTS, MobileOne, MobileOneConfig, reparameterize_model
+
+log = logging.getLogger("mobileone")
+StateDict = dict[str, Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, or does not fit the model it is loaded into."""
+
+
+# Spec section 3: the same tensor under Apple's, timm's and mmpretrain's names. ``{i}`` is an
+# index; ``{s}`` is Apple's stage number 1-4, which timm counts from 0 (``{s-1}``).
+LAYOUTS: dict[str, list[tuple[str, str]]] = {
+    "timm": [
+        ("stage0.", "stem."),
+        ("stage{s}.", "stages.{s-1}."),
+        (".rbr_conv.{i}.", ".conv_kxk.{i}."),
+        (".rbr_scale.", ".conv_scale."),
+        (".rbr_skip.", ".identity."),
+        (".se.reduce.", ".attn.fc1."),
+        (".se.expand.", ".attn.fc2."),
+        ("linear.", "head.fc."),
+    ],
+    "mmpretrain": [
+        ("stage{i}.", "backbone.stage{i}."),
+        (".rbr_conv.{i}.bn.", ".branch_conv_list.{i}.norm."),
+        (".rbr_conv.{i}.", ".branch_conv_list.{i}."),
+        (".rbr_scale.bn.", ".branch_scale.norm."),
+        (".rbr_scale.", ".branch_scale."),
+        (".rbr_skip.", ".branch_norm."),
+        (".se.reduce.", ".se.conv1.conv."),
+        (".se.expand.", ".se.conv2.conv."),
+        (".reparam_conv.", ".branch_reparam."),
+        ("linear.", "head.fc."),
+    ],
+}
+
+
+def _rule(src: str, dst: str) -> tuple[re.Pattern, Any]:
+    """Compile one row of ``LAYOUTS`` into (regex, replacement) mapping ``src`` names to ``dst``."""
+    anchored = not src.startswith(".")
+    pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{s\}", r"(?P<s>[1-4])")
+    pattern = pattern.replace(r"\{s\-1\}", r"(?P<t>[0-3])")
+
+    def repl(m: re.Match) -> str:
+        g = m.groupdict()
+        out = dst.replace("{i}", g.get("i") or "")
+        if g.get("s"):
+            out = out.replace("{s-1}", str(int(g["s"]) - 1))
+        if g.get("t"):
+            out = out.replace("{s}", str(int(g["t"]) + 1))
+        return out
+
+    return re.compile(("^" if anchored else "") + pattern), repl
+
+
+_TO_APPLE = {name: [_rule(b, a) for a, b in rows] for name, rows in LAYOUTS.items()}
+_FROM_APPLE = {name: [_rule(a, b) for a, b in rows] for name, rows in LAYOUTS.items()}
+
+
+def _rename(sd: StateDict, rules: list[tuple[re.Pattern, Any]]) -> StateDict:
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            key = pattern.sub(repl, key, count=1)
+        out[key] = value
+    return out
+
+
+def detect_layout(sd: StateDict) -> str:
+    """Which naming a state dict uses: ``apple``, ``timm`` or ``mmpretrain``."""
+    keys = list(sd)
+    if any(k.startswith("backbone.stage") or ".branch_" in k for k in keys):
+        return "mmpretrain"
+    if any(k.startswith(("stem.", "stages.")) for k in keys):
+        return "timm"
+    if any(k.startswith("stage0.") for k in keys):
+        return "apple"
+    raise CheckpointError(
+        f"this state dict is not a MobileOne in Apple's, timm's or mmpretrain's layout; its first keys are {keys[:5]}"
+    )
+
+
+def to_apple_layout(sd: StateDict) -> tuple[StateDict, str]:
+    """Convert any supported layout to Apple's; returns the converted dict and the layout found."""
+    layout = detect_layout(sd)
+    return (sd if layout == "apple" else _rename(sd, _TO_APPLE[layout])), layout
+
+
+def from_apple_layout(sd: StateDict, layout: str) -> StateDict:
+    """Convert an Apple-layout state dict to ``timm`` or ``mmpretrain`` names (for their code)."""
+    if layout == "apple":
+        return dict(sd)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose apple, {', '.join(LAYOUTS)}")
+    return _rename(sd, _FROM_APPLE[layout])
+
+
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net", "params")
+_EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / torch.compile / AveragedModel
+
+
+def _unwrap(obj: Any, use_ema: bool, path: str) -> StateDict:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        sd = dict(obj)
+    else:
+        order = (_EMA_WRAPPERS + _WRAPPERS) if use_ema else (_WRAPPERS + _EMA_WRAPPERS)
+        key = next((k for k in order if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            raise CheckpointError(
+                f"{path}: no state dict found; top-level keys are {list(obj)[:10]} "
+                f"(expected tensors, or one of {list(_WRAPPERS + _EMA_WRAPPERS)})"
+            )
+        if use_ema and key not in _EMA_WRAPPERS:
+            raise CheckpointError(f"{path} has no EMA weights (looked for {list(_EMA_WRAPPERS)})")
+        log.info("using the %r entry of %s", key, path)
+        return _unwrap(obj[key], False, path)
+    sd.pop("n_averaged", None)
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} contains Python objects other than tensors, which are not loaded from untrusted files "
+            f"(weights_only=True). If you trust it, torch.load(path, weights_only=False) it yourself and pass "
+            f"the state dict. Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def infer_config(sd: StateDict) -> tuple[MobileOneConfig, int, bool]:
+    """Read the architecture off Apple-layout tensor shapes: (config, num_classes, fused)."""
+    fused = any(".reparam_conv." in k for k in sd)
+    try:
+        stem_width = sd["stage0.reparam_conv.weight" if fused else "stage0.rbr_conv.0.conv.weight"].shape[0]
+        widths, blocks, ks, se = [], [], [], []
+        for s in range(1, 5):
+            n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith(f"stage{s}."))
+            blocks.append(n // 2)
+            last = f"stage{s}.{n - 1}"
+            widths.append(sd[f"{last}.reparam_conv.weight" if fused else f"{last}.rbr_conv.0.conv.weight"].shape[0])
+            ks.append(1 if fused else len({k.split(".")[3] for k in sd if k.startswith(f"stage{s}.1.rbr_conv.")}))
+            se.append(sum(f"stage{s}.{2 * b + 1}.se.reduce.weight" in sd for b in range(n // 2)))
+        stem_k = 1 if fused else len({k.split(".")[2] for k in sd if k.startswith("stage0.rbr_conv.")})
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"cannot read a MobileOne architecture from this state dict (missing {e})") from e
+    config = MobileOneConfig(widths=tuple(widths), stem_width=stem_width, blocks=tuple(blocks), k=tuple(ks),
+                             se_blocks=tuple(se), stem_k=stem_k)  # fmt: skip
+    if fused:  # k is gone after fusion: take it from the named variant of the same shape, if any
+        named = next((c for c in VARIANTS.values() if c.replace(k=c.k) == config.replace(k=c.k)), None)
+        config = named or config
+    else:
+        config = config.replace(
+            scale_branch="stage0.rbr_scale.conv.weight" in sd, skip_branch=any(".rbr_skip." in k for k in sd)
+        )
+    num_classes = sd["linear.weight"].shape[0] if "linear.weight" in sd else 0
+    return config, num_classes, fused
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: Apple-layout tensors plus what is known about them."""
+
+    state_dict: StateDict
+    layout: str
+    fused: bool
+    config: MobileOneConfig
+    num_classes: int
+    meta: dict[str, Any] = field(default_factory=dict)  # our JSON sidecar, when there is one
+
+    @property
+    def variant(self) -> str | None:
+        return self.meta.get("variant") or next((n for n, c in VARIANTS.items() if c == self.config), None)
+
+
+def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> Checkpoint:
+    """Read a checkpoint in any supported layout or wrapping into Apple's layout."""
+    path = Path(source) if not isinstance(source, dict) else None
+    obj = _read_file(path) if path else source
+    sd, layout = to_apple_layout(_unwrap(obj, use_ema, str(path or "state dict")))
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        warnings.warn(f"checkpoint has NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}", stacklevel=2)
+    meta: dict[str, Any] = {}
+    sidecar = path.with_suffix(".json") if path else None
+    if sidecar and sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+    if meta.get("config"):
+        config = MobileOneConfig(**meta["config"])
+        num_classes, fused = meta["num_classes"], meta["inference_mode"]
+    else:
+        config, num_classes, fused = infer_config(sd)
+    log.info("read %s: %s layout, %s, %d classes", path or "state dict", layout, "fused" if fused else "unfused",
+             num_classes)  # fmt: skip
+    return Checkpoint(sd, layout, fused, config, num_classes, meta)
+
+
+def _mismatch_report(model: MobileOne, sd: StateDict) -> list[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]  # fmt: skip
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            lines.append(f"{title} ({len(items)}): {', '.join(items[:8])}{more}")
+    return lines
+
+
+def load_checkpoint(
+    source: str | os.PathLike | dict,
+    model: MobileOne | None = None,
+    *,
+    reset_head: bool = False,
+    use_ema: bool = False,
+) -> MobileOne:
+    """Load weights from Apple, timm or mmpretrain files, our safetensors, or a state dict.
+
+    Without ``model`` the architecture comes from the JSON beside the file or from the tensor
+    shapes. Weights whose head has another number of classes than ``model`` load only with
+    ``reset_head=True`` (fine-tuning): the model keeps its own freshly initialised head.
+    An unfused checkpoint loads into a fused model by fusing it on the way.
+    """
+    ckpt = read_checkpoint(source, use_ema=use_ema)
+    sd = ckpt.state_dict
+    if model is None:
+        model = MobileOne(ckpt.config, ckpt.num_classes, ckpt.fused, variant=ckpt.variant)
+    name = model.variant or "custom MobileOne"
+    if ckpt.fused and not model.inference_mode:
+        raise CheckpointError(
+            f"{source} holds fused (inference) weights, which cannot be un-fused into the train-time {name}; "
+            "build the model with inference_mode=True, or load an unfused checkpoint"
+        )
+    if model.inference_mode and not ckpt.fused:
+        unfused = MobileOne(model.config, model.num_classes, False, model.in_chans, variant=model.variant)
+        _load_into(unfused, sd, ckpt, reset_head, source)
+        sd = reparameterize_model(unfused.eval(), inplace=True).state_dict()
+    own_head = model.num_classes
+    if model.features_only or own_head == 0:
+        sd = {k: v for k, v in sd.items() if not k.startswith("linear.")}
+    _load_into(model, sd, ckpt, reset_head, source)
+    if ckpt.meta:
+        model.class_names = ckpt.meta.get("class_names") if own_head == ckpt.num_classes else None
+        model.preprocess.update(ckpt.meta.get("preprocess", {}))
+    log.info("loaded %s (%s layout) into %s", source if not isinstance(source, dict) else "state dict", ckpt.layout, name)
+    return model
+
+
+def _load_into(model: MobileOne, sd: StateDict, ckpt: Checkpoint, reset_head: bool, source: Any) -> None:
+    head = model.linear.weight.shape[0] if isinstance(model.linear, torch.nn.Linear) else 0
+    if "linear.weight" in sd and sd["linear.weight"].shape[0] != head:
+        if not reset_head:
+            raise CheckpointError(
+                f"{source} has a {sd['linear.weight'].shape[0]}-class head but the model has {head} classes; "
+                "pass reset_head=True (CLI: --pretrained does this) to fine-tune with a new head"
+            )
+        sd = {k: v for k, v in sd.items() if not k.startswith("linear.")}
+        sd.update({f"linear.{k}": v for k, v in model.linear.state_dict().items()})
+    problems = _mismatch_report(model, sd)
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {model.variant or 'this custom MobileOne'} "
+            f"({'fused' if model.inference_mode else 'unfused'}; checkpoint is "
+            f"{ckpt.variant or 'a custom architecture'}, {'fused' if ckpt.fused else 'unfused'}, "
+            f"{ckpt.layout} layout):\n  " + "\n  ".join(problems)
+        )
+    model.load_state_dict(sd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> Path:
+    """Write ``path`` (.safetensors, Apple layout) and a JSON beside it; both atomically.
+
+    The JSON records variant, config, classes and preprocessing, plus any extra ``meta``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    info = {
+        "variant": model.variant,
+        "config": model.config.to_dict(),
+        "num_classes": model.num_classes,
+        "inference_mode": model.inference_mode,
+        "class_names": model.class_names,
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()},
+        **meta,
+    }
+    _atomic_write(path, lambda tmp: save_file(sd, tmp))
+    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    return path
+

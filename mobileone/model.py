@@ -1,0 +1,446 @@
+"""MobileOne (Vasu et al., arXiv 2206.04040): the variants, the re-parameterizable layer, the net.
+
+Module and attribute names follow Apple's reference code, because they are the checkpoint format
+users hold (spec section 3). In the paper's terms:
+
+- ``rbr_conv``: the ``k`` over-parameterized conv+BN branches,
+- ``rbr_scale``: the 1x1 conv+BN "scale" branch of layers whose kernel is larger than 1x1,
+- ``rbr_skip``: the BN-only skip (identity) branch,
+- ``reparam_conv``: the single conv all branches fold into at inference,
+- ``stage0`` is the stem; ``stage1..4`` are flat sequences of layers (depthwise, pointwise, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .fusion import fuse_branches, identity_kernel, pad_kernel
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BASE_WIDTHS = (64, 128, 256, 512)
+
+
+class FusionWarning(UserWarning):
+    """Fusion did something the caller may not expect (train mode, already fused, fresh BN)."""
+
+
+@dataclass(frozen=True)
+class MobileOneConfig:
+    """A MobileOne architecture as plain data. Per-stage tuples are for stages 1-4."""
+
+    widths: tuple[int, int, int, int]
+    stem_width: int
+    blocks: tuple[int, int, int, int] = (2, 8, 10, 1)
+    k: tuple[int, int, int, int] = (1, 1, 1, 1)
+    se_blocks: tuple[int, int, int, int] = (0, 0, 0, 0)  # SE on the last n blocks of each stage
+    stem_k: int = 1  # Apple's stem has k = 1 in every variant (the paper's Table 7 says 4)
+    scale_branch: bool = True  # False together with k = 1 and skip_branch = False: no branches
+    skip_branch: bool = True
+    output_stride: int = 32  # 16 or 8 trade the last strides for dilation (segmentation)
+
+    def __post_init__(self) -> None:
+        for name in ("widths", "blocks", "k", "se_blocks"):
+            value = getattr(self, name)
+            value = (value,) * 4 if isinstance(value, int) else tuple(value)
+            if len(value) != 4 or not all(isinstance(v, int) and v >= 0 for v in value):
+                raise ValueError(f"MobileOneConfig.{name} must be 4 non-negative ints (stages 1-4), got {value!r}")
+            object.__setattr__(self, name, value)
+        if min(self.widths) < 1 or self.stem_width < 1 or min(self.blocks) < 1 or min(self.k) < 1 or self.stem_k < 1:
+            raise ValueError(f"widths, blocks and k must be >= 1: {self}")
+        if any(s > b for s, b in zip(self.se_blocks, self.blocks)):
+            raise ValueError(f"se_blocks {self.se_blocks} exceeds the blocks per stage {self.blocks}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
+
+    @classmethod
+    def from_multipliers(
+        cls, multipliers: tuple[float, float, float, float], k: int = 1, se_blocks: tuple[int, ...] = (0, 0, 0, 0)
+    ) -> MobileOneConfig:
+        """Apple's parameterization: stage widths ``int(base * w)``, stem ``min(64, int(64 * w0))``."""
+        widths = tuple(int(b * w) for b, w in zip(BASE_WIDTHS, multipliers))
+        return cls(widths=widths, stem_width=min(64, int(64 * multipliers[0])), k=(k,) * 4, se_blocks=se_blocks)
+
+    def replace(self, **changes: Any) -> MobileOneConfig:
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown MobileOne config option(s) {sorted(unknown)}; valid: {[f.name for f in fields(self)]}")
+        return MobileOneConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# The paper's Table 7 (as Apple's code builds it): width multipliers of stages 1-4, k, SE blocks.
+VARIANTS: dict[str, MobileOneConfig] = {
+    "mobileone_s0": MobileOneConfig.from_multipliers((0.75, 1.0, 1.0, 2.0), k=4),
+    "mobileone_s1": MobileOneConfig.from_multipliers((1.5, 1.5, 2.0, 2.5), k=1),
+    "mobileone_s2": MobileOneConfig.from_multipliers((1.5, 2.0, 2.5, 4.0), k=1),
+    "mobileone_s3": MobileOneConfig.from_multipliers((2.0, 2.5, 3.0, 4.0), k=1),
+    "mobileone_s4": MobileOneConfig.from_multipliers((3.0, 3.5, 3.5, 4.0), k=1, se_blocks=(0, 0, 5, 1)),
+}
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation as in Apple's ``SEBlock`` (reduction 1/16, ReLU, sigmoid)."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.0625) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, int(channels * rd_ratio), 1, bias=True)
+        self.expand = nn.Conv2d(int(channels * rd_ratio), channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+
+
+class ConvBN(nn.Sequential):
+    """A conv without bias followed by BatchNorm: one train-time branch (keys ``conv.*``, ``bn.*``)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int, dilation: int, groups: int) -> None:
+        super().__init__()
+        padding = dilation * (kernel_size // 2) if kernel_size > 1 else 0
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+
+class MobileOneLayer(nn.Module):
+    """One MobileOne layer: ``act(se(sum of k conv branches + scale branch + skip branch))``.
+
+    Apple calls this ``MobileOneBlock``; a paper "block" is a depthwise and a pointwise layer.
+    Unlike Apple's code, dilation reaches every branch, and fusion keeps parameters trainable.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        k: int = 1,
+        use_se: bool = False,
+        scale_branch: bool = True,
+        skip: bool | None = None,
+        inference_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.dilation, self.groups, self.k = stride, dilation, groups, k
+        self.padding = dilation * (kernel_size // 2)
+        self.inference_mode = inference_mode
+        self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
+        self.activation = nn.ReLU()
+        if skip is None:
+            skip = in_channels == out_channels and stride == 1
+        if inference_mode:
+            self.reparam_conv = self._conv(kernel_size, bias=True)
+            return
+        if skip and in_channels != out_channels:
+            raise ValueError("a skip branch needs in_channels == out_channels")
+        self.rbr_skip = nn.BatchNorm2d(in_channels) if skip else None
+        self.rbr_conv = nn.ModuleList(
+            ConvBN(in_channels, out_channels, kernel_size, stride, dilation, groups) for _ in range(k)
+        )
+        has_scale = scale_branch and kernel_size > 1
+        self.rbr_scale = ConvBN(in_channels, out_channels, 1, stride, 1, groups) if has_scale else None
+
+    def _conv(self, kernel_size: int, bias: bool) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels, self.out_channels, kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, bias=bias,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inference_mode:
+            return self.activation(self.se(self.reparam_conv(x)))
+        return self.activation(self.se(self.forward_branches(x)))
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        """The reference per-branch sum, as in Apple's code (before SE and activation)."""
+        out = self.rbr_skip(x) if self.rbr_skip is not None else 0
+        if self.rbr_scale is not None:
+            out = out + self.rbr_scale(x)
+        for branch in self.rbr_conv:
+            out = out + branch(x)
+        return out
+
+    def branches(self) -> list[tuple[Tensor, nn.BatchNorm2d]]:
+        """Every branch as (full-size kernel, its BatchNorm): the input to the fusion math."""
+        ks = self.kernel_size
+        out = [(b.conv.weight, b.bn) for b in self.rbr_conv]
+        if self.rbr_scale is not None:
+            out.append((pad_kernel(self.rbr_scale.conv.weight, ks), self.rbr_scale.bn))
+        if self.rbr_skip is not None:
+            out.append((identity_kernel(self.in_channels, self.groups, ks, self.rbr_conv[0].conv.weight), self.rbr_skip))
+        return out
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold all branches into ``reparam_conv`` using the BN running statistics (idempotent)."""
+        if self.inference_mode:
+            return
+        weight, bias = fuse_branches(self.branches())
+        conv = self._conv(self.kernel_size, bias=True).to(weight.device, weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        self.reparam_conv = conv
+        del self.rbr_conv, self.rbr_scale, self.rbr_skip
+        self.inference_mode = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"dilation={self.dilation}, groups={self.groups}, k={self.k}, inference_mode={self.inference_mode}"
+        )
+
+
+class MobileOne(nn.Module):
+    """The MobileOne network: a stem layer, four stages of depthwise/pointwise layers, a linear head.
+
+    ``forward_features`` gives the stride-32 map, ``forward_head`` the logits, and with
+    ``features_only=True`` the forward returns the maps of ``out_indices`` (strides 2..32 are
+    indices 0..4) for detection and segmentation heads; ``feature_info`` lists their channels.
+    """
+
+    def __init__(
+        self,
+        config: MobileOneConfig,
+        num_classes: int = 1000,
+        inference_mode: bool = False,
+        in_chans: int = 3,
+        features_only: bool = False,
+        out_indices: tuple[int, ...] = (0, 1, 2, 3, 4),
+        variant: str | None = None,
+    ) -> None:
+        super().__init__()
+        if any(i not in range(5) for i in out_indices):
+            raise ValueError(f"out_indices must be within 0..4 (strides 2, 4, 8, 16, 32), got {out_indices}")
+        self.config, self.variant, self.in_chans = config, variant, in_chans
+        self.inference_mode = inference_mode
+        self.features_only, self.out_indices = features_only, tuple(out_indices)
+        self.class_names: list[str] | None = None
+        self.preprocess = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "crop_pct": 0.875}
+        c = config
+        self.stage0 = MobileOneLayer(
+            in_chans, c.stem_width, 3, stride=2, k=c.stem_k, scale_branch=c.scale_branch,
+            skip=False, inference_mode=inference_mode,
+        )  # fmt: skip
+        # Strides of stages 1-4; with output_stride < 32 the last ones become dilations.
+        n_dilated = {32: 0, 16: 1, 8: 2}[c.output_stride]
+        self.feature_info = [{"num_chs": c.stem_width, "reduction": 2, "module": "stage0"}]
+        cin, reduction, dilation = c.stem_width, 2, 1
+        for s in range(4):
+            dilated = s >= 4 - n_dilated
+            dilation = dilation * 2 if dilated else dilation
+            reduction = reduction if dilated else reduction * 2
+            stage = self._make_stage(cin, c.widths[s], s, 1 if dilated else 2, dilation, inference_mode)
+            setattr(self, f"stage{s + 1}", stage)
+            self.feature_info.append({"num_chs": c.widths[s], "reduction": reduction, "module": f"stage{s + 1}"})
+            cin = c.widths[s]
+        self.num_features = cin
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.num_classes = 0 if features_only else num_classes
+        self.linear = nn.Linear(cin, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        if features_only:
+            self.feature_info = [self.feature_info[i] for i in self.out_indices]
+
+    def _make_stage(self, cin: int, cout: int, s: int, stride: int, dilation: int, inference_mode: bool) -> nn.Sequential:
+        c, layers = self.config, []
+        n = c.blocks[s]
+        for b in range(n):
+            first = b == 0
+            se = b >= n - c.se_blocks[s]
+            common = {"k": c.k[s], "use_se": se, "scale_branch": c.scale_branch, "inference_mode": inference_mode}
+            # The skip branch depends on the nominal stride, so dilated models load the same checkpoints.
+            skip = c.skip_branch and not first
+            layers.append(
+                MobileOneLayer(cin, cin, 3, stride if first else 1, dilation, groups=cin, skip=skip, **common)
+            )
+            layers.append(MobileOneLayer(cin, cout, 1, 1, 1, skip=c.skip_branch and cin == cout, **common))
+            cin = cout
+        return nn.Sequential(*layers)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.stage0, self.stage1, self.stage2, self.stage3, self.stage4]
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            hint = " (add a batch dimension with x.unsqueeze(0))" if x.ndim == 3 else ""
+            raise ValueError(
+                f"MobileOne expects a float batch shaped (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}{hint}"
+            )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_intermediates(self, x: Tensor, indices: tuple[int, ...] | None = None) -> list[Tensor]:
+        """Feature maps after the stages in ``indices`` (0 = stem, stride 2; 4 = stride 32)."""
+        self._check_input(x)
+        indices = self.out_indices if indices is None else tuple(indices)
+        out = []
+        for i, stage in enumerate(self.stages[: max(indices) + 1]):
+            x = stage(x)
+            if i in indices:
+                out.append(x)
+        return out
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.flatten(self.gap(x), 1)
+        return x if pre_logits else self.linear(x)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.features_only:
+            return self.forward_intermediates(x)
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head (``num_classes=0`` removes it), e.g. to fine-tune on new classes."""
+        self.num_classes = num_classes
+        self.class_names = None
+        p = next(self.parameters())
+        self.linear = nn.Linear(self.num_features, num_classes).to(p.device, p.dtype) if num_classes > 0 else nn.Identity()
+
+    def freeze_stages(self, n: int) -> None:
+        """Stop gradients and BN statistic updates in ``stage0 .. stage{n-1}`` (mmpretrain's frozen_stages)."""
+        for stage in self.stages[:n]:
+            stage.eval()
+            for p in stage.parameters():
+                p.requires_grad_(False)
+        self._frozen = n
+
+    def train(self, mode: bool = True) -> MobileOne:
+        super().train(mode)
+        for stage in self.stages[: getattr(self, "_frozen", 0)]:
+            stage.eval()
+        return self
+
+    def layers(self) -> list[MobileOneLayer]:
+        return [m for m in self.modules() if isinstance(m, MobileOneLayer)]
+
+
+def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every MobileOne layer folded into one conv (a copy unless ``inplace``).
+
+    Fusion uses the BatchNorm running statistics, so the result matches the unfused model in eval
+    mode; the fused model is returned in eval mode and its parameters stay trainable.
+    Works on any module containing MobileOne layers (a detector with a MobileOne backbone too).
+    """
+    layers = [m for m in model.modules() if isinstance(m, MobileOneLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no MobileOne layers to re-parameterize")
+    unfused = [m for m in layers if not m.inference_mode]
+    if not unfused:
+        warnings.warn("model is already re-parameterized; returning it unchanged", FusionWarning, stacklevel=2)
+        return model if inplace else copy.deepcopy(model)
+    if model.training:
+        warnings.warn(
+            "model was in train mode: fusion folds the BatchNorm running statistics, so the fused model "
+            "reproduces the unfused one in eval mode; it is returned in eval mode",
+            FusionWarning,
+            stacklevel=2,
+        )
+    bns = [bn for m in unfused for _, bn in m.branches()]
+    if all(int(bn.num_batches_tracked) == 0 for bn in bns):
+        warnings.warn(
+            "no BatchNorm running statistics were ever updated (untrained model): the fused model is exact, "
+            "but it folds the initial statistics (mean 0, variance 1)",
+            FusionWarning,
+            stacklevel=2,
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, MobileOneLayer):
+            m.reparameterize()
+    if isinstance(model, MobileOne):
+        model.inference_mode = True
+    return model.eval()
+
+
+def resolve_variant(name: str) -> str:
+    """Accept ``mobileone_s0``, ``s0``, ``S0`` or ``mobileone-s0``; raise a clear error otherwise."""
+    key = name.lower().replace("-", "_")
+    key = key if key.startswith("mobileone_") else f"mobileone_{key}"
+    if key not in VARIANTS:
+        raise ValueError(f"unknown MobileOne variant {name!r}; choose one of {list_models()} (or s0..s4)")
+    return key
+
+
+def list_models() -> list[str]:
+    """Names of the registered variants (the paper's S0-S4 and any added with ``register_variant``)."""
+    return sorted(VARIANTS)
+
+
+def register_variant(name: str, config: MobileOneConfig) -> None:
+    """Make a custom architecture available to ``create_model`` and the CLI by name."""
+    VARIANTS[name if name.startswith("mobileone_") else f"mobileone_{name}"] = config
+
+
+def create_model(
+    name: str | MobileOneConfig | dict[str, Any] = "mobileone_s0",
+    num_classes: int = 1000,
+    inference_mode: bool = False,
+    checkpoint: str | None = None,
+    **overrides: Any,
+) -> MobileOne:
+    """Build a MobileOne, timm-style: a variant name (or a config), optional config overrides.
+
+    ``overrides`` are :class:`MobileOneConfig` fields (e.g. ``k=1`` for the paper's k ablation)
+    or model options (``in_chans``, ``features_only``, ``out_indices``). ``checkpoint`` loads
+    weights with :func:`mobileone.load_checkpoint` into the built model.
+    """
+    model_opts = {k: overrides.pop(k) for k in ("in_chans", "features_only", "out_indices") if k in overrides}
+    variant = None
+    if isinstance(name, str):
+        variant = resolve_variant(name)
+        config = VARIANTS[variant]
+    elif isinstance(name, dict):
+        config = MobileOneConfig(**name)
+    else:
+        config = name
+    if overrides:
+        config = config.replace(**overrides)
+        variant = variant if config == VARIANTS.get(variant or "") else None
+    if variant is None:
+        variant = next((n for n, c in VARIANTS.items() if c == config), None)
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0 removes the head), got {num_classes!r}")
+    model = MobileOne(config, num_classes, inference_mode, variant=variant, **model_opts)
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(checkpoint, model)
+    return model
+
+
+def _builder(name: str):
+    def build(**kwargs: Any) -> MobileOne:
+        return create_model(name, **kwargs)
+
+    s = name[-2:].upper()
+    build.__name__ = name
+    build.__doc__ = f"MobileOne-{s} (paper Table 7). Keyword arguments as for :func:`create_model`."
+    return build
+
+
+mobileone_s0 = _builder("mobileone_s0")
+mobileone_s1 = _builder("mobileone_s1")
+mobileone_s2 = _builder("mobileone_s2")
+mobileone_s3 = _builder("mobileone_s3")
+mobileone_s4 = _builder("mobileone_s4")
