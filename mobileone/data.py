@@ -1,0 +1,231 @@
+"""Images in, tensors out: ImageFolder trees that survive real-world files, the built-in dataset, transforms.
+
+Users' folders hold CMYK JPEGs, 16-bit PNGs, palette GIF-likes, half-copied files and stray
+``Thumbs.db``; none of that may crash a data-loader worker. Bad files come back as ``None``
+samples that :func:`collate_skip_bad` drops and counts, so the training loop can warn, record
+the count in its metrics, or stop with the file's name (``strict``).
+
+Augmentation is seeded per sample from (seed, epoch, index), so the same image gets the same
+crop whatever the number of processes or workers: a 2-process run sees exactly the batches of
+a 1-process run, and a resumed run the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, get_worker_info
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .model import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger("mobileone")
+
+
+class DataError(ValueError):
+    """The dataset on disk cannot be used as given (missing folders, class mismatch, bad image in strict mode)."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open any image PIL reads as 8-bit RGB: grayscale, RGBA/LA, palette, CMYK and 16-bit included."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit and 32-bit grayscale: convert("RGB") would clip everything above 255 to white.
+            a = np.asarray(img, dtype=np.float64)
+            hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            # Transparent pixels become white, as viewers show them, instead of their hidden colour.
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        return img.convert("RGB")
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ImageFolder with clear errors up front and bad images skipped, not fatal.
+
+    ``__getitem__`` returns ``(tensor, label)``, or ``(None, path)`` for a file that fails to
+    decode; ``set_epoch`` changes the per-sample augmentation seed.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, seed: int = 0) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist (expected {root}/<class name>/<images>)")
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise DataError(f"{root} has no class sub-folders; expected one folder of images per class")
+        exts = tuple(IMG_EXTENSIONS)
+        empty, others = [], []
+        for c in classes:
+            files = [f for f in (root / c).rglob("*") if f.is_file() and not f.name.startswith(".")]
+            if not any(f.suffix.lower() in exts for f in files):
+                empty.append(c)
+            others += [f for f in files if f.suffix.lower() not in exts]
+        if empty:
+            warnings.warn(f"{root}: class folder(s) {empty} hold no images and get no training samples", stacklevel=2)
+        if others:
+            warnings.warn(
+                f"{root}: skipping {len(others)} file(s) that are not images ({', '.join(str(f) for f in others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); image extensions are {', '.join(exts)}",
+                stacklevel=2,
+            )
+        super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
+        if not self.samples:
+            raise DataError(f"{root} holds no images at all (extensions {', '.join(exts)})")
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        path, target = self.samples[index]
+        try:
+            img = self.loader(path)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            return None, path
+        if self.transform is None:
+            return img, target
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        if get_worker_info() is not None:  # a worker's RNG is its own
+            torch.manual_seed(seed)
+            return self.transform(img), target
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), target
+
+
+def collate_skip_bad(batch: list[tuple[Any, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Stack the good samples; return the paths of the bad ones beside them."""
+    good = [(x, y) for x, y in batch if x is not None]
+    bad = [y for x, y in batch if x is None]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+def check_splits(train: ImageFolder, val: ImageFolder) -> None:
+    """``val/`` must hold the classes of ``train/``, in the same order, or labels silently mean other things."""
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(
+            f"train/ and val/ have different class folders: only in train/: {only_train[:10]}, only in val/: "
+            f"{only_val[:10]}; make both hold the same class names (an empty folder is allowed in val/)"
+        )
+
+
+def train_transform(
+    img_size: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    augment: str = "none",
+    magnitude: float = 0.0,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> T.Compose:
+    """Random-resized-crop and flip, then RandAugment/AutoAugment at ``magnitude`` (0..30) if asked."""
+    steps: list[Callable] = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale), antialias=True)]
+    if hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    if augment == "randaugment" and magnitude > 0:
+        steps.append(T.RandAugment(num_ops=2, magnitude=round(magnitude)))
+    elif augment == "autoaugment" and magnitude > 0:
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
+    elif augment not in ("none", "randaugment", "autoaugment"):
+        raise ValueError(f"augment must be none, randaugment or autoaugment, got {augment!r}")
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(
+    img_size: int,
+    crop_pct: float = 0.875,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> T.Compose:
+    """The standard evaluation transform: short side to ``img_size / crop_pct``, centre crop ``img_size``."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return T.Compose(
+        [
+            T.Resize(int(img_size / crop_pct), antialias=True),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1,797 real 8x8 scans, 10 classes) as a fixed stratified split.
+
+    Returns ``train_images, train_labels, val_images, val_labels`` with images as uint8 (N, 8, 8).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+    xt, xv, yt, yv = train_test_split(images, d.target, test_size=val_fraction, random_state=seed, stratify=d.target)
+    return xt, yt, xv, yv
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOBILEONE_CACHE", Path.home() / ".cache" / "mobileone"))
+
+
+def builtin_dataset(root: str | os.PathLike | None = None) -> Path:
+    """Write the bundled digits once as ``train/`` and ``val/`` ImageFolder trees; return their parent.
+
+    Nothing is downloaded: the images ship inside scikit-learn. The tree is written to a temporary
+    folder and renamed into place, so concurrent first runs (several ranks) never see half of it.
+    """
+    root = Path(root) if root is not None else default_cache_dir() / "digits"
+    if (root / "val").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".digits."))
+    try:
+        xt, yt, xv, yv = digits_split()
+        for split, xs, ys in (("train", xt, yt), ("val", xv, yv)):
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                folder = tmp / split / str(y)
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(x, "L").save(folder / f"{i:04d}.png")
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process won the race; its tree is identical
+            if not (root / "val").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+class InMemoryImages(Dataset):
+    """uint8 arrays served as PIL images through a transform (for experiments on the built-in digits)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index]).convert("RGB")), int(self.labels[index])
