@@ -53,7 +53,186 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": (add_info, run_info)}
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune on an ImageFolder (or the built-in digits); works under torchrun",
+        description="Unset options come from --recipe (short: few epochs, small data; imagenet: the paper; "
+        "finetune: from --pretrained), then from the variant (S1-S4: progressive size, S2-S4: RandAugment).",
+    )
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", help="folder with train/ and val/ (one sub-folder per class); default: built-in digits")
+    g.add_argument("--variant", help="s0..s4 (default s0)")
+    g.add_argument("--arch", type=json.loads, help='custom MobileOneConfig as JSON, e.g. \'{"widths": [8,16,32,64], '
+                   '"stem_width": 8, "blocks": [1,1,1,1], "k": 2}\'')  # fmt: skip
+    g.add_argument("--recipe", default="short", choices=["short", "imagenet", "finetune"])
+    g.add_argument("--out", help="run directory (default runs/mobileone)")
+    g.add_argument("--pretrained", help="fine-tune from this checkpoint (any layout load_checkpoint reads); new head")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed epoch")
+    g.add_argument("--strict-images", action="store_true", default=None, help="stop on an unreadable image")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch, over all processes")
+    g.add_argument("--accum-steps", type=int, help="split each batch into this many micro-batches")
+    g.add_argument("--steps-per-epoch", type=int, help="cap the steps of each epoch")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: --base-lr x batch / 256)")
+    g.add_argument("--base-lr", type=float, help="learning rate per 256 images (default 0.1)")
+    g.add_argument("--min-lr", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay-end", type=float, help="cosine-annealed weight decay at the end (paper 1e-5)")
+    g.add_argument("--no-wd-anneal", action="store_true", help="constant weight decay (paper ablation)")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--ema-decay", type=float, help="EMA of weights and buffers (default 0.9995)")
+    g.add_argument("--no-ema", action="store_true", help="no EMA (paper ablation)")
+    g.add_argument("--no-ema-warmup", action="store_true", help="constant EMA decay from the first step")
+    g = p.add_argument_group("architecture and initialisation")
+    g.add_argument("--k", type=int, help="conv branches per layer (paper ablation: 1)")
+    g.add_argument("--no-branches", action="store_true", help="k = 1 and no scale/skip branches (paper ablation)")
+    g.add_argument("--init", choices=["torch", "unit-sum", "identity"], help="branch BN scales at the start")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--img-size", type=int, help="final training and evaluation size")
+    g.add_argument("--progressive", action=argparse.BooleanOptionalAction, help="160 -> 192 -> 224 px style phases")
+    g.add_argument("--augment", choices=["none", "randaugment", "autoaugment"])
+    g.add_argument("--magnitude", type=float, help="RandAugment magnitude at full strength (default 7)")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random-resized-crop area range")
+    g.add_argument("--hflip", type=float, help="horizontal flip probability")
+    g.add_argument("--crop-pct", type=float, help="evaluation crop ratio (default 0.875)")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", help="teacher checkpoint (same classes) for knowledge distillation")
+    g.add_argument("--distill-alpha", type=float, help="weight of the soft-target loss (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, help="default 2")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--workers", type=int, help="data-loading processes per rank (default 4)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (exact resume)")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], help="mixed precision (auto: bf16 on GPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on GPU")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across GPUs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainingError, resolve_config, train
+
+    flags = ("command", "verbose", "no_wd_anneal", "no_ema", "no_ema_warmup", "no_branches", "no_progress")
+    opts = {k: v for k, v in vars(args).items() if k not in flags}
+    if args.no_ema:
+        opts["ema_decay"] = 0.0
+    if args.no_ema_warmup:
+        opts["ema_warmup"] = False
+    if args.no_branches:
+        opts["branches"] = False
+    if args.no_progress:
+        opts["progress"] = False
+    if args.no_wd_anneal:
+        opts["weight_decay_end"] = args.weight_decay if args.weight_decay is not None else 1e-4
+    cfg = resolve_config(**opts)
+    try:
+        train(cfg)
+    except TrainingError as e:
+        print(f"mobileone train: stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 of a fused or unfused checkpoint on an image folder")
+    p.add_argument("--data", required=True, help="folder of class folders, or a dataset folder with val/")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint load_checkpoint reads")
+    p.add_argument("--img-size", type=int, help="default: the size saved with the checkpoint, else 224")
+    p.add_argument("--crop-pct", type=float, help="resize the short side to size / crop-pct (default 0.875)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, args.workers,
+                            args.device)  # fmt: skip
+    print(f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'}) on {r['data']}: top-1 {r['top1']:.2f} %, "
+          f"top-5 {r['top5']:.2f} %, {r['images']} images at {r['img_size']} px (crop {r['crop_pct']})")  # fmt: skip
+    if r["unreadable_images"]:
+        print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
+
+
+DEMO_EPOCHS = 6
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train S0 on the built-in digits, evaluate, fuse, compare (1-2 min on a CPU)")
+    p.add_argument("--out", help="run directory (default runs/demo-<date>-<time>)")
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
+    p.add_argument("--img-size", type=int, default=32)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .complexity import count_macs, count_params
+    from .data import ImageFolderDataset, builtin_dataset, eval_transform
+    from .evaluate import evaluate_checkpoint, latency_ms
+    from .train import resolve_config, train
+
+    out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    data = builtin_dataset()
+    # 1. Train S0 from scratch on the built-in digits with the default ("short") recipe.
+    t0 = time.perf_counter()
+    cfg = resolve_config(variant="s0", out=str(out), epochs=args.epochs, img_size=args.img_size, workers=0)
+    summary = train(cfg)
+    train_s = time.perf_counter() - t0
+    # 2. Evaluate the best checkpoint, unfused and fused, with the standard eval transform.
+    unfused = evaluate_checkpoint(data, out / "best.safetensors", workers=0)
+    fused = evaluate_checkpoint(data, out / "best_fused.safetensors", workers=0)
+    # 3. Fused and unfused must agree on real images, logit by logit.
+    model, fmodel = load_checkpoint(out / "best.safetensors").eval(), load_checkpoint(out / "best_fused.safetensors")
+    val = ImageFolderDataset(data / "val", transform=eval_transform(args.img_size))
+    x = torch.stack([val[i][0] for i in range(0, len(val), max(1, len(val) // 64))])
+    with torch.no_grad():
+        diff = (model(x) - fmodel.eval()(x)).abs().max().item()
+    agree = diff < 1e-3 and abs(unfused["top1"] - fused["top1"]) < 1e-9
+    # 4. Size and speed, train-time graph against fused graph.
+    size = args.img_size
+    rows = [("params", count_params(model), count_params(fmodel)),
+            (f"MACs at {size} px", count_macs(model, size), count_macs(fmodel, size))]  # fmt: skip
+    lat = [latency_ms(m, 224) for m in (model, fmodel)]
+    lines = [
+        f"MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digits ({len(val)} val images, {size} px), "
+        f"trained in {train_s:.0f} s at {summary['train_images_per_second']:.0f} images/s",
+        f"accuracy (best epoch {summary['best']['epoch']}, {summary['best']['weights']} weights): "
+        f"unfused top-1 {unfused['top1']:.2f} % top-5 {unfused['top5']:.2f} %; "
+        f"fused top-1 {fused['top1']:.2f} % top-5 {fused['top5']:.2f} %",
+        f"fused vs unfused: max |logit difference| {diff:.2e} on {len(x)} val images -> "
+        f"{'agree' if agree else 'DISAGREE'}",
+        *(f"{name}: train-time {a:,} -> fused {b:,} ({a / b:.1f}x)" for name, a, b in rows),
+        f"latency, batch 1 at 224 px on this CPU ({torch.get_num_threads()} threads): unfused {lat[0]:.1f} ms, "
+        f"fused {lat[1]:.1f} ms ({lat[0] / lat[1]:.1f}x faster)",
+        f"run directory: {out} (metrics.jsonl, curves.png, best/last/best_fused checkpoints)",
+    ]
+    print("\n".join(lines))
+    return 0 if agree else 1
+
+
+COMMANDS = {
+    "info": (add_info, run_info),
+    "train": (add_train, run_train),
+    "eval": (add_eval, run_eval),
+    "demo": (add_demo, run_demo),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
