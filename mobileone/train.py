@@ -205,7 +205,7 @@ def make_ema(model: nn.Module, cfg: TrainConfig) -> AveragedModel:
 
     @torch.no_grad()
     def update(ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        d = ema_decay_at(int(n) - 1, cfg.ema_decay, cfg.ema_warmup)
+        d = ema_decay_at(int(n), cfg.ema_decay, cfg.ema_warmup)
         if ema[0].is_floating_point():
             torch._foreach_lerp_(ema, current, 1 - d)
         else:  # integer buffers (BN's num_batches_tracked) follow the model
@@ -364,10 +364,12 @@ def evaluate_model(model: nn.Module, loader: DataLoader, env: Env) -> tuple[floa
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one training run; returns the summary also written to ``summary.json``."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
     env = setup_env(cfg)
     try:
         return _train(cfg, env)
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         if env.owns_group:
             dist.destroy_process_group()
 
@@ -377,6 +379,8 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
     if cfg.batch_size % (env.world * cfg.accum_steps):
         raise ValueError(f"batch size {cfg.batch_size} must split evenly over {env.world} process(es) x "
                          f"{cfg.accum_steps} accumulation step(s)")  # fmt: skip
+    if not cfg.resume and (out / "train_state.pt").exists():
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
     torch.manual_seed(cfg.seed)
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -473,7 +477,7 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
             loss_sum, seen, bad = totals[0], int(totals[1]), int(totals[2])
         bad_total += bad
         top1, top5 = evaluate_model(model, val_loader, env)
-        ema_top1, ema_top5 = evaluate_model(ema.module, val_loader, env) if ema is not None else (float("nan"),) * 2
+        ema_top1, ema_top5 = evaluate_model(ema.module, val_loader, env) if ema is not None else (None, None)
         row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen), "val_top1": top1, "val_top5": top5,
                "ema_val_top1": ema_top1, "ema_val_top5": ema_top5, "lr": lr, "weight_decay": wd,
                "images_per_second": seen / train_seconds, "img_size": size, "augment_strength": strength,
@@ -546,17 +550,18 @@ def _progress(cfg: TrainConfig, env: Env, steps: int, epoch: int):
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     bad = f"  skipped images {r['bad_images']}" if r["bad_images"] else ""
+    ema = f"EMA top-1 {r['ema_val_top1']:.2f}  " if r["ema_val_top1"] is not None else ""
     return (
         f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  val top-1 {r['val_top1']:.2f}  "
-        f"top-5 {r['val_top5']:.2f}  EMA top-1 {r['ema_val_top1']:.2f}  lr {r['lr']:.2e}  "
+        f"top-5 {r['val_top5']:.2f}  {ema}lr {r['lr']:.2e}  "
         f"wd {r['weight_decay']:.1e}  {r['images_per_second']:.0f} img/s  {r['img_size']} px  "
         f"{r['epoch_seconds']:.1f} s{bad}"
     )
 
 
 def _save_epoch(out, model, ema, optimizer, scaler, cfg, epoch, step, history, best) -> dict[str, Any]:
-    """Checkpoints after every epoch, each written atomically; the training state last, so a kill
-    at any point leaves either the previous epoch's state or this one's, never a mix."""
+    """Checkpoints after every epoch, each written atomically, so a kill at any point leaves either the
+    previous epoch's training state or this one's, never a mix; a resume redoes at most one epoch."""
     row = history[-1]
     save_checkpoint(model, out / "last.safetensors", epoch=epoch + 1, weights="model", val_top1=row["val_top1"])
     use_ema = ema is not None and row["ema_val_top1"] > row["val_top1"]
@@ -566,12 +571,12 @@ def _save_epoch(out, model, ema, optimizer, scaler, cfg, epoch, step, history, b
         best = {"val_top1": top1, "val_top5": row["ema_val_top5" if use_ema else "val_top5"], "epoch": epoch + 1,
                 "weights": "ema" if use_ema else "model"}  # fmt: skip
         save_checkpoint(src, out / "best.safetensors", **best)
-    lines = "".join(json.dumps(r) + "\n" for r in history)
-    _atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch + 1, "step": step,
              "history": history, "best": best}  # fmt: skip
     _atomic_write(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
+    lines = "".join(json.dumps(r) + "\n" for r in history)  # rewritten whole, so a resume never duplicates rows
+    _atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
     if row["epoch_seconds"] > 20 or epoch + 1 == cfg.epochs:
         plot_curves(history, out / "curves.png")
     return best
@@ -600,7 +605,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     axes[0].plot(ep, [r["train_loss"] for r in history], label="train loss")
     axes[1].plot(ep, [r["val_top1"] for r in history], label="val top-1")
-    axes[1].plot(ep, [r["ema_val_top1"] for r in history], label="EMA val top-1")
+    if history[0]["ema_val_top1"] is not None:
+        axes[1].plot(ep, [r["ema_val_top1"] for r in history], label="EMA val top-1")
     axes[2].plot(ep, [r["lr"] for r in history], label="learning rate")
     axes[3].plot(ep, [r["weight_decay"] for r in history], label="weight decay")
     for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate", "weight decay"), strict=True):
