@@ -291,7 +291,9 @@ def load_checkpoint(
     if ckpt.meta:
         model.class_names = ckpt.meta.get("class_names") if own_head == ckpt.num_classes else None
         model.preprocess.update(ckpt.meta.get("preprocess", {}))
-    log.info("loaded %s (%s layout) into %s", source if not isinstance(source, dict) else "state dict", ckpt.layout, name)
+    log.info(
+        "loaded %s (%s layout) into %s", source if not isinstance(source, dict) else "state dict", ckpt.layout, name
+    )
     return model
 
 
@@ -349,4 +351,3 @@ def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> P
     _atomic_write(path, lambda tmp: save_file(sd, tmp))
     _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     return path
-

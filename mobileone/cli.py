@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 
@@ -227,11 +228,117 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="fuse, export to onnx/torchscript/executorch/coreml, and check the file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--variant", help="s0..s4, random weights (for trying a deployment pipeline)")
+    src.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads (unfused ones are fused)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "executorch", "coreml"])
+    p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pte or .mlpackage)")
+    p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's, else 224)")
+    p.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of a --variant model")
+    p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
+    p.add_argument("--atol", type=float, help="check tolerance: atol + rtol * max |output| (defaults per format)")
+    p.add_argument("--rtol", type=float)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_model
+
+    if args.checkpoint:
+        from .checkpoint import load_checkpoint
+
+        model = load_checkpoint(args.checkpoint)
+    else:
+        from .model import create_model
+
+        model = create_model(args.variant, num_classes=args.num_classes, inference_mode=True)
+    try:
+        report = export_model(model, args.out, args.format, args.img_size, args.dynamic_batch, not args.no_check,
+                              rtol=args.rtol, atol=args.atol)  # fmt: skip
+    except ImportError as e:
+        print(f"mobileone export: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"mobileone export: check failed: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="post-training static INT8 (onnxruntime) of the fused model")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint load_checkpoint reads")
+    p.add_argument("--calib-data", required=True, help="image folder to calibrate on (its train/ if present)")
+    p.add_argument("--out", required=True, help="INT8 .onnx to write (the fp32 export goes beside it, *.fp32.onnx)")
+    p.add_argument("--img-size", type=int, help="default: the checkpoint's")
+    p.add_argument("--num-calib", type=int, default=300, help="calibration images (default 300)")
+    p.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
+    p.add_argument("--keep-float", default="none", help="float layers: none, or +-joined first, last, depthwise")
+    p.add_argument("--no-reduce-range", action="store_true", help="8-bit instead of 7-bit weights")
+    p.add_argument("--eval-data", help="also report fp32 and INT8 top-1 on this folder (its val/ if present)")
+    p.add_argument("--study", action="store_true", help="compare all calibration settings on --eval-data")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .quantize import QuantSettings, evaluate_onnx, quantization_study, quantize_model, study_table
+
+    settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, not args.no_reduce_range)
+    model = load_checkpoint(args.checkpoint)
+    fp32, int8 = quantize_model(model, args.calib_data, args.out, settings, args.img_size, args.num_calib)
+    print(f"INT8 ({settings.label()}, {args.num_calib} calibration images): {int8}  (fp32 export: {fp32})")
+    if args.study:
+        rows = quantization_study(fp32, args.calib_data, args.eval_data or args.calib_data, num_calib=args.num_calib,
+                                  out_dir=Path(args.out).parent / "study")  # fmt: skip
+        print(study_table(rows))
+    elif args.eval_data:
+        a, b = evaluate_onnx(fp32, args.eval_data), evaluate_onnx(int8, args.eval_data)
+        print(f"top-1 on {b['images']} images: fp32 {a['top1']:.2f} %, INT8 {b['top1']:.2f} % "
+              f"(drop {a['top1'] - b['top1']:.2f} points)")  # fmt: skip
+    return 0
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency of MobileOne and peers per runtime, with the paper's analyses")
+    p.add_argument("--models", default="default", help="comma list of models or groups: default, mobileone, unfused, "
+                   "torchvision, timm, all, or names such as mobileone_s0,mobilenet_v3_large")  # fmt: skip
+    p.add_argument("--runtimes", default="eager,onnxruntime",
+                   help="comma list of eager, channels_last, compile, onnxruntime, executorch")  # fmt: skip
+    p.add_argument("--batch-sizes", default="1,32", help="latency at the smallest, throughput at the largest")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench_results", help="folder for results.md/.csv/.json, latency_vs_macs.png")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (batch 1)")
+    p.add_argument("--iters", type=int, default=30, help="at least this many timed runs (batch 1)")
+    p.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds per measurement")
+    p.add_argument("--no-studies", action="store_true", help="skip the 30-layer activation and skip/SE studies")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(
+        models=args.models.split(","), runtimes=args.runtimes.split(","),
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], img_size=args.img_size, threads=args.threads,
+        out=args.out, warmup=args.warmup, iters=args.iters, min_time=args.min_time, studies=not args.no_studies,
+    )  # fmt: skip
+    result = run_benchmark(cfg)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"written: {args.out}/results.md, results.csv, results.json, latency_vs_macs.png")
+    return 1 if result["errors"] else 0
+
+
 COMMANDS = {
     "info": (add_info, run_info),
     "train": (add_train, run_train),
     "eval": (add_eval, run_eval),
     "demo": (add_demo, run_demo),
+    "export": (add_export, run_export),
+    "quantize": (add_quantize, run_quantize),
+    "bench": (add_bench, run_bench),
 }
 
 

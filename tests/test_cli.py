@@ -1,0 +1,23 @@
+"""The command line: `mobileone info` and its errors."""
+
+import json
+
+from mobileone.cli import main
+
+
+def test_info_table(capsys):
+    assert main(["info", "s0", "mobileone_s4"]) == 0
+    out = capsys.readouterr().out
+    assert "| mobileone_s0 | 5,293,272 | 2,078,504 | 1,051.9 M | 275.1 M | 44 |" in out
+    assert "| mobileone_s4 | 14,951,248 | 14,838,352 |" in out and "2,979.3 M" in out
+
+
+def test_info_json(capsys):
+    assert main(["info", "s1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["params_fused"] == 4_764_840 and round(row["macs_fused"] / 1e6, 1) == 825.1
+
+
+def test_info_unknown_variant(capsys):
+    assert main(["info", "s7"]) == 2
+    assert "unknown MobileOne variant 's7'" in capsys.readouterr().err
