@@ -22,17 +22,36 @@ def add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--checkpoint", help="describe this file instead: layout, architecture, classes, sizes")
+
+
+def _describe_checkpoint(path: str) -> list[tuple[str, object, object]]:
+    """(name, train-time model, fused model) for a checkpoint file, after saying what it holds."""
+    from .checkpoint import read_checkpoint
+    from .model import MobileOne
+
+    ckpt = read_checkpoint(path)
+    print(f"{path}: {ckpt.layout} layout, {'fused' if ckpt.fused else 'unfused'}, {ckpt.num_classes} classes, "
+          f"variant {ckpt.variant or 'custom'}; config {json.dumps(ckpt.config.to_dict())}")  # fmt: skip
+    train = MobileOne(ckpt.config, ckpt.num_classes)
+    return [(ckpt.variant or Path(path).name, train, MobileOne(ckpt.config, ckpt.num_classes, inference_mode=True))]
 
 
 def run_info(args: argparse.Namespace) -> int:
     from .complexity import count_layers, count_macs, count_params
     from .model import create_model, list_models, resolve_variant
 
-    names = [resolve_variant(v) for v in args.variants] or list_models()
+    if args.checkpoint:
+        models = _describe_checkpoint(args.checkpoint)
+    else:
+        names = [resolve_variant(v) for v in args.variants] or list_models()
+        models = [
+            (n, create_model(n, num_classes=args.num_classes),
+             create_model(n, num_classes=args.num_classes, inference_mode=True))
+            for n in names
+        ]  # fmt: skip
     rows = []
-    for name in names:
-        train = create_model(name, num_classes=args.num_classes)
-        fused = create_model(name, num_classes=args.num_classes, inference_mode=True)
+    for name, train, fused in models:
         rows.append({
             "variant": name,
             "params_train": count_params(train),
@@ -44,7 +63,7 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"MobileOne at {args.img_size}x{args.img_size}, {args.num_classes} classes "
+    print(f"MobileOne at {args.img_size}x{args.img_size}, {fused.num_classes} classes "
           "(layers: weight layers of the fused net, convs + head)")  # fmt: skip
     print("| variant | params train-time | params fused | MACs train-time | MACs fused | layers |")
     print("|---|---:|---:|---:|---:|---:|")

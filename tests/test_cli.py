@@ -21,3 +21,17 @@ def test_info_json(capsys):
 def test_info_unknown_variant(capsys):
     assert main(["info", "s7"]) == 2
     assert "unknown MobileOne variant 's7'" in capsys.readouterr().err
+
+
+def test_info_checkpoint(tmp_path, capsys):
+    import torch
+
+    from mobileone import create_model
+
+    path = tmp_path / "mobileone_s1.pth.tar"
+    torch.save(create_model("s1", num_classes=10, inference_mode=True).state_dict(), path)
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "apple layout, fused, 10 classes, variant mobileone_s1" in out
+    head = 1280 * 990 + 990  # spec sizes are for 1000 classes; this head has 10
+    assert f"| mobileone_s1 | {4_825_192 - head:,} | {4_764_840 - head:,} |" in out
