@@ -293,10 +293,11 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="INT8 .onnx to write (the fp32 export goes beside it, *.fp32.onnx)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's")
     p.add_argument("--num-calib", type=int, default=300, help="calibration images (default 300)")
-    p.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--method", default="minmax", choices=["minmax", "minmax-avg", "entropy", "percentile"])
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
-    p.add_argument("--keep-float", default="none", help="float layers: none, or +-joined first, last, depthwise")
-    p.add_argument("--no-reduce-range", action="store_true", help="8-bit instead of 7-bit weights")
+    p.add_argument("--keep-float", default="first3",
+                   help="float layers: none, or +-joined first, firstN, last, depthwise (default first3)")  # fmt: skip
+    p.add_argument("--reduce-range", action="store_true", help="7-bit weights (old x86 int8 kernels saturate)")
     p.add_argument("--eval-data", help="also report fp32 and INT8 top-1 on this folder (its val/ if present)")
     p.add_argument("--study", action="store_true", help="compare all calibration settings on --eval-data")
 
@@ -305,7 +306,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .quantize import QuantSettings, evaluate_onnx, quantization_study, quantize_model, study_table
 
-    settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, not args.no_reduce_range)
+    settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, args.reduce_range)
     model = load_checkpoint(args.checkpoint)
     fp32, int8 = quantize_model(model, args.calib_data, args.out, settings, args.img_size, args.num_calib)
     print(f"INT8 ({settings.label()}, {args.num_calib} calibration images): {int8}  (fp32 export: {fp32})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -28,8 +29,14 @@ from .export import export_model, onnx_session, read_onnx_metadata, require, set
 
 log = logging.getLogger("mobileone")
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-KEEP_FLOAT = ("none", "first", "last", "first_last")
+# minmax-avg: MinMax with the per-batch extremes averaged (onnxruntime's CalibMovingAverage),
+# which damps single outlier images. onnxruntime's entropy calibrator uses 128 histogram bins
+# for 128 quantized bins, which leaves it no threshold to choose: it gives MinMax's ranges.
+CALIBRATION_METHODS = ("minmax", "minmax-avg", "entropy", "percentile")
+# Layers that can stay in float, joined with "+": the first conv (``first``) or the first N
+# weight layers (``first3``: in MobileOne the stem and the first block, whose inputs have the
+# widest per-channel activation ranges), the classifier (``last``), all depthwise convs.
+KEEP_FLOAT = ("first", "firstN", "last", "depthwise")
 
 
 @dataclass(frozen=True)
@@ -38,18 +45,21 @@ class QuantSettings:
 
     method: str = "minmax"
     per_channel: bool = True
-    keep_float: str = "none"  # none | first | last | first_last: the first conv / the classifier
+    keep_float: str = "first3"  # "none" or "+"-joined KEEP_FLOAT: first convs, classifier, depthwise convs
     reduce_range: bool = False  # 7-bit weights: avoids int16 overflow in x86 VPMADDUBSW kernels
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
-        if self.keep_float not in KEEP_FLOAT:
-            raise ValueError(f"keep_float must be one of {KEEP_FLOAT}, got {self.keep_float!r}")
+        parts = [re.sub(r"^first\d+$", "firstN", p) for p in self.keep_float.split("+")]
+        if self.keep_float != "none" and not set(parts) <= set(KEEP_FLOAT):
+            raise ValueError(
+                f"keep_float must be 'none' or a '+'-joined subset of {KEEP_FLOAT}, got {self.keep_float!r}"
+            )
 
     def label(self) -> str:
         scales = "per-channel" if self.per_channel else "per-tensor"
-        keep = "" if self.keep_float == "none" else f", {self.keep_float.replace('_', '+')} in float"
+        keep = "" if self.keep_float == "none" else f", {self.keep_float} in float"
         return f"{self.method}, {scales}{keep}{', reduce-range' if self.reduce_range else ''}"
 
 
@@ -97,8 +107,10 @@ def calibration_images(data: str | os.PathLike, meta: dict[str, Any], num: int =
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over a tensor of images."""
 
-    def __init__(self, images: Tensor, input_name: str, batch_size: int = 16) -> None:
-        self.batches = [{input_name: b.numpy()} for b in images.split(batch_size)]
+    def __init__(self, images: Tensor, input_name: str) -> None:
+        # Equal batches: the histogram calibrators (entropy, percentile) stack them into one array.
+        size = next(b for b in (16, 12, 10, 8, 6, 5, 4, 3, 2, 1) if len(images) % b == 0)
+        self.batches = [{input_name: b.numpy()} for b in images.split(size)]
         self.it: Iterator = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -109,14 +121,18 @@ class _Reader:
 
 
 def _float_nodes(model_path: Path, keep_float: str) -> list[str]:
-    """Names of the first conv and/or the classifier (last Gemm/MatMul/Conv) of the graph."""
+    """Names of the nodes ``keep_float`` names: the first conv, the classifier, the depthwise convs."""
     onnx = require("onnx")
+    parts = set(keep_float.split("+")) - {"none"}
     weighted = [n for n in onnx.load(str(model_path)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     keep = []
-    if keep_float in ("first", "first_last"):
-        keep.append(weighted[0].name)
-    if keep_float in ("last", "first_last"):
+    first = max([1 if p == "first" else int(p[5:]) for p in parts if re.fullmatch(r"first\d*", p)], default=0)
+    keep += [n.name for n in weighted[:first]]
+    if "last" in parts:
         keep.append(weighted[-1].name)
+    if "depthwise" in parts:
+        group = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in weighted}
+        keep += [n.name for n in weighted if group[n.name] > 1]
     return keep
 
 
@@ -140,6 +156,7 @@ def quantize_onnx(
         input_name = onnx.load(str(prepared)).graph.input[0].name
         method = {
             "minmax": quant.CalibrationMethod.MinMax,
+            "minmax-avg": quant.CalibrationMethod.MinMax,
             "entropy": quant.CalibrationMethod.Entropy,
             "percentile": quant.CalibrationMethod.Percentile,
         }[settings.method]
@@ -154,7 +171,7 @@ def quantize_onnx(
             weight_type=quant.QuantType.QInt8,
             nodes_to_exclude=_float_nodes(prepared, settings.keep_float),
             calibrate_method=method,
-            extra_options={"CalibTensorRangeSymmetric": False},
+            extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": settings.method == "minmax-avg"},
         )
     meta = read_onnx_metadata(fp32_path)
     proto = onnx.load(str(out))
@@ -178,6 +195,33 @@ def _onnx_batches(data: Any, meta: dict[str, Any], batch_size: int) -> Iterable[
             yield x, y
 
 
+def onnx_logits(
+    path: str | os.PathLike, data: Any, batch_size: int = 64, threads: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Logits of an ONNX classifier on ``data`` (see :func:`evaluate_onnx`) and the labels."""
+    session = onnx_session(path, threads)
+    inp = session.get_inputs()[0]
+    meta = read_onnx_metadata(path)
+    size = inp.shape[-1] if isinstance(inp.shape[-1], int) else 224
+    meta.setdefault("input_size", [3, size, size])
+    meta.setdefault("mean", [0.485, 0.456, 0.406])
+    meta.setdefault("std", [0.229, 0.224, 0.225])
+    fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    logits, labels = [], []
+    for x, y in _onnx_batches(data, meta, batch_size):
+        chunks = x.split(fixed_batch) if fixed_batch else [x]
+        logits += [torch.from_numpy(session.run(None, {inp.name: c.numpy()})[0]) for c in chunks]
+        labels.append(y)
+    if not labels:
+        raise ValueError(f"no images were evaluated from {data}")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
+
+
 def evaluate_onnx(
     path: str | os.PathLike,
     data: Any,
@@ -189,33 +233,17 @@ def evaluate_onnx(
     Preprocessing (size, crop, mean, std) and the class order are read from the file's metadata,
     as ``mobileone export`` writes it; files without it get ImageNet defaults at their input size.
     """
-    session = onnx_session(path, threads)
-    inp = session.get_inputs()[0]
-    meta = read_onnx_metadata(path)
-    size = inp.shape[-1] if isinstance(inp.shape[-1], int) else 224
-    meta.setdefault("input_size", [3, size, size])
-    meta.setdefault("mean", [0.485, 0.456, 0.406])
-    meta.setdefault("std", [0.229, 0.224, 0.225])
-    fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    n = top1 = top5 = 0
     t0 = time.perf_counter()
-    for x, y in _onnx_batches(data, meta, batch_size):
-        chunks = x.split(fixed_batch) if fixed_batch else [x]
-        logits = torch.cat([torch.from_numpy(session.run(None, {inp.name: c.numpy()})[0]) for c in chunks])
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == y[:, None]
-        n += len(y)
-        top1 += int(hit[:, 0].sum())
-        top5 += int(hit.any(1).sum())
-    if n == 0:
-        raise ValueError(f"no images were evaluated from {data}")
+    logits, labels = onnx_logits(path, data, batch_size, threads)
+    top1, top5 = _accuracy(logits, labels)
     return {
         "model": str(path),
-        "images": n,
-        "top1": 100.0 * top1 / n,
-        "top5": 100.0 * top5 / n,
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
+        "images": len(labels),
+        "top1": top1,
+        "top5": top5,
         "seconds": time.perf_counter() - t0,
-        "quantization": meta.get("quantization"),
+        "quantization": read_onnx_metadata(path).get("quantization"),
     }
 
 
@@ -235,13 +263,24 @@ def quantize_model(
     return fp32, quantize_onnx(fp32, out, calibration, settings)
 
 
-DEFAULT_STUDY = (
-    QuantSettings("minmax", per_channel=False),
-    QuantSettings("minmax", per_channel=True),
-    QuantSettings("entropy", per_channel=True),
-    QuantSettings("percentile", per_channel=True),
-    QuantSettings("minmax", per_channel=True, keep_float="first_last"),
-    QuantSettings("percentile", per_channel=True, keep_float="first_last"),
+# Each row changes one thing. reduce_range: onnxruntime's x86 uint8 x int8 kernels can saturate
+# int16 intermediate sums; 7-bit weights avoid that (onnxruntime's quantization docs).
+DEFAULT_STUDY = tuple(
+    QuantSettings(method, per_channel, keep, reduce)
+    for method, per_channel, keep, reduce in [
+        ("minmax", False, "none", False),
+        ("minmax", True, "none", False),
+        ("entropy", True, "none", False),
+        ("percentile", True, "none", False),
+        ("minmax-avg", True, "none", False),
+        ("minmax", True, "none", True),
+        ("minmax", True, "first+last", False),
+        ("minmax", True, "depthwise", False),
+        ("minmax", True, "first3", False),
+        ("minmax-avg", True, "first3", False),
+        ("percentile", True, "first3", False),
+        ("minmax", True, "first3", True),
+    ]
 )
 
 
@@ -253,30 +292,43 @@ def quantization_study(
     num_calib: int = 300,
     out_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-1 of the fp32 ONNX model and of its INT8 version under each of ``settings``, with the drop."""
+    """Top-1 of the fp32 ONNX model and of its INT8 versions under each of ``settings``.
+
+    Besides the top-1 drop, ``agreement`` (share of images whose INT8 top-1 class is the fp32
+    one) and the relative logit error measure the damage on small evaluation sets, where a
+    one-image change in accuracy is already a sizeable fraction of a point.
+    """
     fp32_path = Path(fp32_path)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mobileone_study_"))
     calibration = calibration_images(calib_data, read_onnx_metadata(fp32_path), num_calib)
-    base = evaluate_onnx(fp32_path, eval_data)
+    ref, labels = onnx_logits(fp32_path, eval_data)
+    top1, top5 = _accuracy(ref, labels)
     rows = [
         {
             "settings": "fp32",
-            "top1": base["top1"],
-            "top5": base["top5"],
+            "top1": top1,
+            "top5": top5,
             "drop": 0.0,
+            "agreement": 100.0,
+            "logit_error": 0.0,
             "size_kb": fp32_path.stat().st_size / 1024,
+            "images": len(labels),
         }
     ]
     for i, s in enumerate(settings):
         q = quantize_onnx(fp32_path, out_dir / f"int8_{i}.onnx", calibration, s)
-        r = evaluate_onnx(q, eval_data)
+        logits, _ = onnx_logits(q, eval_data)
+        q1, q5 = _accuracy(logits, labels)
         rows.append(
             {
                 "settings": s.label(),
-                "top1": r["top1"],
-                "top5": r["top5"],
-                "drop": base["top1"] - r["top1"],
+                "top1": q1,
+                "top5": q5,
+                "drop": top1 - q1,
+                "agreement": 100.0 * (logits.argmax(1) == ref.argmax(1)).float().mean().item(),
+                "logit_error": ((logits - ref).norm() / ref.norm()).item(),
                 "size_kb": q.stat().st_size / 1024,
+                "images": len(labels),
                 "path": str(q),
             }
         )
@@ -285,8 +337,13 @@ def quantization_study(
 
 def study_table(rows: list[dict[str, Any]]) -> str:
     """The study as a markdown table."""
-    lines = ["| quantization | top-1 % | top-5 % | top-1 drop (points) | file KB |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| quantization | top-1 % | top-5 % | top-1 drop (points) | agrees with fp32 % | logit error | file KB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     lines += [
-        f"| {r['settings']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['drop']:.2f} | {r['size_kb']:.0f} |" for r in rows
+        f"| {r['settings']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['drop']:.2f} | {r['agreement']:.1f} | "
+        f"{r['logit_error']:.3f} | {r['size_kb']:.0f} |"
+        for r in rows
     ]
     return "\n".join(lines)
