@@ -14,6 +14,7 @@ from .checkpoint import (
     to_apple_layout,
 )
 from .complexity import count_layers, count_macs, count_params
+from .fast_train import reference_mode, set_fast_train
 from .model import (
     VARIANTS,
     FusionWarning,
@@ -54,8 +55,10 @@ __all__ = [
     "mobileone_s3",
     "mobileone_s4",
     "read_checkpoint",
+    "reference_mode",
     "register_variant",
     "reparameterize_model",
     "save_checkpoint",
+    "set_fast_train",
     "to_apple_layout",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import fast_train as _fast_train
 from .fusion import fuse_branches, identity_kernel, pad_kernel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,7 +116,11 @@ class MobileOneLayer(nn.Module):
 
     Apple calls this ``MobileOneBlock``; a paper "block" is a depthwise and a pointwise layer.
     Unlike Apple's code, dilation reaches every branch, and fusion keeps parameters trainable.
+    In train mode the branches run through ``fast_train.branch_sum`` (same math, fewer kernels)
+    unless ``fast_train`` is False here or ``mobileone.reference_mode()`` is active.
     """
+
+    fast_train: bool = True
 
     def __init__(
         self,
@@ -165,6 +170,8 @@ class MobileOneLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.inference_mode:
             return self.activation(self.se(self.reparam_conv(x)))
+        if self.training and self.fast_train and _fast_train.fast_train_enabled():
+            return self.activation(self.se(_fast_train.branch_sum(self, x)))
         return self.activation(self.se(self.forward_branches(x)))
 
     def forward_branches(self, x: Tensor) -> Tensor:

@@ -1,0 +1,372 @@
+"""Train-mode MobileOne layers with fewer kernels and fewer MACs, and the same math (spec: fast-train.md).
+
+A train-time MobileOne layer is ``sum_i BN_i(conv(x, W_i))`` over its branches, each BatchNorm using
+batch statistics. :func:`branch_sum` computes exactly that sum, its gradients and every branch
+BatchNorm's running-statistic update, in one of two ways chosen per layer by :func:`plan`:
+
+- ``"concat"``: the branches that share a conv geometry run as one conv over their concatenated
+  kernels (output channel ``o * B + j`` is branch ``j`` of channel ``o``, which keeps grouped and
+  depthwise convs valid), their BatchNorms as one ``F.batch_norm`` over the concatenated channels,
+  and the sum as a reduction over the branch axis. Depthwise layers put the k branches, the
+  zero-padded scale branch and the identity (skip) kernel in that one conv; dense layers run their
+  1x1 scale branch and BN-only skip branch on their own, since padding them to the full kernel
+  would cost more MACs than it saves in kernels.
+- ``"stats"`` (dense 1x1 layers with k > 1): a branch enters the output only through its batch
+  mean and variance, which follow from the input's channel mean ``m`` and centred covariance
+  ``S``: ``mu_i = W_i m``, ``v_i = diag(W_i S W_i^T)``. Those fold the branches into one kernel
+  (:func:`mobileone.fusion.fold_bn`, the same formula as inference fusion) and the layer runs as
+  a single conv: about ``Cin^2 + Cin*Cout`` multiply-adds per position instead of
+  ``k * Cin * Cout``, forward and backward. Statistics are kept in float32 (or float64).
+
+Whatever cannot be reproduced exactly this way falls back to the per-branch reference
+(``MobileOneLayer.forward_branches``): a branch BatchNorm in eval mode (frozen stages,
+``norm_eval``), branch BatchNorms with differing ``eps``/``momentum``/``affine``/
+``track_running_stats``, ``momentum=None`` with differing batch counts, and BatchNorm subclasses
+such as ``SyncBatchNorm`` (their statistics span processes). Forward hooks on the branch modules
+do not run on the fast path; switch it off (:func:`reference_mode`, :func:`set_fast_train`) where
+they are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fusion import fold_bn, identity_kernel, pad_kernel
+
+if TYPE_CHECKING:
+    from .model import MobileOneLayer
+
+METHODS = ("reference", "concat", "fold")
+_enabled = True
+
+
+def fast_train_enabled() -> bool:
+    """Whether the fast train-mode path is globally on (it is by default)."""
+    return _enabled
+
+
+@contextmanager
+def reference_mode() -> Iterator[None]:
+    """Run every MobileOne layer through the per-branch reference inside the ``with`` block."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def set_fast_train(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch the fast path on or off for the MobileOne layers of one model (returns the model)."""
+    from .model import MobileOneLayer
+
+    layers = [m for m in model.modules() if isinstance(m, MobileOneLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no MobileOne layers to switch")
+    for layer in layers:
+        layer.fast_train = enabled
+    return model
+
+
+def plan(layer: MobileOneLayer, x: Tensor) -> str:
+    """The formulation :func:`branch_sum` uses for ``layer`` on input ``x`` (measured: README, "Fast training").
+
+    ``"fold"``, except for dense 1x1 layers where it would not save multiply-adds: their folded
+    statistics cost about ``M Cin^2`` (input covariance, forward and backward) plus ``k Cout Cin^2``
+    (branch variances) against ``k M Cin Cout`` for running the k branches, which needs k > 1 and
+    enough positions ``M`` per channel; there ``"concat"`` runs instead.
+    """
+    if layer.kernel_size == 1 and layer.groups == 1:
+        cin, cout, k = layer.in_channels, layer.out_channels, layer.k
+        positions = x.shape[0] * (-(-x.shape[2] // layer.stride)) * (-(-x.shape[3] // layer.stride))
+        fold_cost = 2 * positions * cin * cin + 2 * k * cout * cin * cin + 3 * positions * cin * cout
+        return "fold" if fold_cost < 3 * k * positions * cin * cout else "concat"
+    return "fold"
+
+
+def _branch_bns(layer: MobileOneLayer) -> list[nn.BatchNorm2d]:
+    bns = [b.bn for b in layer.rbr_conv]
+    if layer.rbr_scale is not None:
+        bns.append(layer.rbr_scale.bn)
+    if layer.rbr_skip is not None:
+        bns.append(layer.rbr_skip)
+    return bns
+
+
+def _exact(bns: list[nn.BatchNorm2d]) -> bool:
+    """Whether one shared batch-norm call reproduces each branch BatchNorm exactly."""
+    first = bns[0]
+    for bn in bns:
+        if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.affine:
+            return False
+        if (bn.eps, bn.momentum, bn.track_running_stats) != (first.eps, first.momentum, first.track_running_stats):
+            return False
+    if first.track_running_stats and first.momentum is None:
+        return len({int(bn.num_batches_tracked) for bn in bns}) == 1
+    return True
+
+
+def branch_sum(layer: MobileOneLayer, x: Tensor, method: str | None = None) -> Tensor:
+    """``layer.forward_branches(x)`` in train mode, computed with ``method`` (default: :func:`plan`'s).
+
+    Outputs, gradients and the branch BatchNorms' running statistics and batch counts are those
+    of the reference; where they could not be (see the module docstring) the reference runs.
+    """
+    method = plan(layer, x) if method is None else method
+    if method not in METHODS:
+        raise ValueError(f"unknown fast-train method {method!r}; choose one of {METHODS}")
+    if layer.inference_mode:
+        raise ValueError("the layer is re-parameterized (fused): it has no branches to train")
+    bns = _branch_bns(layer)
+    if method == "reference" or not _exact(bns):
+        return layer.forward_branches(x)
+    if method == "fold":
+        if x[:, :, :: layer.stride, :: layer.stride][:, 0].numel() > 1:  # else the reference raises BN's error
+            return _fold_sum(layer, x, bns)
+        return layer.forward_branches(x)
+    return _concat_sum(layer, x)
+
+
+# ---- "concat": the branches of one conv geometry as one conv, one batch-norm, one sum ----
+
+
+def _batch_norm(z: Tensor, bns: list[nn.BatchNorm2d]) -> Tensor:
+    """Train-mode BatchNorm of channel ``o * B + j`` with ``bns[j]``'s parameters and buffers."""
+    first, nb = bns[0], len(bns)
+    weight = torch.stack([bn.weight for bn in bns], 1).flatten()
+    bias = torch.stack([bn.bias for bn in bns], 1).flatten()
+    if not first.track_running_stats:
+        return F.batch_norm(z, None, None, weight, bias, True, 0.0, first.eps)
+    for bn in bns:
+        bn.num_batches_tracked.add_(1)
+    momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
+    mean = torch.stack([bn.running_mean for bn in bns], 1).flatten()
+    var = torch.stack([bn.running_var for bn in bns], 1).flatten()
+    out = F.batch_norm(z, mean, var, weight, bias, True, momentum, first.eps)
+    with torch.no_grad():
+        for j, bn in enumerate(bns):
+            bn.running_mean.copy_(mean.view(-1, nb)[:, j])
+            bn.running_var.copy_(var.view(-1, nb)[:, j])
+    return out
+
+
+def _conv_bn_sum(x: Tensor, kernels: list[Tensor], bns: list[nn.BatchNorm2d], conv: nn.Conv2d) -> Tensor:
+    """``sum_j BN_j(conv(x, kernels[j]))`` with one conv, one batch-norm and one reduction."""
+    nb = len(kernels)
+    weight = torch.stack(kernels, 1).flatten(0, 1) if nb > 1 else kernels[0]
+    z = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    z = _batch_norm(z, bns)
+    return z.unflatten(1, (-1, nb)).sum(2) if nb > 1 else z
+
+
+def _concat_sum(layer: MobileOneLayer, x: Tensor) -> Tensor:
+    conv = layer.rbr_conv[0].conv
+    kernels = [b.conv.weight for b in layer.rbr_conv]
+    bns = [b.bn for b in layer.rbr_conv]
+    if layer.groups == layer.in_channels:  # depthwise: the extra kernels cost kernel_size^2 MACs each
+        if layer.rbr_scale is not None:
+            kernels.append(pad_kernel(layer.rbr_scale.conv.weight, layer.kernel_size))
+            bns.append(layer.rbr_scale.bn)
+        if layer.rbr_skip is not None:
+            kernels.append(identity_kernel(layer.in_channels, layer.groups, layer.kernel_size, kernels[0]))
+            bns.append(layer.rbr_skip)
+        return _conv_bn_sum(x, kernels, bns, conv)
+    out = _conv_bn_sum(x, kernels, bns, conv)
+    if layer.rbr_scale is not None:
+        out = out + layer.rbr_scale.bn(layer.rbr_scale.conv(x))
+    if layer.rbr_skip is not None:
+        out = out + layer.rbr_skip(x)
+    return out
+
+
+# ---- "fold": the branches' batch statistics first, then one conv with the folded kernel ----
+
+
+class _Moments(torch.autograd.Function):
+    """Per-channel mean and centred channel covariance of ``x`` over (N, H, W), with a cheap backward.
+
+    Autograd through ``xc @ xc.T`` would run two matmuls in the backward pass; the covariance is
+    symmetric in its two factors, so one suffices: ``dx = dmean / M + (G + G^T) xc / M``. The
+    mean's own effect on the centred covariance has zero derivative, so centring needs no term.
+    Computed in float32 (float64 for float64 input) whatever the input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        n, c, h, w = x.shape
+        count = n * h * w
+        xf = x.to(_stats_dtype(x.dtype))
+        mean = xf.mean((0, 2, 3))
+        xt = torch.empty(c, n, h * w, dtype=xf.dtype, device=x.device)
+        torch.sub(xf.reshape(n, c, h * w).transpose(0, 1), mean[:, None, None], out=xt)
+        xt = xt.view(c, count)
+        cov = torch.mm(xt, xt.t()).div_(count)
+        ctx.save_for_backward(x, mean)
+        return mean, cov
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        n, c, h, w = x.shape
+        count = n * h * w
+        xc = (x.to(mean.dtype) - mean[None, :, None, None]).view(n, c, h * w)
+        grad = torch.matmul((grad_cov + grad_cov.t()).div_(count), xc)
+        return grad.add_((grad_mean / count)[None, :, None]).view(n, c, h, w).to(x.dtype)
+
+
+class _ConvMoments(torch.autograd.Function):
+    """Batch mean and ``1 / sqrt(var + eps)`` per output channel of ``conv(x, kernels[j])`` for each j.
+
+    The statistics come from ``torch.native_batch_norm`` (fast, float32 accumulation under mixed
+    precision); the normalized outputs are kept for the backward pass, which needs only
+    ``dz = dmean / M - dinvstd * invstd^2 * zhat / M`` and one conv backward per kernel.
+    ``kernels=None`` takes the statistics of ``x[:, :, ::stride, ::stride]`` itself (BN-only branches).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernels: Tensor | None, conv: tuple, eps: float) -> tuple[Tensor, Tensor]:
+        stride, padding, dilation, groups = conv
+        ctx.conv, ctx.x_shape = conv, x.shape
+        means, invstds, normed = [], [], []
+        for w in [None] if kernels is None else kernels.unbind(0):
+            z = x[:, :, ::stride, ::stride] if w is None else F.conv2d(x, w, None, stride, padding, dilation, groups)
+            zhat, mean, invstd = torch.native_batch_norm(z, None, None, None, None, True, 0.0, eps)
+            means.append(mean)
+            invstds.append(invstd)
+            normed.append(zhat)
+        ctx.save_for_backward(x, kernels, *invstds, *normed)
+        return torch.stack(means), torch.stack(invstds)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_invstd: Tensor) -> tuple[Tensor | None, ...]:
+        x, kernels, *saved = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        nb = len(saved) // 2
+        invstds, normed = saved[:nb], saved[nb:]
+        count = normed[0].numel() // normed[0].shape[1]
+        grad_x = torch.zeros_like(x)
+        grad_k = None if kernels is None else torch.empty_like(kernels)
+        for j in range(nb):
+            offset = (grad_mean[j] / count)[None, :, None, None]
+            slope = (-grad_invstd[j] * invstds[j] ** 2 / count)[None, :, None, None]
+            dz = torch.addcmul(offset.to(normed[j].dtype), normed[j], slope.to(normed[j].dtype))
+            if kernels is None:
+                grad_x[:, :, ::stride, ::stride] += dz
+                continue
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dz, x, kernels[j], None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+            )  # fmt: skip
+            if dx is not None:
+                grad_x += dx
+            if dw is not None:
+                grad_k[j] = dw
+        return grad_x, grad_k, None, None
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class _StackedBN(NamedTuple):
+    """Several BatchNorms' affine parameters end to end, for :func:`~mobileone.fusion.fold_bn`."""
+
+    weight: Tensor
+    bias: Tensor
+    eps: float
+
+
+@torch.no_grad()
+def _update_running(bns: list[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d`` does to its buffers in train mode, for all branches at once.
+
+    ``mean``/``var`` are (branches, channels) batch statistics; the running variance gets the
+    unbiased ``var * M / (M - 1)``; ``momentum=None`` means the cumulative average.
+    """
+    first = bns[0]
+    if not first.track_running_stats:
+        return
+    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
+    means, variances = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
+    mean, var = mean.to(means[0].dtype), (var * (count / (count - 1))).to(means[0].dtype)
+    torch._foreach_mul_(means, 1 - momentum)
+    torch._foreach_add_(means, list(mean.unbind(0)), alpha=momentum)
+    torch._foreach_mul_(variances, 1 - momentum)
+    torch._foreach_add_(variances, list(var.unbind(0)), alpha=momentum)
+
+
+class _QuadraticForms(torch.autograd.Function):
+    """``v[b, o] = w_bo^T S w_bo`` for kernels ``W`` (B, Cout, Cin) and a symmetric ``S``: the branch variances.
+
+    Autograd would spend two matmuls on the backward pass; with ``S`` symmetric one does:
+    ``dW = 2 g * (W S)`` (kept from the forward pass) and ``dS = (g * W)^T W``.
+    """
+
+    @staticmethod
+    def forward(ctx, kernels: Tensor, cov: Tensor) -> Tensor:
+        ws = kernels @ cov
+        ctx.save_for_backward(kernels, ws)
+        return (ws * kernels).sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        kernels, ws = ctx.saved_tensors
+        grad = grad[..., None]
+        flat = kernels.flatten(0, 1)
+        return 2 * grad * ws, (grad * kernels).flatten(0, 1).t() @ flat
+
+
+def _covariance_stats(kernels: Tensor, mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``W m`` and variance ``diag(W S W^T)`` of 1x1 dense branches (kernels: (B, Cout, Cin))."""
+    kernels = kernels.to(cov.dtype)
+    return kernels @ mean, _QuadraticForms.apply(kernels, cov)
+
+
+def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Tensor:
+    """Each branch's batch mean/variance, its running-stat update, then one conv with the folded kernel."""
+    eps, s, ks, k = bns[0].eps, layer.stride, layer.kernel_size, layer.k
+    conv = (s, layer.padding, layer.dilation, layer.groups)
+    x_sub = x[:, :, ::s, ::s]  # what the 1x1 (padding 0) scale branch and the skip branch see
+    count = x.shape[0] * x_sub.shape[2] * x_sub.shape[3]
+    kernels = [b.conv.weight for b in layer.rbr_conv]  # full-size kernels, in the order of bns
+    if layer.rbr_scale is not None:
+        kernels.append(pad_kernel(layer.rbr_scale.conv.weight, ks))
+    if layer.rbr_skip is not None:
+        kernels.append(identity_kernel(layer.in_channels, layer.groups, ks, kernels[0]))
+    kernels = torch.stack(kernels)  # (B, Cout, Cin / groups, ks, ks)
+    centre = kernels[..., ks // 2, ks // 2]  # the 1x1 branches' kernels: (B, Cout, Cin / groups)
+    with torch.autocast(x.device.type, enabled=False):
+        if layer.groups == 1 and ks == 1:  # every branch from the input's channel covariance
+            mean, cov = _Moments.apply(x_sub)
+            mu, var = _covariance_stats(centre[:k], mean, cov)
+            if layer.rbr_skip is not None:  # BN of x itself: its statistics are the input's
+                mu, var = torch.cat([mu, mean[None]]), torch.cat([var, torch.diagonal(cov)[None]])
+        else:
+            mu, invstd = _ConvMoments.apply(x, kernels[:k], conv, eps)
+            mu, var = [mu], [invstd.pow(-2) - eps]
+            extra = centre[k:]  # scale and skip: 1x1 kernels
+            if len(extra) and layer.groups == 1:
+                m, v = _covariance_stats(extra, *_Moments.apply(x_sub))
+            elif len(extra) and layer.groups == layer.in_channels == layer.out_channels:
+                m, invstd = _ConvMoments.apply(x, None, conv, eps)  # per-channel statistics of x_sub
+                w = extra[:, :, 0].to(m.dtype)
+                m, v = w * m, w * w * (invstd.pow(-2) - eps)
+            elif len(extra):  # other grouped convs: run the 1x1 branches for their statistics
+                m, invstd = _ConvMoments.apply(x, extra[..., None, None], (s, 0, 1, layer.groups), eps)
+                v = invstd.pow(-2) - eps
+            mu, var = torch.cat(mu + [m] * bool(len(extra))), torch.cat(var + [v] * bool(len(extra)))
+        _update_running(bns, mu.detach(), var.detach(), count)
+        stacked = _StackedBN(torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns]), eps)
+        weight, bias = fold_bn(kernels.flatten(0, 1).to(mu.dtype), mu.flatten(), var.flatten(), stacked)
+        weight, bias = weight.unflatten(0, (len(bns), -1)).sum(0), bias.view(len(bns), -1).sum(0)
+    return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *conv)

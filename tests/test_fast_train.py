@@ -1,0 +1,260 @@
+"""The fast train-mode path against the per-branch reference (spec: fast-train.md, section 3).
+
+Every comparison runs the same module twice from the same state, once through the fast path and
+once under ``reference_mode()``, and compares outputs, input and parameter gradients, and every
+buffer (running mean/var, num_batches_tracked) after several steps.
+"""
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mobileone
+from mobileone import create_model, fast_train, reference_mode, set_fast_train
+from mobileone.model import MobileOneLayer
+
+from .conftest import TINY
+
+TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.double().abs().max().item()
+    return (a.double() - b.double()).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def run_steps(module, inputs, fast: bool, method: str | None = None, lr: float = 0.0):
+    """Forward + backward (+ SGD when lr > 0) for each input; returns outputs and input gradients."""
+    outs, grads = [], []
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9) if lr else None
+    for x in inputs:
+        x = x.clone().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        if fast and method is not None:
+            y = module.activation(module.se(fast_train.branch_sum(module, x, method)))
+        elif fast:
+            y = module(x)
+        else:
+            with reference_mode():
+                y = module(x)
+        out = y if isinstance(y, torch.Tensor) else y[-1]
+        torch.manual_seed(len(outs))
+        (out * torch.randn_like(out)).sum().backward()
+        if opt:
+            opt.step()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    return outs, grads
+
+
+def assert_same(fast_mod, ref_mod, inputs, dtype, method=None, lr=0.0):
+    tol = TOL[dtype]
+    outs_f, grads_f = run_steps(fast_mod, inputs, True, method, lr)
+    outs_r, grads_r = run_steps(ref_mod, inputs, False, None, lr)
+    for yf, yr in zip(outs_f, outs_r):
+        assert rel_err(yf, yr) < tol
+    for gf, gr in zip(grads_f, grads_r):
+        assert rel_err(gf, gr) < tol
+    params_r = dict(ref_mod.named_parameters())
+    for name, p in fast_mod.named_parameters():
+        assert (p.grad is None) == (params_r[name].grad is None), name
+        if p.grad is not None:
+            assert rel_err(p.grad, params_r[name].grad) < tol, name
+        assert rel_err(p, params_r[name]) < tol, name
+    buffers_r = dict(ref_mod.named_buffers())
+    for name, b in fast_mod.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert int(b) == int(buffers_r[name]), name
+        else:
+            assert rel_err(b, buffers_r[name]) < tol, name
+
+
+def count_reference_calls():
+    """Patch ``forward_branches`` (still running it) to count how often the reference path runs."""
+    original = MobileOneLayer.forward_branches
+    return mock.patch.object(MobileOneLayer, "forward_branches", autospec=True, side_effect=original)
+
+
+def twins(module, dtype):
+    module = module.to(dtype).train()
+    return module, copy.deepcopy(module)
+
+
+@pytest.mark.parametrize("name", mobileone.list_models())
+def test_variants_match_reference(name):
+    # Three steps without weight updates: with 2 x 32 px the last BatchNorms see 2 values per
+    # channel, and a net that ill-conditioned would turn rounding into drift once weights move.
+    torch.manual_seed(0)
+    fast, ref = twins(create_model(name, num_classes=10), torch.float64)
+    inputs = [torch.randn(2, 3, 32, 32, dtype=torch.float64) * 2 + 0.5 for _ in range(3)]
+    assert_same(fast, ref, inputs, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trained_few_steps_same_weights(dtype):
+    torch.manual_seed(2)
+    config = TINY.replace(k=(4, 4, 2, 1), stem_k=2)
+    fast, ref = twins(create_model(config, num_classes=5), dtype)
+    inputs = [torch.randn(8, 3, 32, 32, dtype=dtype) for _ in range(4)]
+    assert_same(fast, ref, inputs, dtype, lr=0.05)
+
+
+@st.composite
+def layer_configs(draw):
+    groups_kind = draw(st.sampled_from(["dense", "depthwise", "grouped"]))
+    cin = draw(st.sampled_from([2, 4, 6]))
+    if groups_kind == "depthwise":
+        cout, groups = cin, cin
+    else:
+        groups = 1 if groups_kind == "dense" else 2
+        cout = draw(st.sampled_from([2, 4, 8]))
+    stride = draw(st.sampled_from([1, 2]))
+    cfg = {
+        "in_channels": cin,
+        "out_channels": cout,
+        "kernel_size": draw(st.sampled_from([1, 3, 5])),
+        "stride": stride,
+        "dilation": draw(st.sampled_from([1, 2])),
+        "groups": groups,
+        "k": draw(st.integers(1, 4)),
+        "use_se": draw(st.booleans()),
+        "scale_branch": draw(st.booleans()),
+        "skip": draw(st.booleans()) and cin == cout and stride == 1,
+    }
+    size = draw(st.integers(3, 8))
+    return cfg, (draw(st.integers(1, 3)), cin, size, size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_configs(), st.sampled_from(["fold", "concat"]), st.sampled_from([torch.float64, torch.float32]))
+def test_random_layers_match_reference(cfg_shape, method, dtype):
+    cfg, shape = cfg_shape
+    torch.manual_seed(0)
+    fast, ref = twins(MobileOneLayer(**cfg), dtype)
+    inputs = [torch.randn(shape, dtype=dtype) * 1.5 + 0.3 for _ in range(3)]
+    if shape[0] * ((shape[2] - 1) // cfg["stride"] + 1) ** 2 == 1:  # one value per channel: BN refuses
+        with pytest.raises(ValueError, match="more than 1 value"):
+            run_steps(fast, inputs, True, method)
+        return
+    assert_same(fast, ref, inputs, dtype, method)
+
+
+@pytest.mark.parametrize("method", ["fold", "concat"])
+@pytest.mark.parametrize(
+    "bn_setup",
+    [
+        {"momentum": None},  # cumulative average
+        {"momentum": 0.3, "eps": 1e-3},
+        {"track_running_stats": False},
+    ],
+)
+def test_batchnorm_options(bn_setup, method):
+    torch.manual_seed(3)
+    layer = MobileOneLayer(6, 6, 3, groups=6, k=3)
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for key, value in bn_setup.items():
+                setattr(m, key, value)
+            if not m.track_running_stats:
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+    fast, ref = twins(layer, torch.float64)
+    inputs = [torch.randn(2, 6, 5, 5, dtype=torch.float64) for _ in range(3)]
+    assert_same(fast, ref, inputs, torch.float64, method)
+
+
+def test_mixed_bn_settings_fall_back_to_reference():
+    layer = MobileOneLayer(4, 4, 1, k=3).double().train()
+    layer.rbr_conv[1].bn.momentum = 0.5  # branches disagree: no shared batch-norm call reproduces them
+    with mock.patch.object(
+        MobileOneLayer, "forward_branches", autospec=True, side_effect=MobileOneLayer.forward_branches
+    ) as ref:
+        layer(torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    assert ref.call_count == 1
+    fast, twin = twins(layer, torch.float64)
+    assert_same(fast, twin, [torch.randn(2, 4, 3, 3, dtype=torch.float64) for _ in range(2)], torch.float64)
+
+
+def test_branch_bn_in_eval_mode_and_frozen_stages():
+    torch.manual_seed(4)
+    model = create_model(TINY, num_classes=5).double()
+    model.freeze_stages(2)
+    model.train()
+    model.stage3[1].rbr_conv[0].bn.eval()  # norm_eval-style: one branch BN frozen in a trained stage
+    fast, ref = copy.deepcopy(model), copy.deepcopy(model)
+    inputs = [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    assert_same(fast, ref, inputs, torch.float64, lr=0.1)
+    assert int(fast.stage1[0].rbr_conv[0].bn.num_batches_tracked) == 0  # frozen: statistics untouched
+
+
+def test_dispatch_and_switches():
+    model = create_model(TINY, num_classes=5).train()
+    x = torch.randn(2, 3, 32, 32)
+    n_layers = len(model.layers())
+    with mock.patch.object(
+        MobileOneLayer, "forward_branches", autospec=True, side_effect=MobileOneLayer.forward_branches
+    ) as ref:
+        model(x)
+        assert ref.call_count == 0  # the fast path is the default in train mode
+        with reference_mode():
+            model(x)
+        assert ref.call_count == n_layers
+        assert fast_train.fast_train_enabled()  # the context manager restores the switch
+        set_fast_train(model, False)
+        model(x)
+        assert ref.call_count == 2 * n_layers
+        set_fast_train(model, True)
+        model.eval()(x)  # eval mode keeps the per-branch path with running statistics
+        assert ref.call_count == 3 * n_layers
+
+
+def test_state_dict_keys_unchanged():
+    model = create_model(TINY, num_classes=5)
+    keys = list(model.state_dict())
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert list(model.state_dict()) == keys
+    assert list(create_model(TINY, num_classes=5).state_dict()) == keys
+
+
+def test_eval_mode_after_fast_training_matches_fusion():
+    torch.manual_seed(5)
+    model = create_model(TINY, num_classes=5).double().train()
+    for _ in range(3):
+        model(torch.randn(4, 3, 32, 32, dtype=torch.float64))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused = mobileone.reparameterize_model(model.eval())
+    assert rel_err(fused(x), model(x)) < 1e-10
+
+
+def test_autocast_keeps_float32_statistics():
+    torch.manual_seed(6)
+    fast, ref = twins(MobileOneLayer(16, 16, 1, k=4), torch.float32)
+    x = torch.randn(4, 16, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast = fast(x)
+        with reference_mode():
+            y_ref = ref(x)
+    assert fast.rbr_conv[0].bn.running_var.dtype == torch.float32
+    assert rel_err(y_fast.float(), y_ref.float()) < 5e-2  # bfloat16 convs: ~3 significant digits
+    for bf, br in zip(fast.buffers(), ref.buffers()):
+        assert rel_err(bf.float(), br.float()) < 2e-2
+
+
+def test_bad_input_messages():
+    layer = MobileOneLayer(4, 4, 3, groups=4, k=2).train()
+    with pytest.raises(ValueError, match="unknown fast-train method"):
+        fast_train.branch_sum(layer, torch.randn(2, 4, 5, 5), "magic")
+    with pytest.raises(ValueError, match="no MobileOne layers"):
+        set_fast_train(torch.nn.Linear(2, 2))
+    layer.eval().reparameterize()
+    with pytest.raises(ValueError, match="re-parameterized"):
+        fast_train.branch_sum(layer, torch.randn(2, 4, 5, 5))
+
+
+def test_plan_is_fold_or_concat_for_every_layer():
+    for name in mobileone.list_models():
+        plans = {fast_train.plan(m) for m in create_model(name).layers()}
+        assert plans <= {"fold", "concat"}
