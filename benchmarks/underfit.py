@@ -84,6 +84,23 @@ def grad_ratio(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
     return rel[0] / rel[1]
 
 
+def stage_gradients(name: str, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """|grad| / |weight| of the conv weights of each of S0's five stages, on one batch at init.
+
+    The relative gradient is the relative size of one SGD step (times the LR): it says which
+    layers move and which stay where they started.
+    """
+    kind, init, opts = ROWS[name]
+    torch.manual_seed(0)
+    model = build(kind, init, opts.get("k")).train()
+    F.cross_entropy(model(x), y).backward()
+    out = []
+    for stage in model.stages:
+        ws = [p for p in stage.parameters() if p.ndim == 4]
+        out.append(math.sqrt(sum((p.grad**2).sum().item() for p in ws) / sum((p**2).sum().item() for p in ws)))
+    return out
+
+
 def run(name: str, data, epochs: int, batch: int, teacher: torch.nn.Module | None) -> dict:
     kind, init, opts = ROWS[name]
     torch.manual_seed(0)
@@ -141,9 +158,17 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jsonl", help="append each finished row to this file")
+    p.add_argument("--diagnose", action="store_true", help="only the per-stage relative gradients at init")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load(args.img_size)
+    if args.diagnose:
+        print("| row | stem | stage 1 | stage 2 | stage 3 | stage 4 | stem / stage 4 |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name in ("s0", "s0-k1", "s0-unit-sum", "s0-identity"):
+            g = stage_gradients(name, data[0][: args.batch_size], data[1][: args.batch_size])
+            print(f"| {name} | " + " | ".join(f"{v:.3g}" for v in g) + f" | {g[0] / g[-1]:.0f} |")
+        return
     names = args.only.split(",")
     teacher, results = None, []
     print(f"digits, {len(data[0])} train / {len(data[2])} val images at {args.img_size} px, "

@@ -71,7 +71,7 @@ class TrainConfig:
     base_lr: float = 0.1  # per 256 images; lr = base_lr * batch_size / 256
     lr: float | None = None  # absolute peak LR, overrides base_lr
     min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 5.0  # linear LR warm-up, at most a fifth of the run
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_end: float = 1e-5  # cosine annealing of weight decay; = weight_decay switches it off
@@ -421,7 +421,8 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
         raise DataError(f"{len(train_ds)} training images are fewer than one batch of {cfg.batch_size}; "
                         "lower --batch-size")  # fmt: skip
     per_epoch = min(per_epoch, cfg.steps_per_epoch or per_epoch)
-    total, warmup = cfg.epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
+    total = cfg.epochs * per_epoch
+    warmup = min(round(cfg.warmup_epochs * per_epoch), total // 5)  # a 1-epoch run still gets its cosine
     start_epoch, step, history, best = 0, 0, [], {"val_top1": -1.0}
     state_path = out / "train_state.pt"
     if cfg.resume and state_path.is_file():
@@ -437,7 +438,7 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = make_loader(val_ds, cfg, env, train=False)
-    loader, loader_key, bad_total = None, None, 0
+    loader, loader_key = None, None
     for epoch in range(start_epoch, cfg.epochs):
         size, strength = image_size_at(epoch, cfg.epochs, cfg.img_size, cfg.progressive)
         if (size, strength) != loader_key:  # progressive phases change the transform: new workers
@@ -475,7 +476,6 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
             totals = torch.tensor([loss_sum.item(), seen, bad], dtype=torch.float64, device=env.device)
             dist.all_reduce(totals)
             loss_sum, seen, bad = totals[0], int(totals[1]), int(totals[2])
-        bad_total += bad
         top1, top5 = evaluate_model(model, val_loader, env)
         ema_top1, ema_top5 = evaluate_model(ema.module, val_loader, env) if ema is not None else (None, None)
         row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen), "val_top1": top1, "val_top5": top5,
@@ -487,7 +487,7 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
             best = _save_epoch(out, model, ema, optimizer, scaler, cfg, epoch, step, history, best)
             print(_epoch_line(row, cfg.epochs), flush=True)
     if env.main:
-        return _finish(out, cfg, model, history, best)
+        return _finish(out, cfg, history, best)
     return {"run_dir": str(out), "best": best}
 
 
@@ -582,13 +582,14 @@ def _save_epoch(out, model, ema, optimizer, scaler, cfg, epoch, step, history, b
     return best
 
 
-def _finish(out: Path, cfg: TrainConfig, model: MobileOne, history: list[dict], best: dict) -> dict[str, Any]:
+def _finish(out: Path, cfg: TrainConfig, history: list[dict], best: dict) -> dict[str, Any]:
     """Fuse the best checkpoint into ``best_fused`` and write ``summary.json``."""
     best_model = load_checkpoint(out / "best.safetensors")
     fused = reparameterize_model(best_model.eval())
     save_checkpoint(fused, out / "best_fused.safetensors", **best)
     summary = {"run_dir": str(out), "best": best, "last": history[-1], "epochs": cfg.epochs,
-               "train_images_per_second": sum(r["images_per_second"] for r in history) / len(history)}  # fmt: skip
+               "train_images_per_second": sum(r["images_per_second"] for r in history) / len(history),
+               "bad_images": sum(r["bad_images"] for r in history)}  # fmt: skip
     _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     print(f"best val top-1 {best['val_top1']:.2f} (epoch {best['epoch']}, {best['weights']} weights); run: {out}")
     return summary
