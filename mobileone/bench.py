@@ -16,6 +16,7 @@ import gc
 import json
 import math
 import platform
+import shutil
 import tempfile
 import time
 import warnings
@@ -208,8 +209,9 @@ def _runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Pa
         compiled = torch.compile(model)
         return lambda: compiled(x)
     if runtime == "onnxruntime":
-        path = workdir / f"model_{len(x)}.onnx"
-        to_onnx(model, path, x)
+        path = workdir / "model.onnx"  # one export with a dynamic batch serves every batch size
+        if not path.exists():
+            to_onnx(model, path, torch.cat([x[:1], x[:1]]), dynamic_batch=True)
         session = onnx_session(path, threads)
         feed = {session.get_inputs()[0].name: x.numpy()}
         return lambda: session.run(None, feed)
@@ -226,15 +228,26 @@ def _runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Pa
 
 
 def time_model(
-    model: nn.Module, runtime: str, batch: int, img_size: int, threads: int, warmup: int, iters: int, min_time: float
+    model: nn.Module,
+    runtime: str,
+    batch: int,
+    img_size: int,
+    threads: int,
+    warmup: int,
+    iters: int,
+    min_time: float,
+    workdir: Path | None = None,
 ) -> dict[str, float]:
-    """Latency statistics of one model, runtime and batch size (eval mode, inference mode, fixed threads)."""
+    """Latency statistics of one model, runtime and batch size (eval mode, inference mode, fixed threads).
+
+    Exported files go to ``workdir`` (a temporary folder by default), where later batch sizes reuse them.
+    """
     torch.set_num_threads(threads)
     x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="mobileone_bench_") as tmp, torch.inference_mode():
         if runtime in ("onnxruntime", "executorch"):  # exporters trace outside inference mode
             with torch.inference_mode(False):
-                fn = _runner(runtime, model, x.clone(), threads, Path(tmp))
+                fn = _runner(runtime, model, x.clone(), threads, Path(workdir or tmp))
         else:
             fn = _runner(runtime, model, x, threads, Path(tmp))
         return latency_stats(time_calls(fn, warmup, iters, min_time))
@@ -448,17 +461,20 @@ def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, prog
                 "params": params,
                 "macs": macs,
             }
+            workdir = Path(tempfile.mkdtemp(prefix="mobileone_bench_"))
             try:
                 for b in sorted(cfg.batch_sizes):
                     # Large batches take long per call: fewer runs, still at least 3 and min_time seconds.
                     it, wu = (cfg.iters, cfg.warmup) if b == 1 else (max(3, cfg.iters // 5), max(1, cfg.warmup // 5))
-                    stats = time_model(model, runtime, b, cfg.img_size, cfg.threads, wu, it, cfg.min_time)
+                    stats = time_model(model, runtime, b, cfg.img_size, cfg.threads, wu, it, cfg.min_time, workdir)
                     row[f"bs{b}"] = stats
                     row[f"bs{b}"]["throughput"] = b / (stats["median_ms"] / 1e3)
                     row[f"bs{b}"]["peak_fraction"] = 2 * macs * b / (stats["median_ms"] / 1e3) / (peak * 1e9)
             except Exception as e:  # one failing runtime (e.g. an export) must not stop the run
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 errors.append(f"{bm.name} / {runtime}: {row['error']}")
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
             rows.append(row)
             bar.update()
             if runtime == "compile":
