@@ -162,7 +162,9 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 of a fused or unfused checkpoint on an image folder")
     p.add_argument("--data", required=True, help="folder of class folders, or a dataset folder with val/")
-    p.add_argument("--checkpoint", required=True, help="any checkpoint load_checkpoint reads")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads")
+    src.add_argument("--onnx", help="an exported ONNX model, fp32 or INT8 (preprocessing read from its metadata)")
     p.add_argument("--img-size", type=int, help="default: the size saved with the checkpoint, else 224")
     p.add_argument("--crop-pct", type=float, help="resize the short side to size / crop-pct (default 0.875)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -174,6 +176,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
+    if args.onnx:
+        from .quantize import evaluate_onnx
+
+        r = evaluate_onnx(args.onnx, args.data, args.batch_size)
+        print(f"{r['model']} (onnxruntime) on {r['data']}: top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, "
+              f"{r['images']} images")  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+        return 0
     r = evaluate_checkpoint(args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, args.workers,
                             args.device)  # fmt: skip
     print(f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'}) on {r['data']}: top-1 {r['top1']:.2f} %, "
@@ -241,8 +253,12 @@ def run_demo(args: argparse.Namespace) -> int:
         *(f"{name}: train-time {a:,} -> fused {b:,} ({a / b:.1f}x)" for name, a, b in rows),
         f"latency, batch 1 at 224 px on this CPU ({torch.get_num_threads()} threads): unfused {lat[0]:.1f} ms, "
         f"fused {lat[1]:.1f} ms ({lat[0] / lat[1]:.1f}x faster)",
-        f"run directory: {out} (metrics.jsonl, curves.png, best/last/best_fused checkpoints)",
+        f"run directory: {out} (metrics.jsonl, curves.png, best/last/best_fused checkpoints, model.onnx)",
     ]
+    # 5. Deployment: export to ONNX, checked with onnxruntime; PyTorch against onnxruntime latency.
+    from .bench import deployment_report
+
+    lines[-1:-1] = deployment_report(model, out, threads=torch.get_num_threads())
     print("\n".join(lines))
     return 0 if agree else 1
 
@@ -293,7 +309,7 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="INT8 .onnx to write (the fp32 export goes beside it, *.fp32.onnx)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's")
     p.add_argument("--num-calib", type=int, default=300, help="calibration images (default 300)")
-    p.add_argument("--method", default="minmax", choices=["minmax", "minmax-avg", "entropy", "percentile"])
+    p.add_argument("--method", default="minmax-avg", choices=["minmax", "minmax-avg", "entropy", "percentile"])
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--keep-float", default="first3",
                    help="float layers: none, or +-joined first, firstN, last, depthwise (default first3)")  # fmt: skip

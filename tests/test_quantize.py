@@ -111,3 +111,12 @@ def test_bad_settings_and_data_are_explained(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         calibration_images(tmp_path / "nowhere", {"input_size": [3, 16, 16], "mean": [0] * 3, "std": [1] * 3})
+
+
+def test_cli_eval_onnx(quantized, capsys):
+    if not quantized["int8"].exists():
+        main(quantized["argv"])
+    capsys.readouterr()
+    assert main(["eval", "--onnx", str(quantized["int8"]), "--data", str(quantized["data"])]) == 0
+    out = capsys.readouterr().out
+    assert "(onnxruntime)" in out and "360 images" in out
