@@ -567,6 +567,7 @@ def results_markdown(result: dict[str, Any]) -> str:
             f"{head} {s['min_ms']:.2f} | {s['median_ms']:.2f}{flag} | {s['p90_ms']:.2f} | "
             f"{lg['throughput']:.0f} | {100 * s['peak_fraction']:.1f} | {100 * lg['peak_fraction']:.1f} |"
         )
+    lines += paper_table(result)
     if result["correlations"]:
         lines += [
             "",
@@ -606,6 +607,26 @@ def results_markdown(result: dict[str, Any]) -> str:
     for e in result["errors"]:
         lines.append(f"\nFailed: {e}")
     return "\n".join(lines) + "\n"
+
+
+def paper_table(result: dict[str, Any]) -> list[str]:
+    """Batch-1 median latency per runtime next to the paper's desktop CPU column (spec section 5)."""
+    b = min(result["config"]["batch_sizes"])
+    runtimes = list(dict.fromkeys(r["runtime"] for r in result["rows"]))
+    by_model: dict[str, dict[str, float]] = {}
+    for r in result["rows"]:
+        if r["model"] in PAPER_CPU_MS and f"bs{b}" in r:
+            by_model.setdefault(r["model"], {})[r["runtime"]] = r[f"bs{b}"]["median_ms"]
+    if not by_model:
+        return []
+    where = f"here batch {b}, {result['config']['img_size']} px, {result['threads']} threads"
+    lines = ["", f"Next to the paper's CPU column (Xeon Gold 5118, batch 1, 224 px; {where}):", "",
+             "| model | " + " | ".join(f"{rt} ms" for rt in runtimes) + " | paper CPU ms |",
+             "|---|" + "---:|" * (len(runtimes) + 1)]  # fmt: skip
+    for model, lat in by_model.items():
+        cells = " | ".join(f"{lat[rt]:.2f}" if rt in lat else "n/a" for rt in runtimes)
+        lines.append(f"| {model} | {cells} | {PAPER_CPU_MS[model]:.2f} |")
+    return lines
 
 
 def write_results(result: dict[str, Any], out: Path) -> None:
