@@ -353,18 +353,21 @@ def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Te
                 mu, var = torch.cat([mu, mean[None]]), torch.cat([var, torch.diagonal(cov)[None]])
         else:
             mu, invstd = _ConvMoments.apply(x, kernels[:k], conv, eps)
-            mu, var = [mu], [invstd.pow(-2) - eps]
+            mus, variances = [mu], [invstd.pow(-2) - eps]
             extra = centre[k:]  # scale and skip: 1x1 kernels
             if len(extra) and layer.groups == 1:
-                m, v = _covariance_stats(extra, *_Moments.apply(x_sub))
+                mu, var = _covariance_stats(extra, *_Moments.apply(x_sub))
             elif len(extra) and layer.groups == layer.in_channels == layer.out_channels:
-                m, invstd = _ConvMoments.apply(x, None, conv, eps)  # per-channel statistics of x_sub
-                w = extra[:, :, 0].to(m.dtype)
-                m, v = w * m, w * w * (invstd.pow(-2) - eps)
+                mean, invstd = _ConvMoments.apply(x, None, conv, eps)  # per-channel statistics of x_sub
+                w = extra[:, :, 0].to(mean.dtype)
+                mu, var = w * mean, w * w * (invstd.pow(-2) - eps)
             elif len(extra):  # other grouped convs: run the 1x1 branches for their statistics
-                m, invstd = _ConvMoments.apply(x, extra[..., None, None], (s, 0, 1, layer.groups), eps)
-                v = invstd.pow(-2) - eps
-            mu, var = torch.cat(mu + [m] * bool(len(extra))), torch.cat(var + [v] * bool(len(extra)))
+                mu, invstd = _ConvMoments.apply(x, extra[..., None, None], (s, 0, 1, layer.groups), eps)
+                var = invstd.pow(-2) - eps
+            if len(extra):
+                mus.append(mu)
+                variances.append(var)
+            mu, var = torch.cat(mus), torch.cat(variances)
         _update_running(bns, mu.detach(), var.detach(), count)
         stacked = _StackedBN(torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns]), eps)
         weight, bias = fold_bn(kernels.flatten(0, 1).to(mu.dtype), mu.flatten(), var.flatten(), stacked)

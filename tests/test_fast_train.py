@@ -27,11 +27,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def run_steps(module, inputs, fast: bool, method: str | None = None, lr: float = 0.0):
-    """Forward + backward (+ SGD when lr > 0) for each input; returns outputs and input gradients."""
-    outs, grads = [], []
+def run_steps(module, inputs, fast: bool, method: str | None = None, lr: float = 0.0) -> dict[str, torch.Tensor]:
+    """Forward + backward (+ SGD when lr > 0) per input; every output, gradient and buffer by name."""
+    results = {}
     opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9) if lr else None
-    for x in inputs:
+    for i, x in enumerate(inputs):
         x = x.clone().requires_grad_()
         module.zero_grad(set_to_none=True)
         if fast and method is not None:
@@ -41,36 +41,36 @@ def run_steps(module, inputs, fast: bool, method: str | None = None, lr: float =
         else:
             with reference_mode():
                 y = module(x)
-        out = y if isinstance(y, torch.Tensor) else y[-1]
-        torch.manual_seed(len(outs))
-        (out * torch.randn_like(out)).sum().backward()
+        weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(i))
+        (y * weights.to(y.dtype)).sum().backward()
+        results |= {f"output {i}": y.detach(), f"input grad {i}": x.grad}
+        results |= {f"grad {n} {i}": p.grad for n, p in module.named_parameters() if p.grad is not None}
         if opt:
             opt.step()
-        outs.append(out.detach())
-        grads.append(x.grad)
-    return outs, grads
+    results |= {f"param {n}": p.detach() for n, p in module.named_parameters()}
+    results |= {f"buffer {n}": b for n, b in module.named_buffers()}
+    return results
 
 
 def assert_same(fast_mod, ref_mod, inputs, dtype, method=None, lr=0.0):
-    tol = TOL[dtype]
-    outs_f, grads_f = run_steps(fast_mod, inputs, True, method, lr)
-    outs_r, grads_r = run_steps(ref_mod, inputs, False, None, lr)
-    for yf, yr in zip(outs_f, outs_r):
-        assert rel_err(yf, yr) < tol
-    for gf, gr in zip(grads_f, grads_r):
-        assert rel_err(gf, gr) < tol
-    params_r = dict(ref_mod.named_parameters())
-    for name, p in fast_mod.named_parameters():
-        assert (p.grad is None) == (params_r[name].grad is None), name
-        if p.grad is not None:
-            assert rel_err(p.grad, params_r[name].grad) < tol, name
-        assert rel_err(p, params_r[name]) < tol, name
-    buffers_r = dict(ref_mod.named_buffers())
-    for name, b in fast_mod.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            assert int(b) == int(buffers_r[name]), name
+    """Fast path equals reference within TOL[dtype]; in float32, where the float32 reference itself
+    is that far from a float64 run (the gradient of a scale-invariant weight, such as a 1x1
+    depthwise scale kernel right before its BatchNorm, is pure rounding), the fast path must be at
+    least about as close to float64 as the reference is."""
+    anchor = copy.deepcopy(ref_mod).double() if dtype == torch.float32 else None
+    fast = run_steps(fast_mod, inputs, True, method, lr)
+    ref = run_steps(ref_mod, inputs, False, None, lr)
+    assert fast.keys() == ref.keys()
+    exact = run_steps(anchor, [x.double() for x in inputs], False, None, lr) if anchor is not None else None
+    for key, value in fast.items():
+        if "num_batches_tracked" in key:
+            assert int(value) == int(ref[key]), key
+            continue
+        err = rel_err(value, ref[key])
+        if err >= TOL[dtype] and exact is not None:
+            assert rel_err(value, exact[key]) <= max(TOL[dtype], 4 * rel_err(ref[key], exact[key])), key
         else:
-            assert rel_err(b, buffers_r[name]) < tol, name
+            assert err < TOL[dtype], key
 
 
 def count_reference_calls():
@@ -86,21 +86,39 @@ def twins(module, dtype):
 
 @pytest.mark.parametrize("name", mobileone.list_models())
 def test_variants_match_reference(name):
-    # Three steps without weight updates: with 2 x 32 px the last BatchNorms see 2 values per
-    # channel, and a net that ill-conditioned would turn rounding into drift once weights move.
+    # Each variant's structure (blocks, k, SE, branches) at an eighth of its widths, so float64
+    # stays quick; three steps without weight updates (2 x 32 px leaves the last BatchNorms 2
+    # values per channel, a net ill-conditioned enough to turn rounding into drift once weights move).
+    config = mobileone.VARIANTS[name]
+    narrow = config.replace(widths=tuple(max(8, w // 8) for w in config.widths), stem_width=config.stem_width // 4)
     torch.manual_seed(0)
-    fast, ref = twins(create_model(name, num_classes=10), torch.float64)
+    fast, ref = twins(create_model(narrow, num_classes=10), torch.float64)
     inputs = [torch.randn(2, 3, 32, 32, dtype=torch.float64) * 2 + 0.5 for _ in range(3)]
     assert_same(fast, ref, inputs, torch.float64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_trained_few_steps_same_weights(dtype):
+def test_full_size_s0_matches_reference():
+    torch.manual_seed(1)
+    fast, ref = twins(create_model("s0", num_classes=10), torch.float64)
+    assert_same(fast, ref, [torch.randn(2, 3, 32, 32, dtype=torch.float64)], torch.float64)
+
+
+def test_trained_few_steps_same_weights():
     torch.manual_seed(2)
     config = TINY.replace(k=(4, 4, 2, 1), stem_k=2)
-    fast, ref = twins(create_model(config, num_classes=5), dtype)
-    inputs = [torch.randn(8, 3, 32, 32, dtype=dtype) for _ in range(4)]
-    assert_same(fast, ref, inputs, dtype, lr=0.05)
+    fast, ref = twins(create_model(config, num_classes=5), torch.float64)
+    inputs = [torch.randn(8, 3, 32, 32, dtype=torch.float64) for _ in range(4)]
+    assert_same(fast, ref, inputs, torch.float64, lr=0.05)
+
+
+def test_float32_several_steps_match_reference():
+    # Without weight updates: SGD steps turn float32 rounding into chaotic drift (about 10x per
+    # step here) for any two implementations, so float32 is compared step by step on fixed weights.
+    torch.manual_seed(3)
+    config = TINY.replace(k=(4, 4, 2, 1), stem_k=2)
+    fast, ref = twins(create_model(config, num_classes=5), torch.float32)
+    inputs = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    assert_same(fast, ref, inputs, torch.float32)
 
 
 @st.composite
@@ -139,6 +157,8 @@ def test_random_layers_match_reference(cfg_shape, method, dtype):
     if shape[0] * ((shape[2] - 1) // cfg["stride"] + 1) ** 2 == 1:  # one value per channel: BN refuses
         with pytest.raises(ValueError, match="more than 1 value"):
             run_steps(fast, inputs, True, method)
+        with pytest.raises(ValueError, match="more than 1 value"):
+            run_steps(ref, inputs, False)
         return
     assert_same(fast, ref, inputs, dtype, method)
 
@@ -254,7 +274,11 @@ def test_bad_input_messages():
         fast_train.branch_sum(layer, torch.randn(2, 4, 5, 5))
 
 
-def test_plan_is_fold_or_concat_for_every_layer():
-    for name in mobileone.list_models():
-        plans = {fast_train.plan(m) for m in create_model(name).layers()}
-        assert plans <= {"fold", "concat"}
+def test_plan_folds_where_it_saves_work():
+    model = create_model("s0")
+    dw, pw = model.stage3[2], model.stage3[3]  # depthwise 3x3 and pointwise 1x1 (k = 4, skip)
+    x = torch.empty(32, 256, 14, 14, device="meta")
+    assert fast_train.plan(dw, x) == "fold"
+    assert fast_train.plan(pw, x) == "fold"  # k Cout Cin M = 4 * 256^2 * M > 2 M 256^2 + ...
+    assert fast_train.plan(pw, torch.empty(1, 256, 2, 2, device="meta")) == "concat"  # M = 4 < Cin
+    assert fast_train.plan(create_model("s1").stage3[3], x.new_empty(32, 512, 14, 14)) == "concat"  # k = 1
