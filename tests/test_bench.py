@@ -74,8 +74,8 @@ def test_benchmark_end_to_end_writes_all_outputs(tmp_path):
         BenchModel("tiny_k3", "MobileOne (fused)", _tiny(3)),
         BenchModel("tiny_unfused", "MobileOne (train-time graph)", _tiny(2), deployed=False),
     ]
-    cfg = BenchConfig(runtimes=["eager", "onnxruntime"], batch_sizes=[1, 2], img_size=32, threads=1,
-                      out=str(tmp_path), warmup=1, iters=2, min_time=0.0, micro=MicroStudy(2, 8, 8))  # fmt: skip
+    cfg = BenchConfig(runtimes=["eager", "onnxruntime"], batch_sizes=[1, 2], img_size=32, threads=1, out=str(tmp_path),
+                      warmup=1, iters=2, min_time=0.0, micro=MicroStudy(2, 8, 8), peak_size=256)  # fmt: skip
     result = run_benchmark(cfg, models, progress=False)
     assert not result["errors"] and result["peak_gflops"] > 0
     assert {"torch", "onnxruntime", "machine"} <= set(result["versions"])
