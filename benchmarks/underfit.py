@@ -25,7 +25,9 @@ from mobileone import create_model
 from mobileone.data import digits_split
 from mobileone.train import init_branches
 
-# name: (model, init scheme, {loop overrides}); k and branches are model overrides.
+# name: (model, init, {loop overrides}). init: torch (PyTorch defaults), unit-sum (branch BN scales
+# 1/sqrt(n)), identity (skip BN scale 1, other branches 0), pass (identity plus a skip BN shift so
+# that the ReLU after the sum passes the skip path: mobileone.train.init_branches' default).
 ROWS: dict[str, tuple[str, str, dict]] = {
     "mnv2": ("mnv2", "torch", {}),
     "s0": ("s0", "torch", {}),
@@ -34,6 +36,9 @@ ROWS: dict[str, tuple[str, str, dict]] = {
     "s0-unit-sum": ("s0", "unit-sum", {}),
     "s0-identity": ("s0", "identity", {}),
     "s0-identity-warmup1": ("s0", "identity", {"warmup": 1}),
+    "s0-pass": ("s0", "pass", {}),
+    "s0-pass-warmup1": ("s0", "pass", {"warmup": 1}),
+    "mnv2-warmup1": ("mnv2", "torch", {"warmup": 1}),
     "mnv2-lr4x": ("mnv2", "torch", {"lr": 0.4}),
     "s0-identity-lr4x": ("s0", "identity", {"lr": 0.4}),
     "s0-identity-distill": ("s0", "identity", {"distill": True}),
@@ -64,7 +69,9 @@ def build(kind: str, init: str, k: int | None) -> torch.nn.Module:
     if kind == "mnv2":
         return torchvision.models.mobilenet_v2(num_classes=10)
     model = create_model("s0", num_classes=10, **({"k": k} if k else {}))
-    return init_branches(model, init)
+    if init == "identity":  # identity-dominant, but the ReLU after the sum still cuts the skip path in half
+        return init_branches(model, "identity", skip_shift=0.0)
+    return init_branches(model, "identity" if init == "pass" else init)  # "pass": the default, skip through ReLU
 
 
 @torch.no_grad()
@@ -165,7 +172,7 @@ def main() -> None:
     if args.diagnose:
         print("| row | stem | stage 1 | stage 2 | stage 3 | stage 4 | stem / stage 4 |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for name in ("s0", "s0-k1", "s0-unit-sum", "s0-identity"):
+        for name in ("s0", "s0-k1", "s0-unit-sum", "s0-identity", "s0-pass"):
             g = stage_gradients(name, data[0][: args.batch_size], data[1][: args.batch_size])
             print(f"| {name} | " + " | ".join(f"{v:.3g}" for v in g) + f" | {g[0] / g[-1]:.0f} |")
         return

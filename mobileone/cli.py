@@ -85,7 +85,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--variant", help="s0..s4 (default s0)")
     g.add_argument("--arch", type=json.loads, help='custom MobileOneConfig as JSON, e.g. \'{"widths": [8,16,32,64], '
                    '"stem_width": 8, "blocks": [1,1,1,1], "k": 2}\'')  # fmt: skip
-    g.add_argument("--recipe", default="short", choices=["short", "imagenet", "finetune"])
+    g.add_argument(
+        "--recipe", choices=["short", "imagenet", "finetune"], help="default: finetune with --pretrained, else short"
+    )
     g.add_argument("--out", help="run directory (default runs/mobileone)")
     g.add_argument("--pretrained", help="fine-tune from this checkpoint (any layout load_checkpoint reads); new head")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed epoch")

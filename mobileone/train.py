@@ -119,8 +119,11 @@ BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 32, "hflip": 0.0, "crop_scale": 
 PROGRESSIVE = ((37 / 300, 160 / 224, 0.3), (112 / 300, 192 / 224, 0.7), (1.0, 1.0, 1.0))  # mmpretrain's phases
 
 
-def resolve_config(recipe: str = "short", **explicit: Any) -> TrainConfig:
-    """Defaults <- recipe <- variant <- built-in data <- what the user gave explicitly (not None)."""
+def resolve_config(recipe: str | None = None, **explicit: Any) -> TrainConfig:
+    """Defaults <- recipe <- variant <- built-in data <- what the user gave explicitly (not None).
+
+    Without a recipe: ``finetune`` when fine-tuning from ``pretrained``, else ``short``.
+    """
     explicit = {k: v for k, v in explicit.items() if v is not None}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(explicit) - names
@@ -137,10 +140,9 @@ def resolve_config(recipe: str = "short", **explicit: Any) -> TrainConfig:
         values.update({k: explicit[k] for k in ("workers", "progress", "device") if k in explicit})
         values["resume"], values["out"] = explicit["resume"], explicit["resume"]
         return _typed(TrainConfig(**values))
+    recipe = recipe or ("finetune" if explicit.get("pretrained") else "short")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
-    if explicit.get("pretrained") and recipe == "short" and "recipe" not in explicit:
-        recipe = "finetune"
     variant = resolve_variant(explicit.get("variant", "s0"))
     values = {**RECIPES[recipe], **VARIANT_RECIPES.get(variant, {})}
     if explicit.get("data") is None:
@@ -217,17 +219,27 @@ def make_ema(model: nn.Module, cfg: TrainConfig) -> AveragedModel:
 # ----------------------------------------------------------------------------- model
 
 
-@torch.no_grad()
-def init_branches(model: nn.Module, scheme: str = "identity", conv_gamma: float = 0.0) -> nn.Module:
-    """Set the branch BatchNorm scales so that a deep stack of MobileOne layers starts trainable.
+# E[relu(z)] / std(relu(z)) for z ~ N(0, 1): a skip BN shifted by this maps a post-ReLU input
+# (all >= 0) to values >= 0, so the ReLU after the branch sum lets the skip path through whole.
+RELU_PASS_SHIFT = 0.6833
 
-    With PyTorch's default (every BN scale 1) a layer outputs the sum of k + 2 unit-variance
-    branches; ``benchmarks/underfit.py`` measures what that does to short runs.
+
+@torch.no_grad()
+def init_branches(
+    model: nn.Module, scheme: str = "identity", conv_gamma: float = 0.0, skip_shift: float = RELU_PASS_SHIFT
+) -> nn.Module:
+    """Set the branch BatchNorms so that the deep plain stack of MobileOne layers starts trainable.
+
+    With PyTorch's defaults (every BN scale 1, shift 0) a layer outputs the sum of up to k + 2
+    unit-variance branches and the gradient grows layer by layer towards the input: at init, S0's
+    stem gets relative gradients ~800x those of its last stage, and short runs under-fit
+    (``benchmarks/underfit.py``, README "Why S0 under-fits short runs").
 
     - ``"torch"``: leave the defaults (the paper's setting; Apple's checkpoints were trained so).
     - ``"unit-sum"``: every branch scale 1/sqrt(n) for n branches, so the sum has unit variance.
-    - ``"identity"``: layers with a skip branch start as (BN of) the identity: skip scale 1, conv
-      and scale branches ``conv_gamma``; layers without a skip branch get ``"unit-sum"``.
+    - ``"identity"`` (the short recipe's default): layers with a skip branch start as
+      the identity: skip BN scale 1 and shift ``skip_shift``, conv and scale branches scale
+      ``conv_gamma``; layers without a skip branch (stem, downsampling) get ``"unit-sum"``.
     """
     if scheme not in ("torch", "unit-sum", "identity"):
         raise ValueError(f"init scheme must be torch, unit-sum or identity, got {scheme!r}")
@@ -240,6 +252,7 @@ def init_branches(model: nn.Module, scheme: str = "identity", conv_gamma: float 
         if scheme == "identity" and layer.rbr_skip is not None:
             for bn in bns:
                 bn.weight.fill_(1.0 if bn is layer.rbr_skip else conv_gamma)
+            layer.rbr_skip.bias.fill_(skip_shift)
         else:
             for bn in bns:
                 bn.weight.fill_(1.0 / math.sqrt(len(bns)))

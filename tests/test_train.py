@@ -130,8 +130,15 @@ def test_init_branches_scales_and_fusion_stays_exact():
     assert with_skip
     for layer in with_skip:
         assert torch.all(layer.rbr_skip.weight == 1) and all(torch.all(b.bn.weight == 0) for b in layer.rbr_conv)
-        x = torch.randn(4, layer.in_channels, 6, 6)
-        assert torch.allclose(layer.train()(x), torch.relu(layer.rbr_skip(x)), atol=1e-6)
+        assert torch.allclose(layer.rbr_skip.bias, torch.full_like(layer.rbr_skip.bias, tr.RELU_PASS_SHIFT))
+        x = torch.relu(torch.randn(64, layer.in_channels, 6, 6))  # a previous layer's output
+        out = layer.train()(x)
+        assert torch.allclose(out, torch.relu(layer.rbr_skip(x)), atol=1e-6)
+        # the shift lets the ReLU pass the skip path: nearly every positive input stays positive
+        positive = x > 0
+        assert (out[positive] > 0).float().mean() > 0.97
+        unshifted = torch.relu(layer.rbr_skip(x) - tr.RELU_PASS_SHIFT)
+        assert (unshifted[positive] > 0).float().mean() < 0.8
     model.train()(torch.randn(4, 3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model.eval()(x), reparameterize_model(model)(x), atol=1e-4)
