@@ -121,6 +121,7 @@ def test_recipes_and_overrides():
 
 
 def test_init_branches_scales_and_fusion_stays_exact():
+    torch.manual_seed(0)
     model = init_branches(create_model(TINY, num_classes=3), "unit-sum")
     for layer in model.layers():
         bns = [bn for _, bn in layer.branches()]
@@ -133,7 +134,7 @@ def test_init_branches_scales_and_fusion_stays_exact():
         assert torch.allclose(layer.rbr_skip.bias, torch.full_like(layer.rbr_skip.bias, tr.RELU_PASS_SHIFT))
         x = torch.relu(torch.randn(64, layer.in_channels, 6, 6))  # a previous layer's output
         out = layer.train()(x)
-        assert torch.allclose(out, torch.relu(layer.rbr_skip(x)), atol=1e-6)
+        assert torch.allclose(out, torch.relu(layer.rbr_skip(x)), atol=1e-4)
         # the shift lets the ReLU pass the skip path: nearly every positive input stays positive
         positive = x > 0
         assert (out[positive] > 0).float().mean() > 0.97
