@@ -53,10 +53,14 @@ def run_steps(module, inputs, fast: bool, method: str | None = None, lr: float =
 
 
 def assert_same(fast_mod, ref_mod, inputs, dtype, method=None, lr=0.0):
-    """Fast path equals reference within TOL[dtype]; in float32, where the float32 reference itself
-    is that far from a float64 run (the gradient of a scale-invariant weight, such as a 1x1
-    depthwise scale kernel right before its BatchNorm, is pure rounding), the fast path must be at
-    least about as close to float64 as the reference is."""
+    """Fast path equals reference within TOL[dtype].
+
+    float32 needs two allowances, both checked against a float64 run of the reference: where the
+    float32 reference itself is that far off, the fast path must be about as close as it is; and
+    parameter gradients are measured against the step's largest parameter gradient, because a
+    weight the next BatchNorm makes scale-invariant (a 1x1 depthwise kernel, one scalar per
+    channel) has a gradient that is nothing but eps effects and cancellation.
+    """
     anchor = copy.deepcopy(ref_mod).double() if dtype == torch.float32 else None
     fast = run_steps(fast_mod, inputs, True, method, lr)
     ref = run_steps(ref_mod, inputs, False, None, lr)
@@ -67,10 +71,14 @@ def assert_same(fast_mod, ref_mod, inputs, dtype, method=None, lr=0.0):
             assert int(value) == int(ref[key]), key
             continue
         err = rel_err(value, ref[key])
-        if err >= TOL[dtype] and exact is not None:
-            assert rel_err(value, exact[key]) <= max(TOL[dtype], 4 * rel_err(ref[key], exact[key])), key
-        else:
+        if err < TOL[dtype] or exact is None:
             assert err < TOL[dtype], key
+        elif key.startswith("grad "):
+            step = key.rsplit(" ", 1)[1]
+            scale = max(g.abs().max().item() for k, g in exact.items() if k.startswith("grad ") and k.endswith(step))
+            assert (value.double() - exact[key]).abs().max().item() / scale < TOL[dtype], key
+        else:
+            assert rel_err(value, exact[key]) <= max(TOL[dtype], 4 * rel_err(ref[key], exact[key])), key
 
 
 def count_reference_calls():
@@ -282,3 +290,6 @@ def test_plan_folds_where_it_saves_work():
     assert fast_train.plan(pw, x) == "fold"  # k Cout Cin M = 4 * 256^2 * M > 2 M 256^2 + ...
     assert fast_train.plan(pw, torch.empty(1, 256, 2, 2, device="meta")) == "concat"  # M = 4 < Cin
     assert fast_train.plan(create_model("s1").stage3[3], x.new_empty(32, 512, 14, 14)) == "concat"  # k = 1
+    strided = model.stage3[0]  # depthwise, stride 2
+    assert fast_train.plan(strided, torch.empty(32, 128, 28, 28, device="meta")) == "concat"  # 14 x 14 out
+    assert fast_train.plan(strided, torch.empty(128, 128, 8, 8, device="meta")) == "fold"  # 4 x 4 out
