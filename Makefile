@@ -7,9 +7,9 @@ PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHE
 
 .PHONY: demo test lint install
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PIP_ENV) $(VENV)/bin/pip install -q -e '.[all,dev]'
+	$(PIP_ENV) $(VENV)/bin/pip install -q -c constraints.txt -e '.[all,dev]'
 	touch $@
 
 demo: $(VENV)/.installed
