@@ -99,6 +99,7 @@ def test_progressive_size_and_strength_follow_the_paper_phases():
 def test_recipes_and_overrides():
     short = resolve_config()
     assert (short.recipe, short.init, short.img_size, short.hflip, short.epochs) == ("short", "identity", 32, 0.0, 10)
+    assert short.batch_size == 64 and resolve_config(data="/x").batch_size == 128
     imagenet = resolve_config("imagenet", data="/imagenet", variant="s2")
     assert (imagenet.epochs, imagenet.init, imagenet.img_size, imagenet.progressive, imagenet.augment) == (
         300, "torch", 224, True, "randaugment")  # fmt: skip
@@ -293,6 +294,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(path).items() if "running" not in k and "num_batches" not in k}
 
 
+@pytest.mark.slow  # subprocesses: about 10-20 s each on 2 cores
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
     epochs = "6"
     full = subprocess.run([sys.executable, *_cli(tmp_path, data, tmp_path / "full", "--epochs", epochs)],
@@ -321,6 +323,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
     assert [r["epoch"] for r in rows] == list(range(1, int(epochs) + 1))
 
 
+@pytest.mark.slow  # subprocesses: about 10-20 s each on 2 cores
 def test_two_gloo_processes_match_one_process(tmp_path, data):
     """2 ranks x 4 images == 1 process x 2 interleaved micro-batches of 4: same BN batches, same gradients."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
