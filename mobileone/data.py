@@ -12,7 +12,6 @@ a 1-process run, and a resumed run the batches of an uninterrupted one.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -24,14 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .model import IMAGENET_MEAN, IMAGENET_STD
-
-log = logging.getLogger("mobileone")
 
 
 class DataError(ValueError):
@@ -216,16 +213,3 @@ def builtin_dataset(root: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-class InMemoryImages(Dataset):
-    """uint8 arrays served as PIL images through a transform (for experiments on the built-in digits)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[index]).convert("RGB")), int(self.labels[index])
