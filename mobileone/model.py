@@ -93,8 +93,9 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, rd_ratio: float = 0.0625) -> None:
         super().__init__()
-        self.reduce = nn.Conv2d(channels, int(channels * rd_ratio), 1, bias=True)
-        self.expand = nn.Conv2d(int(channels * rd_ratio), channels, 1, bias=True)
+        hidden = max(1, int(channels * rd_ratio))  # at least one channel for very narrow custom nets
+        self.reduce = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.expand = nn.Conv2d(hidden, channels, 1, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         s = x.mean((2, 3), keepdim=True)
@@ -238,6 +239,7 @@ class MobileOne(nn.Module):
         self.inference_mode = inference_mode
         self.features_only, self.out_indices = features_only, tuple(out_indices)
         self.class_names: list[str] | None = None
+        self.frozen_stages = 0
         self.preprocess = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "crop_pct": 0.875}
         c = config
         self.stage0 = MobileOneLayer(
@@ -329,11 +331,11 @@ class MobileOne(nn.Module):
             stage.eval()
             for p in stage.parameters():
                 p.requires_grad_(False)
-        self._frozen = n
+        self.frozen_stages = n
 
     def train(self, mode: bool = True) -> MobileOne:
         super().train(mode)
-        for stage in self.stages[: getattr(self, "_frozen", 0)]:
+        for stage in self.stages[: self.frozen_stages]:
             stage.eval()
         return self
 
