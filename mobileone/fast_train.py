@@ -11,12 +11,14 @@ BatchNorm's running-statistic update, in one of two ways chosen per layer by :fu
   zero-padded scale branch and the identity (skip) kernel in that one conv; dense layers run their
   1x1 scale branch and BN-only skip branch on their own, since padding them to the full kernel
   would cost more MACs than it saves in kernels.
-- ``"stats"`` (dense 1x1 layers with k > 1): a branch enters the output only through its batch
-  mean and variance, which follow from the input's channel mean ``m`` and centred covariance
-  ``S``: ``mu_i = W_i m``, ``v_i = diag(W_i S W_i^T)``. Those fold the branches into one kernel
-  (:func:`mobileone.fusion.fold_bn`, the same formula as inference fusion) and the layer runs as
-  a single conv: about ``Cin^2 + Cin*Cout`` multiply-adds per position instead of
-  ``k * Cin * Cout``, forward and backward. Statistics are kept in float32 (or float64).
+- ``"fold"``: a branch enters the output only through its batch mean and variance, so those come
+  first and the layer then runs as a single conv with the branches folded into one kernel
+  (:func:`mobileone.fusion.fold_bn`, the inference-fusion formula with batch statistics). Dense
+  1x1 branches get them from the input's channel mean ``m`` and centred covariance ``S``
+  (``mu_i = W_i m``, ``v_i = diag(W_i S W_i^T)``), so they never run: about ``Cin^2 + Cin*Cout``
+  multiply-adds per position instead of ``k * Cin * Cout``, forward and backward. Other conv
+  branches run for their statistics only; BN-only skip and depthwise 1x1 scale branches take the
+  input's per-channel moments. Statistics are kept in float32 (or float64) under autocast.
 
 Whatever cannot be reproduced exactly this way falls back to the per-branch reference
 (``MobileOneLayer.forward_branches``): a branch BatchNorm in eval mode (frozen stages,
