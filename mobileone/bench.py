@@ -135,7 +135,9 @@ MODEL_GROUPS = {
     "torchvision": list(TORCHVISION_PEERS),
     "timm": list(TIMM_PEERS),
 }
+# timm's models join the default set when timm is installed (resolve_models drops unknown names).
 MODEL_GROUPS["default"] = MODEL_GROUPS["mobileone"] + MODEL_GROUPS["unfused"] + MODEL_GROUPS["torchvision"]
+MODEL_GROUPS["default"] += MODEL_GROUPS["timm"]
 
 
 def resolve_models(names: Iterable[str]) -> list[BenchModel]:

@@ -23,6 +23,15 @@ from mobileone.bench import (
 from mobileone.cli import main
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_spearman_against_known_values():
     # scipy's documented example, and the exact formula 1 - 6 sum d^2 / (n (n^2 - 1)) without ties.
     rho, p = spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])

@@ -15,6 +15,15 @@ from mobileone.quantize import QuantSettings, evaluate_onnx, onnx_logits  # noqa
 SIZE = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _train_on_digits() -> nn.Module:
     """A tiny MobileOne trained for a few seconds on the digits: accurate enough to lose accuracy."""
     from PIL import Image
@@ -28,7 +37,7 @@ def _train_on_digits() -> nn.Module:
     model = create_model(cfg, num_classes=10)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     model.train()
-    for _ in range(3):
+    for _ in range(8):
         for idx in torch.randperm(len(x)).split(64):
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
@@ -55,15 +64,14 @@ def quantized(tmp_path_factory):
 def test_int8_accuracy_drop_is_bounded(quantized, capsys):
     assert main(quantized["argv"]) == 0
     assert "drop" in capsys.readouterr().out
-    fp32 = evaluate_onnx(quantized["fp32"], quantized["data"])
-    int8 = evaluate_onnx(quantized["int8"], quantized["data"])
-    assert fp32["images"] == int8["images"] == 360  # the held-out digits
-    assert fp32["top1"] > 80, "the tiny model should have learned the digits"
-    # Measured: 0-1 points on these 360 images with the default settings; 1 image = 0.28 points.
-    print(f"digits, tiny MobileOne: fp32 top-1 {fp32['top1']:.2f}, INT8 {int8['top1']:.2f}")
-    assert fp32["top1"] - int8["top1"] <= 2.0
-    ref, labels = onnx_logits(quantized["fp32"], quantized["data"])
-    got, _ = onnx_logits(quantized["int8"], quantized["data"])
+    ref, labels = onnx_logits(quantized["fp32"], quantized["data"], threads=1)
+    got, _ = onnx_logits(quantized["int8"], quantized["data"], threads=1)
+    assert len(labels) == 360  # the held-out digits
+    fp32, int8 = (100.0 * (x.argmax(1) == labels).float().mean().item() for x in (ref, got))
+    print(f"digits, tiny MobileOne: fp32 top-1 {fp32:.2f}, INT8 {int8:.2f}")
+    assert fp32 > 85, "the tiny model should have learned the digits"
+    # Measured here: 1.1 points (4 of 360 images) with the default settings; 1 image = 0.28 points.
+    assert fp32 - int8 <= 2.5
     assert (got.argmax(1) == ref.argmax(1)).float().mean() > 0.95
 
 
@@ -95,10 +103,10 @@ def test_evaluate_onnx_matches_classes_by_name(quantized):
     flipped.class_names = model.class_names[::-1]
     flipped.preprocess = dict(model.preprocess)
     path = export_model(flipped.eval(), quantized["tmp"] / "flipped.onnx", dynamic_batch=True).path
-    original = export_model(model, quantized["tmp"] / "original.onnx", dynamic_batch=True).path
-    assert evaluate_onnx(path, quantized["data"])["top1"] == pytest.approx(
-        evaluate_onnx(original, quantized["data"])["top1"]
-    )
+    if not quantized["fp32"].exists():
+        main(quantized["argv"])
+    original = evaluate_onnx(quantized["fp32"], quantized["data"], threads=1)["top1"]
+    assert evaluate_onnx(path, quantized["data"], threads=1)["top1"] == pytest.approx(original)
 
 
 def test_bad_settings_and_data_are_explained(tmp_path):
