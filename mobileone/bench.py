@@ -610,6 +610,8 @@ def results_markdown(result: dict[str, Any]) -> str:
             + ", ".join(noisy)
             + ". Re-run on a quiet machine before quoting.",
         ]
+    if any(r.get(k, {}).get("peak_fraction", 0) > 1 for r in result["rows"] for k in r if k.startswith("bs")):
+        lines += ["", "Note: a fraction of peak above 100 % means the peak matmul ran while the machine was busy."]
     for e in result["errors"]:
         lines.append(f"\nFailed: {e}")
     return "\n".join(lines) + "\n"
