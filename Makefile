@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install bench
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -20,3 +20,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check mobileone tests && $(VENV)/bin/ruff format --check mobileone tests
+
+# The README's latency table: run on a quiet machine (about 10-15 minutes on 2 cores).
+bench: $(VENV)/.installed
+	$(PY) -m mobileone bench --threads 2 --out bench_results
