@@ -260,9 +260,7 @@ def time_model(
 
 def spearman(latency: Iterable[float], other: Iterable[float]) -> tuple[float, float]:
     """Spearman rank correlation and its two-sided p-value (the paper's Table 1 statistic)."""
-    from scipy.stats import spearmanr
-
-    result = spearmanr(list(latency), list(other))
+    result = require("scipy.stats", "bench").spearmanr(list(latency), list(other))
     return float(result.statistic), float(result.pvalue)
 
 
@@ -443,8 +441,7 @@ def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, prog
 
     ``models`` overrides ``cfg.models`` (e.g. tiny custom models in tests).
     """
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", "bench").tqdm
     models = models if models is not None else resolve_models(cfg.models)
     torch.set_num_threads(cfg.threads)
     peak = measure_peak_gflops(cfg.threads, cfg.peak_size)
@@ -683,8 +680,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
 
 def plot_latency_vs_macs(result: dict[str, Any], path: Path) -> None:
     """Latency against MACs per runtime, one marker per family: the paper's Figure 2 on this machine."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

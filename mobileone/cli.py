@@ -326,7 +326,11 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, args.reduce_range)
     model = load_checkpoint(args.checkpoint)
-    fp32, int8 = quantize_model(model, args.calib_data, args.out, settings, args.img_size, args.num_calib)
+    try:
+        fp32, int8 = quantize_model(model, args.calib_data, args.out, settings, args.img_size, args.num_calib)
+    except ImportError as e:
+        print(f"mobileone quantize: {e}", file=sys.stderr)
+        return 2
     print(f"INT8 ({settings.label()}, {args.num_calib} calibration images): {int8}  (fp32 export: {fp32})")
     if args.study:
         rows = quantization_study(fp32, args.calib_data, args.eval_data or args.calib_data, num_calib=args.num_calib,
@@ -363,7 +367,11 @@ def run_bench(args: argparse.Namespace) -> int:
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")], img_size=args.img_size, threads=args.threads,
         out=args.out, warmup=args.warmup, iters=args.iters, min_time=args.min_time, studies=not args.no_studies,
     )  # fmt: skip
-    result = run_benchmark(cfg)
+    try:
+        result = run_benchmark(cfg)
+    except ImportError as e:
+        print(f"mobileone bench: {e}", file=sys.stderr)
+        return 2
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.md, results.csv, results.json, latency_vs_macs.png")
     return 1 if result["errors"] else 0
