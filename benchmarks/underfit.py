@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mobileone import create_model
+from mobileone import create_model, init_branches
 from mobileone.data import digits_split
-from mobileone.train import init_branches
 
 # name: (model, init, {loop overrides}). init: torch (PyTorch defaults), unit-sum (branch BN scales
 # 1/sqrt(n)), identity (skip BN scale 1, other branches 0), pass (identity plus a skip BN shift so
-# that the ReLU after the sum passes the skip path: mobileone.train.init_branches' default).
+# that the ReLU after the sum passes the skip path: mobileone.init_branches' default).
 ROWS: dict[str, tuple[str, str, dict]] = {
     "mnv2": ("mnv2", "torch", {}),
     "s0": ("s0", "torch", {}),

@@ -335,6 +335,27 @@ def _time_net(
             return latency_stats(time_calls(fn, warmup, iters, min_time))
 
 
+def _study(
+    title: str,
+    nets: dict[str, Callable[[], nn.Module]],
+    runtime: str,
+    threads: int,
+    study: MicroStudy,
+    warmup: int,
+    iters: int,
+    min_time: float,
+) -> list[dict[str, Any]]:
+    """Time each net of a study; ``relative`` is its median over the first net's."""
+    rows = []
+    for name, make in nets.items():
+        torch.manual_seed(0)
+        stats = _time_net(make(), study, runtime, threads, warmup, iters, min_time)
+        rows.append({"study": title, "variant": name, "runtime": runtime, **stats})
+    for r in rows:
+        r["relative"] = r["median_ms"] / rows[0]["median_ms"]
+    return rows
+
+
 def activation_study(
     runtime: str = "eager",
     threads: int = 2,
@@ -344,16 +365,9 @@ def activation_study(
     min_time: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Latency of the 30-layer net with each activation (the paper's Table 2), relative to ReLU."""
-    study = study or MicroStudy()
-    rows = []
-    for name in ACTIVATIONS:
-        torch.manual_seed(0)
-        stats = _time_net(ConvNet30(name, study.depth, study.width), study, runtime, threads, warmup, iters, min_time)
-        rows.append({"study": "activation", "variant": name, "runtime": runtime, **stats})
-    base = rows[0]["median_ms"]
-    for r in rows:
-        r["relative"] = r["median_ms"] / base
-    return rows
+    s = study or MicroStudy()
+    nets = {name: (lambda name=name: ConvNet30(name, s.depth, s.width)) for name in ACTIVATIONS}
+    return _study("activation", nets, runtime, threads, s, warmup, iters, min_time)
 
 
 def skip_se_study(
@@ -365,22 +379,13 @@ def skip_se_study(
     min_time: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Latency of the 30-layer ReLU net plain, with a skip connection per layer, with SE per layer, with both."""
-    study = study or MicroStudy()
-    rows = []
-    for name, skip, se in (
-        ("plain", False, False),
-        ("+ skip", True, False),
-        ("+ SE", False, True),
-        ("+ skip + SE", True, True),
-    ):
-        torch.manual_seed(0)
-        net = ConvNet30("ReLU", study.depth, study.width, skip=skip, se=se)
-        stats = _time_net(net, study, runtime, threads, warmup, iters, min_time)
-        rows.append({"study": "skip/SE", "variant": name, "runtime": runtime, **stats})
-    base = rows[0]["median_ms"]
-    for r in rows:
-        r["relative"] = r["median_ms"] / base
-    return rows
+    s = study or MicroStudy()
+    variants = {"plain": (False, False), "+ skip": (True, False), "+ SE": (False, True), "+ skip + SE": (True, True)}
+    nets = {
+        name: (lambda skip=skip, se=se: ConvNet30("ReLU", s.depth, s.width, skip=skip, se=se))
+        for name, (skip, se) in variants.items()
+    }
+    return _study("skip/SE", nets, runtime, threads, s, warmup, iters, min_time)
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -608,7 +613,11 @@ def results_markdown(result: dict[str, Any]) -> str:
             + ". Re-run on a quiet machine before quoting.",
         ]
     if any(r.get(k, {}).get("peak_fraction", 0) > 1 for r in result["rows"] for k in r if k.startswith("bs")):
-        lines += ["", "Note: a fraction of peak above 100 % means the peak matmul ran while the machine was busy."]
+        lines += [
+            "",
+            "Note: a fraction of peak above 100 % means that runtime's kernels outran the torch matmul "
+            "that measures the peak (or the peak ran while the machine was busy).",
+        ]
     for e in result["errors"]:
         lines.append(f"\nFailed: {e}")
     return "\n".join(lines) + "\n"

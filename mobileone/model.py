@@ -13,6 +13,7 @@ users hold (spec section 3). In the paper's terms:
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -71,7 +72,9 @@ class MobileOneConfig:
     def replace(self, **changes: Any) -> MobileOneConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
-            raise TypeError(f"unknown MobileOne config option(s) {sorted(unknown)}; valid: {[f.name for f in fields(self)]}")
+            raise TypeError(
+                f"unknown MobileOne config option(s) {sorted(unknown)}; valid: {[f.name for f in fields(self)]}"
+            )
         return MobileOneConfig(**{**asdict(self), **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +194,9 @@ class MobileOneLayer(nn.Module):
         if self.rbr_scale is not None:
             out.append((pad_kernel(self.rbr_scale.conv.weight, ks), self.rbr_scale.bn))
         if self.rbr_skip is not None:
-            out.append((identity_kernel(self.in_channels, self.groups, ks, self.rbr_conv[0].conv.weight), self.rbr_skip))
+            out.append(
+                (identity_kernel(self.in_channels, self.groups, ks, self.rbr_conv[0].conv.weight), self.rbr_skip)
+            )
         return out
 
     @torch.no_grad()
@@ -265,7 +270,9 @@ class MobileOne(nn.Module):
         if features_only:
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
 
-    def _make_stage(self, cin: int, cout: int, s: int, stride: int, dilation: int, inference_mode: bool) -> nn.Sequential:
+    def _make_stage(
+        self, cin: int, cout: int, s: int, stride: int, dilation: int, inference_mode: bool
+    ) -> nn.Sequential:
         c, layers = self.config, []
         n = c.blocks[s]
         for b in range(n):
@@ -323,7 +330,9 @@ class MobileOne(nn.Module):
         self.num_classes = num_classes
         self.class_names = None
         p = next(self.parameters())
-        self.linear = nn.Linear(self.num_features, num_classes).to(p.device, p.dtype) if num_classes > 0 else nn.Identity()
+        self.linear = (
+            nn.Linear(self.num_features, num_classes).to(p.device, p.dtype) if num_classes > 0 else nn.Identity()
+        )
 
     def freeze_stages(self, n: int) -> None:
         """Stop gradients and BN statistic updates in ``stage0 .. stage{n-1}`` (mmpretrain's frozen_stages)."""
@@ -380,6 +389,47 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if isinstance(model, MobileOne):
         model.inference_mode = True
     return model.eval()
+
+
+# E[relu(z)] / std(relu(z)) for z ~ N(0, 1): a skip BN shifted by this maps a post-ReLU input
+# (all >= 0) to values >= 0, so the ReLU after the branch sum lets the skip path through whole.
+RELU_PASS_SHIFT = 0.6833
+
+
+@torch.no_grad()
+def init_branches(
+    model: nn.Module, scheme: str = "identity", conv_gamma: float = 0.0, skip_shift: float = RELU_PASS_SHIFT
+) -> nn.Module:
+    """Set the branch BatchNorms so that the deep plain stack of MobileOne layers starts trainable.
+
+    With PyTorch's defaults (every BN scale 1, shift 0) a layer outputs the sum of up to k + 2
+    unit-variance branches and the gradient grows layer by layer towards the input: at init, S0's
+    stem gets relative gradients ~800x those of its last stage, and short runs under-fit
+    (``benchmarks/underfit.py``, README "Why S0 under-fits short runs"). Fusion is unaffected:
+    this only chooses where training starts, so call it on a fresh model, before training.
+
+    - ``"torch"``: leave the defaults (the paper's setting; Apple's checkpoints were trained so).
+    - ``"unit-sum"``: every branch scale 1/sqrt(n) for n branches, so the sum has unit variance.
+    - ``"identity"`` (the short recipe's default): layers with a skip branch start as
+      the identity: skip BN scale 1 and shift ``skip_shift``, conv and scale branches scale
+      ``conv_gamma``; layers without a skip branch (stem, downsampling) get ``"unit-sum"``.
+    """
+    if scheme not in ("torch", "unit-sum", "identity"):
+        raise ValueError(f"init scheme must be torch, unit-sum or identity, got {scheme!r}")
+    if scheme == "torch":
+        return model
+    for layer in model.modules():
+        if not isinstance(layer, MobileOneLayer) or layer.inference_mode:
+            continue
+        bns = [bn for _, bn in layer.branches()]
+        if scheme == "identity" and layer.rbr_skip is not None:
+            for bn in bns:
+                bn.weight.fill_(1.0 if bn is layer.rbr_skip else conv_gamma)
+            layer.rbr_skip.bias.fill_(skip_shift)
+        else:
+            for bn in bns:
+                bn.weight.fill_(1.0 / math.sqrt(len(bns)))
+    return model
 
 
 def resolve_variant(name: str) -> str:

@@ -39,7 +39,7 @@ from .data import (
     train_transform,
 )
 from .evaluate import accuracy_counts
-from .model import MobileOne, MobileOneLayer, create_model, reparameterize_model, resolve_variant
+from .model import MobileOne, create_model, init_branches, reparameterize_model, resolve_variant
 
 log = logging.getLogger("mobileone")
 
@@ -224,46 +224,6 @@ def make_ema(model: nn.Module, cfg: TrainConfig) -> AveragedModel:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-# E[relu(z)] / std(relu(z)) for z ~ N(0, 1): a skip BN shifted by this maps a post-ReLU input
-# (all >= 0) to values >= 0, so the ReLU after the branch sum lets the skip path through whole.
-RELU_PASS_SHIFT = 0.6833
-
-
-@torch.no_grad()
-def init_branches(
-    model: nn.Module, scheme: str = "identity", conv_gamma: float = 0.0, skip_shift: float = RELU_PASS_SHIFT
-) -> nn.Module:
-    """Set the branch BatchNorms so that the deep plain stack of MobileOne layers starts trainable.
-
-    With PyTorch's defaults (every BN scale 1, shift 0) a layer outputs the sum of up to k + 2
-    unit-variance branches and the gradient grows layer by layer towards the input: at init, S0's
-    stem gets relative gradients ~800x those of its last stage, and short runs under-fit
-    (``benchmarks/underfit.py``, README "Why S0 under-fits short runs").
-
-    - ``"torch"``: leave the defaults (the paper's setting; Apple's checkpoints were trained so).
-    - ``"unit-sum"``: every branch scale 1/sqrt(n) for n branches, so the sum has unit variance.
-    - ``"identity"`` (the short recipe's default): layers with a skip branch start as
-      the identity: skip BN scale 1 and shift ``skip_shift``, conv and scale branches scale
-      ``conv_gamma``; layers without a skip branch (stem, downsampling) get ``"unit-sum"``.
-    """
-    if scheme not in ("torch", "unit-sum", "identity"):
-        raise ValueError(f"init scheme must be torch, unit-sum or identity, got {scheme!r}")
-    if scheme == "torch":
-        return model
-    for layer in model.modules():
-        if not isinstance(layer, MobileOneLayer) or layer.inference_mode:
-            continue
-        bns = [bn for _, bn in layer.branches()]
-        if scheme == "identity" and layer.rbr_skip is not None:
-            for bn in bns:
-                bn.weight.fill_(1.0 if bn is layer.rbr_skip else conv_gamma)
-            layer.rbr_skip.bias.fill_(skip_shift)
-        else:
-            for bn in bns:
-                bn.weight.fill_(1.0 / math.sqrt(len(bns)))
-    return model
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MobileOne:

@@ -26,6 +26,15 @@ def settle_bn(model: torch.nn.Module, shape=(4, 3, 32, 32), steps: int = 3) -> t
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)

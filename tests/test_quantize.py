@@ -15,13 +15,7 @@ from mobileone.quantize import QuantSettings, evaluate_onnx, onnx_logits  # noqa
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_on_digits() -> nn.Module:

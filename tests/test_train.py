@@ -16,14 +16,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mobileone.train as tr
-from mobileone import create_model, load_checkpoint, reparameterize_model, save_checkpoint
+from mobileone import create_model, init_branches, load_checkpoint, reparameterize_model, save_checkpoint
 from mobileone.data import DataError
+from mobileone.model import RELU_PASS_SHIFT
 from mobileone.train import (
     TrainingError,
     distill_loss,
     ema_decay_at,
     image_size_at,
-    init_branches,
     lr_at,
     make_ema,
     param_groups,
@@ -132,14 +132,14 @@ def test_init_branches_scales_and_fusion_stays_exact():
     assert with_skip
     for layer in with_skip:
         assert torch.all(layer.rbr_skip.weight == 1) and all(torch.all(b.bn.weight == 0) for b in layer.rbr_conv)
-        assert torch.allclose(layer.rbr_skip.bias, torch.full_like(layer.rbr_skip.bias, tr.RELU_PASS_SHIFT))
+        assert torch.allclose(layer.rbr_skip.bias, torch.full_like(layer.rbr_skip.bias, RELU_PASS_SHIFT))
         x = torch.relu(torch.randn(64, layer.in_channels, 6, 6))  # a previous layer's output
         out = layer.train()(x)
         assert torch.allclose(out, torch.relu(layer.rbr_skip(x)), atol=1e-4)
         # the shift lets the ReLU pass the skip path: nearly every positive input stays positive
         positive = x > 0
         assert (out[positive] > 0).float().mean() > 0.97
-        unshifted = torch.relu(layer.rbr_skip(x) - tr.RELU_PASS_SHIFT)
+        unshifted = torch.relu(layer.rbr_skip(x) - RELU_PASS_SHIFT)
         assert (unshifted[positive] > 0).float().mean() < 0.8
     model.train()(torch.randn(4, 3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
