@@ -216,10 +216,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .bench import deployment_report, time_model
     from .checkpoint import load_checkpoint
     from .complexity import count_macs, count_params
     from .data import ImageFolderDataset, builtin_dataset, eval_transform
-    from .evaluate import evaluate_checkpoint, latency_ms
+    from .evaluate import evaluate_checkpoint
     from .train import resolve_config, train
 
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
@@ -243,7 +244,8 @@ def run_demo(args: argparse.Namespace) -> int:
     size = args.img_size
     rows = [("params", count_params(model), count_params(fmodel)),
             (f"MACs at {size} px", count_macs(model, size), count_macs(fmodel, size))]  # fmt: skip
-    lat = [latency_ms(m, 224) for m in (model, fmodel)]
+    threads = torch.get_num_threads()  # batch 1 at 224 px: 5 warm-up runs, then >= 20 runs and 0.5 s
+    lat = [time_model(m.eval(), "eager", 1, 224, threads, 5, 20, 0.5)["median_ms"] for m in (model, fmodel)]
     lines = [
         f"MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digits ({len(val)} val images, {size} px), "
         f"trained in {train_s:.0f} s at {summary['train_images_per_second']:.0f} images/s",
@@ -253,14 +255,12 @@ def run_demo(args: argparse.Namespace) -> int:
         f"fused vs unfused: max |logit difference| {diff:.2e} on {len(x)} val images -> "
         f"{'agree' if agree else 'DISAGREE'}",
         *(f"{name}: train-time {a:,} -> fused {b:,} ({a / b:.1f}x)" for name, a, b in rows),
-        f"latency, batch 1 at 224 px on this CPU ({torch.get_num_threads()} threads): unfused {lat[0]:.1f} ms, "
+        f"latency, batch 1 at 224 px on this CPU ({threads} threads): unfused {lat[0]:.1f} ms, "
         f"fused {lat[1]:.1f} ms ({lat[0] / lat[1]:.1f}x faster)",
         f"run directory: {out} (metrics.jsonl, curves.png, best/last/best_fused checkpoints, model.onnx)",
     ]
     # 5. Deployment: export to ONNX, checked with onnxruntime; PyTorch against onnxruntime latency.
-    from .bench import deployment_report
-
-    lines[-1:-1] = deployment_report(model, out, threads=torch.get_num_threads())
+    lines[-1:-1] = deployment_report(model, out, threads=threads)
     print("\n".join(lines))
     return 0 if agree else 1
 

@@ -99,24 +99,3 @@ def evaluate_checkpoint(
         "crop_pct": pct,
         "seconds": time.perf_counter() - t0,
     }
-
-
-@torch.inference_mode()
-def latency_ms(model: nn.Module, img_size: int = 224, runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time (ms) of one forward pass at batch 1 on the model's device, in eval mode."""
-    p = next(model.parameters())
-    x = torch.randn(1, 3, img_size, img_size, device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    times = []
-    for i in range(warmup + runs):
-        if p.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(x)
-        if p.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    model.train(was_training)
-    return 1000.0 * sorted(times)[len(times) // 2]

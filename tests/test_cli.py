@@ -35,3 +35,14 @@ def test_info_checkpoint(tmp_path, capsys):
     assert "apple layout, fused, 10 classes, variant mobileone_s1" in out
     head = 1280 * 990 + 990  # spec sizes are for 1000 classes; this head has 10
     assert f"| mobileone_s1 | {4_825_192 - head:,} | {4_764_840 - head:,} |" in out
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    """The main job, shortened to one epoch: trains, evaluates, fuses, checks agreement, exports."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--img-size", "16", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "fused vs unfused: max |logit difference|" in report and "-> agree" in report
+    assert "onnxruntime" in report and "unfused" in report
+    for name in ("metrics.jsonl", "best.safetensors", "best_fused.safetensors", "model.onnx", "curves.png"):
+        assert (out / name).is_file(), name

@@ -10,7 +10,7 @@ from torch import nn
 from mobileone import create_model, load_checkpoint, reparameterize_model, save_checkpoint
 from mobileone.cli import main
 from mobileone.data import DataError, ImageFolderDataset, eval_transform
-from mobileone.evaluate import accuracy_counts, evaluate_checkpoint, latency_ms
+from mobileone.evaluate import accuracy_counts, evaluate_checkpoint
 
 TINY = {"widths": [8, 16, 16, 16], "stem_width": 8, "blocks": [1, 1, 1, 1], "k": 2}
 
@@ -96,8 +96,3 @@ def test_cli_eval_writes_json(tmp_path, checkpoints, capsys):
     assert "top-1" in capsys.readouterr().out
     assert main(["eval", "--data", str(tmp_path / "nope"), "--checkpoint", str(checkpoints[0])]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_latency_is_positive_and_restores_mode():
-    model = create_model(TINY, num_classes=3).train()
-    assert latency_ms(model, 16, runs=3, warmup=1) > 0 and model.training
