@@ -12,6 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """How many rows have the label as their top-1 and among their top-5 logits."""
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(1).sum())
+
+
 @torch.no_grad()
 def accuracy_counts(
     model: nn.Module,
@@ -37,11 +43,10 @@ def accuracy_counts(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == y[:, None]
+        top1, top5 = topk_hits(logits, y)
         counts[0] += len(y)
-        counts[1] += hit[:, 0].sum()
-        counts[2] += hit.any(1).sum()
+        counts[1] += top1
+        counts[2] += top5
     model.train(was_training)
     return counts
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .model import MobileOne, MobileOneLayer, reparameterize_model
+from .model import IMAGENET_MEAN, IMAGENET_STD, MobileOne, MobileOneLayer, reparameterize_model
 
 log = logging.getLogger("mobileone")
 
@@ -104,7 +104,7 @@ def fuse_for_export(model: nn.Module) -> tuple[nn.Module, bool, list[str]]:
     return model, unfused, notes
 
 
-def sample_images(n: int = 8, img_size: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Tensor:
+def sample_images(n: int = 8, img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
     """Real photographs (matplotlib's sample images), cropped at several places and normalized.
 
     Export checks run on these rather than on noise: real images exercise the value ranges a

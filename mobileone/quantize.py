@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .evaluate import topk_hits
 from .export import export_model, onnx_session, read_onnx_metadata, require, set_onnx_metadata
 
 log = logging.getLogger("mobileone")
@@ -218,8 +219,9 @@ def onnx_logits(
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> tuple[float, float]:
-    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-    return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
+    """Top-1 and top-5 in percent."""
+    top1, top5 = topk_hits(logits, labels)
+    return 100.0 * top1 / max(1, len(labels)), 100.0 * top5 / max(1, len(labels))
 
 
 def evaluate_onnx(
