@@ -134,6 +134,9 @@ def branch_sum(layer: MobileOneLayer, x: Tensor, method: str | None = None) -> T
     bns = _branch_bns(layer)
     if method == "reference" or not _exact(bns):
         return layer.forward_branches(x)
+    if layer.groups > 1 and x.device.type == "cpu":
+        # CPU depthwise/grouped convs run forward + backward about 2x faster in channels_last.
+        x = x.contiguous(memory_format=torch.channels_last)
     if method == "fold":
         if x[:, :, :: layer.stride, :: layer.stride][:, 0].numel() > 1:  # else the reference raises BN's error
             return _fold_sum(layer, x, bns)
