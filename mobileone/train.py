@@ -448,7 +448,9 @@ def _train(cfg: TrainConfig, env: Env) -> dict[str, Any]:
             step += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * env.world / (time.perf_counter() - t0):.0f}")
+                if seen:  # a batch of only unreadable images leaves no loss to show yet
+                    speed = seen * env.world / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
         if bar is not None:
             bar.close()
         train_seconds = time.perf_counter() - t0
