@@ -79,23 +79,29 @@ def set_fast_train(model: nn.Module, enabled: bool = True) -> nn.Module:
 def plan(layer: MobileOneLayer, x: Tensor) -> str:
     """The formulation :func:`branch_sum` uses for ``layer`` on input ``x`` (measured: README, "Fast training").
 
-    ``"fold"``, with two exceptions measured on CPU. Dense 1x1 layers fold only where it saves
-    multiply-adds: the folded statistics cost about ``2 M Cin^2`` (input covariance, forward and
-    backward) plus ``2 k Cout Cin^2`` (branch variances) against ``3 k M Cin Cout`` for running the
-    k branches (k > 1 and enough positions ``M``). Strided depthwise layers with at least 7x7
-    outputs take ``"concat"``: a stride-2 depthwise conv's backward pass is slow on CPU, and one
-    conv over concatenated kernels needs one backward instead of k.
+    ``"fold"``, except for dense 1x1 layers where folding does not save multiply-adds: the folded
+    statistics cost about ``2 M Cin^2`` (input covariance, forward and backward) plus
+    ``2 k Cout Cin^2`` (branch variances) against ``3 k M Cin Cout`` for running the k branches
+    (so k > 1 and enough positions ``M``).
     """
-    out_h, out_w = -(-x.shape[2] // layer.stride), -(-x.shape[3] // layer.stride)
     if layer.kernel_size == 1 and layer.groups == 1:
+        out_h, out_w = -(-x.shape[2] // layer.stride), -(-x.shape[3] // layer.stride)
         cin, cout, k = layer.in_channels, layer.out_channels, layer.k
         positions = x.shape[0] * out_h * out_w
         fold_cost = 2 * positions * cin * cin + 2 * k * cout * cin * cin + 3 * positions * cin * cout
         return "fold" if fold_cost < 3 * k * positions * cin * cout else "concat"
-    depthwise = layer.groups == layer.in_channels == layer.out_channels
-    if depthwise and layer.stride > 1 and out_h * out_w >= 49:
-        return "concat"
     return "fold"
+
+
+def _patch_covariance_pays(layer: MobileOneLayer, positions: int) -> bool:
+    """Whether a dense ``ks x ks`` layer's branch statistics are cheaper from its input patches' covariance.
+
+    Patches have ``P = Cin ks^2`` entries (27 for the RGB stem): their covariance costs about
+    ``2 M P^2`` multiply-adds forward and backward, plus ``2 B Cout P^2`` for the B branch
+    variances, against ``3 k M P Cout`` for running the k conv branches.
+    """
+    patch, cout, k = layer.in_channels * layer.kernel_size**2, layer.out_channels, layer.k
+    return 2 * positions * patch * patch + 2 * (k + 2) * cout * patch * patch < 3 * k * positions * patch * cout
 
 
 def _branch_bns(layer: MobileOneLayer) -> list[nn.BatchNorm2d]:
@@ -203,22 +209,28 @@ class _Moments(torch.autograd.Function):
     """Per-channel mean and centred channel covariance of ``x`` over (N, H, W), with a cheap backward.
 
     Autograd through ``xc @ xc.T`` would run two matmuls in the backward pass; the covariance is
-    symmetric in its two factors, so one suffices: ``dx = dmean / M + (G + G^T) xc / M``. The
-    mean's own effect on the centred covariance has zero derivative, so centring needs no term.
-    Computed in float32 (float64 for float64 input) whatever the input's dtype.
+    symmetric in its two factors, so one suffices: ``dx = G (x - m) + dmean / M`` with
+    ``G = (dS + dS^T) / M``, computed as ``G x`` plus a per-channel constant so that ``x`` is read
+    once. The mean's own effect on the centred covariance has zero derivative. Channels-last input
+    is used as the (M, C) matrix it already is. Computed in float32 (float64 for float64 input)
+    whatever the input's dtype.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
         n, c, h, w = x.shape
-        count = n * h * w
         xf = x.to(_stats_dtype(x.dtype))
-        mean = xf.mean((0, 2, 3))
-        xt = torch.empty(c, n, h * w, dtype=xf.dtype, device=x.device)
-        torch.sub(xf.reshape(n, c, h * w).transpose(0, 1), mean[:, None, None], out=xt)
-        xt = xt.view(c, count)
-        cov = torch.mm(xt, xt.t()).div_(count)
-        ctx.save_for_backward(x, mean)
+        if _channels_last(x):
+            rows = xf.permute(0, 2, 3, 1).reshape(-1, c)  # a view: (M, C)
+            mean = rows.mean(0)
+            centred = (rows - mean).t()
+        else:
+            mean = xf.mean((0, 2, 3))
+            centred = torch.empty(c, n, h * w, dtype=xf.dtype, device=x.device)
+            torch.sub(xf.reshape(n, c, h * w).transpose(0, 1), mean[:, None, None], out=centred)
+            centred = centred.view(c, -1)
+        cov = torch.mm(centred, centred.t()).div_(centred.shape[1])
+        ctx.save_for_backward(x if ctx.needs_input_grad[0] else None, mean)
         return mean, cov
 
     @staticmethod
@@ -227,9 +239,19 @@ class _Moments(torch.autograd.Function):
         x, mean = ctx.saved_tensors
         n, c, h, w = x.shape
         count = n * h * w
-        xc = (x.to(mean.dtype) - mean[None, :, None, None]).view(n, c, h * w)
-        grad = torch.matmul((grad_cov + grad_cov.t()).div_(count), xc)
-        return grad.add_((grad_mean / count)[None, :, None]).view(n, c, h, w).to(x.dtype)
+        sym = (grad_cov + grad_cov.t()).div_(count)
+        const = grad_mean / count - sym @ mean
+        xf = x.to(mean.dtype)
+        if _channels_last(x):
+            grad = torch.addmm(const, xf.permute(0, 2, 3, 1).reshape(-1, c), sym)  # sym is symmetric
+            return grad.view(n, h, w, c).permute(0, 3, 1, 2).to(x.dtype)
+        grad = torch.matmul(sym, xf.reshape(n, c, h * w)).add_(const[:, None])
+        return grad.view(n, c, h, w).to(x.dtype)
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Channels-last layout proper (a tensor with one channel or 1x1 pixels counts as contiguous)."""
+    return x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class _ConvMoments(torch.autograd.Function):
@@ -371,6 +393,12 @@ def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Te
             mu, var = _covariance_stats(centre[:k], mean, cov)
             if layer.rbr_skip is not None:  # BN of x itself: its statistics are the input's
                 mu, var = torch.cat([mu, mean[None]]), torch.cat([var, torch.diagonal(cov)[None]])
+        elif layer.groups == 1 and _patch_covariance_pays(layer, count):
+            # Every branch from the covariance of the zero-padded input patches the conv reads
+            # (``F.unfold``: the same windows, so the border is exact): (N, Cin ks^2, L) as (M, P).
+            patches = F.unfold(x, ks, layer.dilation, layer.padding, s)
+            mean, cov = _Moments.apply(patches.unsqueeze(-1))
+            mu, var = _covariance_stats(kernels.flatten(2), mean, cov)
         else:
             mu, invstd = _ConvMoments.apply(x, kernels[:k], conv, eps)
             mus, variances = [mu], [invstd.pow(-2) - eps]

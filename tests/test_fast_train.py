@@ -156,12 +156,17 @@ def layer_configs(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(layer_configs(), st.sampled_from(["fold", "concat"]), st.sampled_from([torch.float64, torch.float32]))
-def test_random_layers_match_reference(cfg_shape, method, dtype):
+@given(
+    layer_configs(),
+    st.sampled_from(["fold", "concat"]),
+    st.sampled_from([torch.float64, torch.float32]),
+    st.sampled_from([torch.contiguous_format, torch.channels_last]),
+)
+def test_random_layers_match_reference(cfg_shape, method, dtype, memory_format):
     cfg, shape = cfg_shape
     torch.manual_seed(0)
     fast, ref = twins(MobileOneLayer(**cfg), dtype)
-    inputs = [torch.randn(shape, dtype=dtype) * 1.5 + 0.3 for _ in range(3)]
+    inputs = [(torch.randn(shape, dtype=dtype) * 1.5 + 0.3).contiguous(memory_format=memory_format) for _ in range(3)]
     if shape[0] * ((shape[2] - 1) // cfg["stride"] + 1) ** 2 == 1:  # one value per channel: BN refuses
         with pytest.raises(ValueError, match="more than 1 value"):
             run_steps(fast, inputs, True, method)
@@ -290,6 +295,15 @@ def test_plan_folds_where_it_saves_work():
     assert fast_train.plan(pw, x) == "fold"  # k Cout Cin M = 4 * 256^2 * M > 2 M 256^2 + ...
     assert fast_train.plan(pw, torch.empty(1, 256, 2, 2, device="meta")) == "concat"  # M = 4 < Cin
     assert fast_train.plan(create_model("s1").stage3[3], x.new_empty(32, 512, 14, 14)) == "concat"  # k = 1
-    strided = model.stage3[0]  # depthwise, stride 2
-    assert fast_train.plan(strided, torch.empty(32, 128, 28, 28, device="meta")) == "concat"  # 14 x 14 out
-    assert fast_train.plan(strided, torch.empty(128, 128, 8, 8, device="meta")) == "fold"  # 4 x 4 out
+    assert fast_train.plan(model.stage3[0], torch.empty(32, 128, 28, 28, device="meta")) == "fold"  # dw, stride 2
+
+
+def test_patch_covariance_where_it_pays():
+    stem = create_model("s0").stage0  # 3x3, 3 -> 48: patches of 27 values, far fewer than k Cout
+    assert fast_train._patch_covariance_pays(stem, 32 * 112 * 112)
+    assert not fast_train._patch_covariance_pays(MobileOneLayer(64, 64, 3, k=4), 32 * 56 * 56)  # P = 576
+    torch.manual_seed(8)
+    fast, ref = twins(MobileOneLayer(3, 32, 3, stride=2, k=2), torch.float64)
+    with mock.patch.object(fast_train, "F", wraps=fast_train.F) as functional:
+        assert_same(fast, ref, [torch.randn(4, 3, 12, 12, dtype=torch.float64) for _ in range(3)], torch.float64)
+    assert functional.unfold.call_count == 3
