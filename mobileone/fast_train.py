@@ -255,63 +255,73 @@ def _channels_last(x: Tensor) -> bool:
 
 
 class _ConvMoments(torch.autograd.Function):
-    """Batch mean and ``1 / sqrt(var + eps)`` per output channel of ``conv(x, kernels[j])`` for each j.
+    """Batch mean and biased variance per output channel of ``conv(x, kernels[j])`` for each j.
 
-    The statistics come from ``torch.native_batch_norm`` (fast, float32 accumulation under mixed
-    precision); the normalized outputs are kept for the backward pass, which needs only
-    ``dz = dmean / M - dinvstd * invstd^2 * zhat / M`` and one conv backward per kernel.
+    The convs' outputs are kept for the backward pass, which needs only
+    ``dz = dmean / M + 2 dvar (z - mean) / M`` and one conv backward per kernel.
     ``kernels=None`` takes the statistics of ``x[:, :, ::stride, ::stride]`` itself (BN-only branches).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernels: Tensor | None, conv: tuple, eps: float) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, kernels: Tensor | None, conv: tuple) -> tuple[Tensor, Tensor]:
         stride, padding, dilation, groups = conv
         ctx.conv = conv
-        means, invstds, normed = [], [], []
-        for w in [None] if kernels is None else kernels.unbind(0):
-            z = (
-                x[:, :, ::stride, ::stride].contiguous()
-                if w is None
-                else F.conv2d(x, w, None, stride, padding, dilation, groups)
-            )
-            zhat, mean, invstd = torch.native_batch_norm(z, None, None, None, None, True, 0.0, eps)
+        outputs, means, variances = [], [], []
+        for w in [None] if kernels is None else kernels.to(x.dtype).unbind(0):
+            z = x[:, :, ::stride, ::stride] if w is None else F.conv2d(x, w, None, stride, padding, dilation, groups)
+            mean, var = _batch_moments(z)
+            if w is not None:
+                outputs.append(z)
             means.append(mean)
-            invstds.append(invstd)
-            normed.append(zhat)
-        ctx.save_for_backward(x, kernels, *invstds, *normed)
-        return torch.stack(means), torch.stack(invstds)
+            variances.append(var)
+        means = torch.stack(means)
+        ctx.save_for_backward(x, kernels, means, *outputs)
+        return means, torch.stack(variances)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean: Tensor, grad_invstd: Tensor) -> tuple[Tensor | None, ...]:
-        x, kernels, *saved = ctx.saved_tensors
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
+        x, kernels, means, *outputs = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        nb = len(saved) // 2
-        invstds, normed = saved[:nb], saved[nb:]
-        count = normed[0].numel() // normed[0].shape[1]
+        x_sub = x[:, :, ::stride, ::stride]
+        count = x.shape[0] * x_sub.shape[2] * x_sub.shape[3]
+        beta = 2 * grad_var / count
+        alpha = grad_mean / count - beta * means
         need_x, need_k = ctx.needs_input_grad[:2]
+        if kernels is None:
+            if not need_x:
+                return None, None, None
+            dz = torch.addcmul(alpha[0, None, :, None, None], x_sub.to(beta.dtype), beta[0, None, :, None, None]).to(x.dtype)
+            if stride == 1:
+                return dz, None, None
+            grad_x = torch.zeros_like(x)
+            grad_x[:, :, ::stride, ::stride] = dz
+            return grad_x, None, None
         grad_x = None
         grad_k = torch.empty_like(kernels) if need_k else None
-        for j in range(nb):
-            offset = (grad_mean[j] / count)[None, :, None, None]
-            slope = (-grad_invstd[j] * invstds[j] ** 2 / count)[None, :, None, None]
-            dz = torch.addcmul(offset.to(normed[j].dtype), normed[j], slope.to(normed[j].dtype))
-            if kernels is None:
-                if need_x and stride == 1:
-                    grad_x = dz
-                elif need_x:
-                    grad_x = torch.zeros_like(x)
-                    grad_x[:, :, ::stride, ::stride] = dz
-                continue
+        for j, z in enumerate(outputs):
+            dz = torch.addcmul(alpha[j, None, :, None, None], z.to(beta.dtype), beta[j, None, :, None, None]).to(x.dtype)
             dx, dw, _ = torch.ops.aten.convolution_backward(
-                dz, x, kernels[j], None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups,
-                [need_x, need_k, False],
+                dz, x, kernels[j].to(x.dtype), None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0],
+                groups, [need_x, need_k, False],
             )  # fmt: skip
             if dx is not None:
                 grad_x = dx if grad_x is None else grad_x.add_(dx)
             if dw is not None:
                 grad_k[j] = dw
-        return grad_x, grad_k, None, None
+        return grad_x, grad_k, None
+
+
+def _batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``z``, in float32 (float64 for float64 input).
+
+    On CPU ``batch_norm_update_stats`` gives them in one pass without writing a normalized copy.
+    """
+    z = z.to(_stats_dtype(z.dtype))
+    if z.device.type == "cpu":
+        return torch.batch_norm_update_stats(z, None, None, 0.0)
+    var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
+    return mean, var
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -400,18 +410,18 @@ def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Te
             mean, cov = _Moments.apply(patches.unsqueeze(-1))
             mu, var = _covariance_stats(kernels.flatten(2), mean, cov)
         else:
-            mu, invstd = _ConvMoments.apply(x, kernels[:k], conv, eps)
-            mus, variances = [mu], [invstd.pow(-2) - eps]
-            extra = centre[k:]  # scale and skip: 1x1 kernels
+            extra = centre[k:]  # scale and skip: 1x1 kernels, (B - k, Cout, Cin / groups)
+            depthwise = layer.groups == layer.in_channels == layer.out_channels
+            mu, var = _ConvMoments.apply(x, kernels[:k], conv)
+            mus, variances = [mu], [var]
             if len(extra) and layer.groups == 1:
                 mu, var = _covariance_stats(extra, *_Moments.apply(x_sub))
-            elif len(extra) and layer.groups == layer.in_channels == layer.out_channels:
-                mean, invstd = _ConvMoments.apply(x, None, conv, eps)  # per-channel statistics of x_sub
-                w = extra[:, :, 0].to(mean.dtype)
-                mu, var = w * mean, w * w * (invstd.pow(-2) - eps)
+            elif len(extra) and depthwise:  # a per-channel scale of x_sub: its moments, scaled
+                mean_x, var_x = _ConvMoments.apply(x, None, conv)
+                w = extra[:, :, 0].to(mean_x.dtype)
+                mu, var = w * mean_x, w * w * var_x
             elif len(extra):  # other grouped convs: run the 1x1 branches for their statistics
-                mu, invstd = _ConvMoments.apply(x, extra[..., None, None], (s, 0, 1, layer.groups), eps)
-                var = invstd.pow(-2) - eps
+                mu, var = _ConvMoments.apply(x, extra[..., None, None], (s, 0, 1, layer.groups))
             if len(extra):
                 mus.append(mu)
                 variances.append(var)

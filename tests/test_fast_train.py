@@ -88,6 +88,17 @@ def count_reference_calls():
 
 
 def twins(module, dtype):
+    """The module in train mode and a copy, with random BatchNorm scales and shifts.
+
+    PyTorch's gamma = 1, beta = 0 would hide affine mistakes, and lets a 1x1 branch with a negative
+    weight cancel the skip branch exactly, leaving the ReLU to decide on rounding noise.
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.3, generator=gen)
     module = module.to(dtype).train()
     return module, copy.deepcopy(module)
 
@@ -276,6 +287,35 @@ def test_autocast_keeps_float32_statistics():
         assert rel_err(bf.float(), br.float()) < 2e-2
 
 
+def test_autocast_whole_model_as_close_as_the_reference():
+    """Under bfloat16 autocast (AMP's default on CUDA) every layer type runs, and the fast path is
+    about as close to the float32 result as the per-branch reference is."""
+    torch.manual_seed(7)
+    exact, _ = twins(create_model(TINY, num_classes=5), torch.float32)
+    fast, ref = copy.deepcopy(exact), copy.deepcopy(exact)
+    x = torch.randn(4, 3, 32, 32)
+    with reference_mode():
+        y_exact = exact(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast = fast(x)
+        with reference_mode():
+            y_ref = ref(x)
+    assert y_fast.dtype == torch.bfloat16
+    for y in (y_exact, y_fast, y_ref):
+        y.float().square().sum().backward()
+    out_ref = rel_err(y_ref.float(), y_exact)
+    assert rel_err(y_fast.float(), y_exact) < max(3 * out_ref, 2e-2)
+
+    def grads(model):  # one vector: single small gradients are bfloat16 noise in both paths
+        return torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    g_exact = grads(exact)
+    err_fast, err_ref = ((grads(m) - g_exact).norm() / g_exact.norm() for m in (fast, ref))
+    assert err_fast < max(3 * err_ref, 2e-2)
+    for (name, b), b_exact in zip(fast.named_buffers(), exact.buffers()):
+        assert b.dtype == b_exact.dtype, name  # running statistics stay float32
+
+
 def test_bad_input_messages():
     layer = MobileOneLayer(4, 4, 3, groups=4, k=2).train()
     with pytest.raises(ValueError, match="unknown fast-train method"):
@@ -307,3 +347,4 @@ def test_patch_covariance_where_it_pays():
     with mock.patch.object(fast_train, "F", wraps=fast_train.F) as functional:
         assert_same(fast, ref, [torch.randn(4, 3, 12, 12, dtype=torch.float64) for _ in range(3)], torch.float64)
     assert functional.unfold.call_count == 3
+
