@@ -287,11 +287,12 @@ class _ConvMoments(torch.autograd.Function):
         count = x.shape[0] * x_sub.shape[2] * x_sub.shape[3]
         beta = 2 * grad_var / count
         alpha = grad_mean / count - beta * means
+        shift, slope = alpha[:, None, :, None, None], beta[:, None, :, None, None]  # (B, 1, C, 1, 1)
         need_x, need_k = ctx.needs_input_grad[:2]
         if kernels is None:
             if not need_x:
                 return None, None, None
-            dz = torch.addcmul(alpha[0, None, :, None, None], x_sub.to(beta.dtype), beta[0, None, :, None, None]).to(x.dtype)
+            dz = torch.addcmul(shift[0], x_sub.to(beta.dtype), slope[0]).to(x.dtype)
             if stride == 1:
                 return dz, None, None
             grad_x = torch.zeros_like(x)
@@ -300,7 +301,7 @@ class _ConvMoments(torch.autograd.Function):
         grad_x = None
         grad_k = torch.empty_like(kernels) if need_k else None
         for j, z in enumerate(outputs):
-            dz = torch.addcmul(alpha[j, None, :, None, None], z.to(beta.dtype), beta[j, None, :, None, None]).to(x.dtype)
+            dz = torch.addcmul(shift[j], z.to(beta.dtype), slope[j]).to(x.dtype)
             dx, dw, _ = torch.ops.aten.convolution_backward(
                 dz, x, kernels[j].to(x.dtype), None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0],
                 groups, [need_x, need_k, False],

@@ -347,4 +347,3 @@ def test_patch_covariance_where_it_pays():
     with mock.patch.object(fast_train, "F", wraps=fast_train.F) as functional:
         assert_same(fast, ref, [torch.randn(4, 3, 12, 12, dtype=torch.float64) for _ in range(3)], torch.float64)
     assert functional.unfold.call_count == 3
-
