@@ -16,9 +16,12 @@ BatchNorm's running-statistic update, in one of two ways chosen per layer by :fu
   (:func:`mobileone.fusion.fold_bn`, the inference-fusion formula with batch statistics). Dense
   1x1 branches get them from the input's channel mean ``m`` and centred covariance ``S``
   (``mu_i = W_i m``, ``v_i = diag(W_i S W_i^T)``), so they never run: about ``Cin^2 + Cin*Cout``
-  multiply-adds per position instead of ``k * Cin * Cout``, forward and backward. Other conv
-  branches run for their statistics only; BN-only skip and depthwise 1x1 scale branches take the
-  input's per-channel moments. Statistics are kept in float32 (or float64) under autocast.
+  multiply-adds per position instead of ``k * Cin * Cout``, forward and backward. Dense ``K x K``
+  layers with few input channels (the RGB stem: 27 values per patch) do the same with the
+  covariance of their zero-padded input patches (``F.unfold``), which is exact at the border.
+  Depthwise conv branches run for their statistics only (one pass each, no normalized copy);
+  BN-only skip and depthwise 1x1 scale branches take the input's per-channel moments.
+  Statistics are kept in float32 (or float64) under autocast.
 
 Whatever cannot be reproduced exactly this way falls back to the per-branch reference
 (``MobileOneLayer.forward_branches``): a branch BatchNorm in eval mode (frozen stages,
