@@ -103,8 +103,13 @@ def _patch_covariance_pays(layer: MobileOneLayer, positions: int) -> bool:
     ``2 M P^2`` multiply-adds forward and backward, plus ``2 B Cout P^2`` for the B branch
     variances, against ``3 k M P Cout`` for running the k conv branches.
     """
-    patch, cout, k = layer.in_channels * layer.kernel_size**2, layer.out_channels, layer.k
-    return 2 * positions * patch * patch + 2 * (k + 2) * cout * patch * patch < 3 * k * positions * patch * cout
+    patch, cout, k, branches = (
+        layer.in_channels * layer.kernel_size**2,
+        layer.out_channels,
+        layer.k,
+        len(_branch_bns(layer)),
+    )
+    return 2 * positions * patch * patch + 2 * branches * cout * patch * patch < 3 * k * positions * patch * cout
 
 
 def _branch_bns(layer: MobileOneLayer) -> list[nn.BatchNorm2d]:
