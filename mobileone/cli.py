@@ -1,7 +1,8 @@
 """The ``mobileone`` command: a thin argparse layer over the Python API.
 
 Each subcommand is an ``add_<name>`` function that declares its arguments and a ``run_<name>``
-function that calls the library; heavy imports happen inside ``run_<name>`` so that
+function that calls the library. The core is imported at the top; the tasks, deployment and the
+benchmark need optional extras (torchvision, onnx, ...), so ``run_<name>`` imports them, and
 ``mobileone info`` works with torch alone.
 """
 
@@ -13,7 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from .core.complexity import count_layers, count_macs, count_params
+from .core.config import list_models, resolve_variant
+from .core.factory import create_model
+from .core.model import MobileOne
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +32,6 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 def _describe_checkpoint(path: str) -> list[tuple[str, object, object]]:
     """(name, train-time model, fused model) for a checkpoint file, after saying what it holds."""
-    from .checkpoint import read_checkpoint
-    from .model import MobileOne
-
     ckpt = read_checkpoint(path)
     print(f"{path}: {ckpt.layout} layout, {'fused' if ckpt.fused else 'unfused'}, {ckpt.num_classes} classes, "
           f"variant {ckpt.variant or 'custom'}; config {json.dumps(ckpt.config.to_dict())}")  # fmt: skip
@@ -38,9 +40,6 @@ def _describe_checkpoint(path: str) -> list[tuple[str, object, object]]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .complexity import count_layers, count_macs, count_params
-    from .model import create_model, list_models, resolve_variant
-
     if args.checkpoint:
         models = _describe_checkpoint(args.checkpoint)
     else:
@@ -138,7 +137,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import TrainingError, resolve_config, train
+    from .engine import TrainingError
+    from .tasks import resolve_config, train
 
     flags = ("command", "verbose", "no_wd_anneal", "no_ema", "no_ema_warmup", "no_branches", "no_progress")
     opts = {k: v for k, v in vars(args).items() if k not in flags}
@@ -176,10 +176,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .tasks.classification.evaluate import evaluate_checkpoint
 
     if args.onnx:
-        from .quantize import evaluate_onnx
+        from .deploy.evaluate_onnx import evaluate_onnx
 
         r = evaluate_onnx(args.onnx, args.data, args.batch_size)
         print(f"{r['model']} (onnxruntime) on {r['data']}: top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, "
@@ -217,11 +217,9 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import deployment_report, time_model
-    from .checkpoint import load_checkpoint
-    from .complexity import count_macs, count_params
-    from .data import ImageFolderDataset, builtin_dataset, eval_transform
-    from .evaluate import evaluate_checkpoint
-    from .train import resolve_config, train
+    from .tasks import resolve_config, train
+    from .tasks.classification.data import ImageFolderDataset, builtin_dataset, eval_transform
+    from .tasks.classification.evaluate import evaluate_checkpoint
 
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     data = builtin_dataset()
@@ -281,15 +279,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_model
+    from .deploy import ExportError, export_model
 
     if args.checkpoint:
-        from .checkpoint import load_checkpoint
-
         model = load_checkpoint(args.checkpoint)
     else:
-        from .model import create_model
-
         model = create_model(args.variant, num_classes=args.num_classes, inference_mode=True)
     try:
         report = export_model(model, args.out, args.format, args.img_size, args.dynamic_batch, not args.no_check,
@@ -321,8 +315,8 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .quantize import QuantSettings, evaluate_onnx, quantization_study, quantize_model, study_table
+    from .deploy.evaluate_onnx import evaluate_onnx
+    from .deploy.quantize import QuantSettings, quantization_study, quantize_model, study_table
 
     settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, args.reduce_range)
     model = load_checkpoint(args.checkpoint)

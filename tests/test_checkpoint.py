@@ -17,7 +17,7 @@ from mobileone import (
     save_checkpoint,
     to_apple_layout,
 )
-from mobileone.checkpoint import infer_config
+from mobileone.core.checkpoint import infer_config
 
 from .conftest import TINY, settle_bn
 

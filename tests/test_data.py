@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mobileone.data import (
+from mobileone.tasks.classification.data import (
     DataError,
     ImageFolderDataset,
     builtin_dataset,

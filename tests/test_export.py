@@ -7,7 +7,8 @@ from torch import nn
 
 from mobileone import MobileOneLayer, save_checkpoint
 from mobileone.cli import main
-from mobileone.export import ExportError, export_model, read_metadata, require, sample_images
+from mobileone.deploy.common import ExportError, require
+from mobileone.deploy.export import export_model, read_metadata, sample_images
 
 RUNTIME_OF = {"onnx": "onnxruntime", "torchscript": "torch", "executorch": "executorch", "coreml": "coremltools"}
 CLASSES = ["cat", "dog", "emu", "fox", "gnu"]
@@ -49,7 +50,7 @@ def test_onnx_graph_is_the_fused_one_and_takes_any_batch(trained, tmp_path):
     _needs("onnxruntime")
     import onnx
 
-    from mobileone.export import onnx_session
+    from mobileone.deploy.onnx import onnx_session
 
     report = export_model(trained, tmp_path / "m.onnx", dynamic_batch=True)
     ops = [n.op_type for n in onnx.load(str(report.path)).graph.node]

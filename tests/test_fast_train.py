@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mobileone
-from mobileone import create_model, fast_train, reference_mode, set_fast_train
-from mobileone.model import MobileOneLayer
+from mobileone import create_model, reference_mode, set_fast_train
+from mobileone.core import fast_train
+from mobileone.core.model import MobileOneLayer
 
 from .conftest import TINY
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mobileone import FusionWarning, MobileOneLayer, create_model, list_models, reparameterize_model
-from mobileone.fusion import identity_kernel
+from mobileone.core.fusion import identity_kernel
 
 from .conftest import settle_bn
 

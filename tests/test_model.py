@@ -25,7 +25,17 @@ SPEC_WIDTHS = {
 
 
 def test_list_models():
-    assert list_models() == [f"mobileone_s{i}" for i in range(5)]
+    assert list_models() == [f"mobileone_s{i}" for i in range(5)] + [f"mobileone_mu{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("name", ["mobileone_mu0", "mobileone_mu1", "mobileone_mu2"])
+def test_micro_variants_within_2_percent_of_the_paper(name):
+    # Paper Table 13: fused params and MACs at 224 px, 1000 classes; the reconstruction must match both.
+    paper = mobileone.PAPER[name]
+    fused = create_model(name, inference_mode=True)
+    assert abs(count_params(fused) / (paper.params_m * 1e6) - 1) < 0.02
+    assert abs(count_macs(fused) / (paper.macs_m * 1e6) - 1) < 0.02
+    assert create_model(name.split("_")[1]).variant == name and create_model(name).config.k == (4, 4, 4, 4)
 
 
 @pytest.mark.parametrize("name", list(SPEC_SIZES))
@@ -109,7 +119,7 @@ def test_custom_config_and_overrides():
     cfg = MobileOneConfig(widths=(8, 16, 24, 32), stem_width=8, blocks=(1, 2, 3, 1), k=(1, 2, 3, 4), se_blocks=1)
     m = create_model(cfg, num_classes=3)
     assert [len(m.stage1[0].rbr_conv), len(m.stage4[0].rbr_conv)] == [1, 4]
-    assert sum(isinstance(layer.se, mobileone.model.SqueezeExcite) for layer in m.layers()) == 2 * 4
+    assert sum(isinstance(layer.se, mobileone.core.model.SqueezeExcite) for layer in m.layers()) == 2 * 4
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     mobileone.register_variant("micro", cfg)
     try:

@@ -8,9 +8,11 @@ import onnx  # noqa: E402
 
 from mobileone import MobileOneConfig, create_model, save_checkpoint  # noqa: E402
 from mobileone.cli import main  # noqa: E402
-from mobileone.data import builtin_dataset, digits_split, eval_transform  # noqa: E402
-from mobileone.export import export_model, read_onnx_metadata  # noqa: E402
-from mobileone.quantize import QuantSettings, evaluate_onnx, onnx_logits  # noqa: E402
+from mobileone.tasks.classification.data import builtin_dataset, digits_split, eval_transform  # noqa: E402
+from mobileone.deploy.export import export_model  # noqa: E402
+from mobileone.deploy.onnx import read_onnx_metadata  # noqa: E402
+from mobileone.deploy.evaluate_onnx import evaluate_onnx, onnx_logits  # noqa: E402
+from mobileone.deploy.quantize import QuantSettings  # noqa: E402
 
 SIZE = 16
 
@@ -109,7 +111,7 @@ def test_bad_settings_and_data_are_explained(tmp_path):
     with pytest.raises(ValueError, match="keep_float"):
         QuantSettings(keep_float="middle")
     QuantSettings(keep_float="first5+last+depthwise")  # valid
-    from mobileone.quantize import calibration_images
+    from mobileone.deploy.quantize import calibration_images
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         calibration_images(tmp_path / "nowhere", {"input_size": [3, 16, 16], "mean": [0] * 3, "std": [1] * 3})

@@ -15,23 +15,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import mobileone.train as tr
+import mobileone.engine.trainer as tr
 from mobileone import create_model, init_branches, load_checkpoint, reparameterize_model, save_checkpoint
-from mobileone.data import DataError
-from mobileone.model import RELU_PASS_SHIFT
-from mobileone.train import (
-    TrainingError,
-    distill_loss,
+from mobileone.core.model import RELU_PASS_SHIFT
+from mobileone.engine import DataError, TrainingError
+from mobileone.engine.schedules import (
     ema_decay_at,
     image_size_at,
     lr_at,
     make_ema,
     param_groups,
     peak_lr,
-    resolve_config,
-    train,
     weight_decay_at,
 )
+from mobileone.tasks import resolve_config, train
+from mobileone.tasks.classification.task import build_classifier, distill_loss
 
 TINY = {"widths": [8, 16, 16, 16], "stem_width": 8, "blocks": [1, 1, 1, 1], "k": 2}
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +159,7 @@ def test_param_groups_skip_norms_and_biases():
 
 def test_ema_warm_up_and_buffers():
     model = create_model(TINY, num_classes=3)
-    ema = make_ema(model, resolve_config(ema_decay=0.9995))
+    ema = make_ema(model, 0.9995)
     w0 = model.linear.weight.detach().clone()
     with torch.no_grad():
         model.linear.weight.add_(1.0)
@@ -216,8 +214,8 @@ def test_run_writes_metrics_checkpoints_curves(tmp_path, data):
 
 
 def test_ablation_flags_change_the_model(tmp_path, data):
-    assert tr.build_model(config(tmp_path, data, k=1), 3).layers()[1].k == 1
-    plain = tr.build_model(config(tmp_path, data, branches=False), 3)
+    assert build_classifier(config(tmp_path, data, k=1), 3).layers()[1].k == 1
+    plain = build_classifier(config(tmp_path, data, branches=False), 3)
     assert all(m.rbr_skip is None and m.rbr_scale is None and len(m.rbr_conv) == 1 for m in plain.layers())
     summary = train(config(tmp_path / "noema", data, epochs=1, ema_decay=0.0))
     row = json.loads((tmp_path / "noema" / "metrics.jsonl").read_text())

@@ -1,6 +1,6 @@
 """Reading and writing MobileOne weights: Apple's, timm's and mmpretrain's layouts, and our own files.
 
-The model's native state_dict layout is Apple's (spec section 3). Files we write are a
+The model's native state_dict layout is Apple's (docs/architecture.md, "Checkpoint layouts"). Files we write are a
 ``.safetensors`` of that layout plus a ``.json`` beside it holding the architecture, the classes
 and the preprocessing, so a file alone rebuilds its model. Apple's own files carry no config;
 the architecture is read off the tensor shapes instead.
@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -23,7 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model import VARIANTS, MobileOne, MobileOneConfig, reparameterize_model
+from .config import VARIANTS, MobileOneConfig, variant_of
+from .files import atomic_write
+from .fusion import reparameterize_model
+from .model import MobileOne
 
 log = logging.getLogger("mobileone")
 StateDict = dict[str, Tensor]
@@ -33,7 +35,7 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not fit the model it is loaded into."""
 
 
-# Spec section 3: the same tensor under Apple's, timm's and mmpretrain's names. ``{i}`` is an
+# The same tensor under Apple's, timm's and mmpretrain's names. ``{i}`` is an
 # index; ``{s}`` is Apple's stage number 1-4, which timm counts from 0 (``{s-1}``).
 LAYOUTS: dict[str, list[tuple[str, str]]] = {
     "timm": [
@@ -217,7 +219,7 @@ class Checkpoint:
 
     @property
     def variant(self) -> str | None:
-        return self.meta.get("variant") or next((n for n, c in VARIANTS.items() if c == self.config), None)
+        return self.meta.get("variant") or variant_of(self.config)
 
 
 def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> Checkpoint:
@@ -318,17 +320,6 @@ def _load_into(model: MobileOne, sd: StateDict, ckpt: Checkpoint, reset_head: bo
     model.load_state_dict(sd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> Path:
     """Write ``path`` (.safetensors, Apple layout) and a JSON beside it; both atomically.
 
@@ -348,6 +339,6 @@ def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> P
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()},
         **meta,
     }
-    _atomic_write(path, lambda tmp: save_file(sd, tmp))
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    atomic_write(path, lambda tmp: save_file(sd, tmp))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     return path

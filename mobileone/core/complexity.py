@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .model import MobileOneLayer
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -48,8 +50,6 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> int:
 
 def count_layers(model: nn.Module) -> int:
     """Weight layers of the deployed net: MobileOne layers (one conv each once fused) plus the head."""
-    from .model import MobileOneLayer
-
     return sum(isinstance(m, MobileOneLayer) for m in model.modules()) + sum(
         isinstance(m, nn.Linear) for m in model.modules()
     )

@@ -1,4 +1,4 @@
-"""Train-mode MobileOne layers with fewer kernels and fewer MACs, and the same math (spec: fast-train.md).
+"""Train-mode MobileOne layers with fewer kernels and fewer MACs, and the same math (docs/fast-train.md).
 
 A train-time MobileOne layer is ``sum_i BN_i(conv(x, W_i))`` over its branches, each BatchNorm using
 batch statistics. :func:`branch_sum` computes exactly that sum, its gradients and every branch
@@ -65,18 +65,6 @@ def reference_mode() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
-
-
-def set_fast_train(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch the fast path on or off for the MobileOne layers of one model (returns the model)."""
-    from .model import MobileOneLayer
-
-    layers = [m for m in model.modules() if isinstance(m, MobileOneLayer)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} contains no MobileOne layers to switch")
-    for layer in layers:
-        layer.fast_train = enabled
-    return model
 
 
 def plan(layer: MobileOneLayer, x: Tensor) -> str:

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ...core.checkpoint import load_checkpoint
+from .data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
+
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """How many rows have the label as their top-1 and among their top-5 logits."""
@@ -65,9 +68,6 @@ def evaluate_checkpoint(
     Image size and crop ratio default to those saved with the checkpoint. Classes are matched by
     name when the checkpoint records them, so a folder listing classes in another order still scores right.
     """
-    from .checkpoint import load_checkpoint
-    from .data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
-
     root = Path(data)
     if (root / "val").is_dir():
         root = root / "val"

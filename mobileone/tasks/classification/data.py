@@ -7,7 +7,9 @@ the count in its metrics, or stop with the file's name (``strict``).
 
 Augmentation is seeded per sample from (seed, epoch, index), so the same image gets the same
 crop whatever the number of processes or workers: a 2-process run sees exactly the batches of
-a 1-process run, and a resumed run the batches of an uninterrupted one.
+a 1-process run, and a resumed run the batches of an uninterrupted one. The training loader
+passes ``(epoch, index)`` keys (``engine.distributed.EpochSampler``), because persistent worker
+processes hold their own copy of the dataset and never see ``set_epoch``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,8 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .model import IMAGENET_MEAN, IMAGENET_STD
-
-
-class DataError(ValueError):
-    """The dataset on disk cannot be used as given (missing folders, class mismatch, bad image in strict mode)."""
+from ...core.config import IMAGENET_MEAN, IMAGENET_STD
+from ...engine.task import DataError
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -57,8 +56,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 class ImageFolderDataset(ImageFolder):
     """torchvision's ImageFolder with clear errors up front and bad images skipped, not fatal.
 
-    ``__getitem__`` returns ``(tensor, label)``, or ``(None, path)`` for a file that fails to
-    decode; ``set_epoch`` changes the per-sample augmentation seed.
+    ``__getitem__`` takes an index or an ``(epoch, index)`` key and returns ``(tensor, label)``,
+    or ``(None, path)`` for a file that fails to decode. The augmentation seed is a function of
+    (seed, epoch, index); ``set_epoch`` sets the epoch plain indices use.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, seed: int = 0) -> None:
@@ -91,7 +91,8 @@ class ImageFolderDataset(ImageFolder):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         path, target = self.samples[index]
         try:
             img = self.loader(path)
@@ -99,7 +100,7 @@ class ImageFolderDataset(ImageFolder):
             return None, path
         if self.transform is None:
             return img, target
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
         if get_worker_info() is not None:  # a worker's RNG is its own
             torch.manual_seed(seed)
             return self.transform(img), target

@@ -1,7 +1,7 @@
-"""MobileOne (Vasu et al., arXiv 2206.04040): the variants, the re-parameterizable layer, the net.
+"""MobileOne (Vasu et al., arXiv 2206.04040): the re-parameterizable layer and the net.
 
 Module and attribute names follow Apple's reference code, because they are the checkpoint format
-users hold (spec section 3). In the paper's terms:
+users hold (docs/architecture.md, "Checkpoint layouts"). In the paper's terms:
 
 - ``rbr_conv``: the ``k`` over-parameterized conv+BN branches,
 - ``rbr_scale``: the 1x1 conv+BN "scale" branch of layers whose kernel is larger than 1x1,
@@ -12,83 +12,15 @@ users hold (spec section 3). In the paper's terms:
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fast_train as _fast_train
+from .config import IMAGENET_MEAN, IMAGENET_STD, MobileOneConfig
 from .fusion import fuse_branches, identity_kernel, pad_kernel
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BASE_WIDTHS = (64, 128, 256, 512)
-
-
-class FusionWarning(UserWarning):
-    """Fusion did something the caller may not expect (train mode, already fused, fresh BN)."""
-
-
-@dataclass(frozen=True)
-class MobileOneConfig:
-    """A MobileOne architecture as plain data. Per-stage tuples are for stages 1-4."""
-
-    widths: tuple[int, int, int, int]
-    stem_width: int
-    blocks: tuple[int, int, int, int] = (2, 8, 10, 1)
-    k: tuple[int, int, int, int] = (1, 1, 1, 1)
-    se_blocks: tuple[int, int, int, int] = (0, 0, 0, 0)  # SE on the last n blocks of each stage
-    stem_k: int = 1  # Apple's stem has k = 1 in every variant (the paper's Table 7 says 4)
-    scale_branch: bool = True  # False together with k = 1 and skip_branch = False: no branches
-    skip_branch: bool = True
-    output_stride: int = 32  # 16 or 8 trade the last strides for dilation (segmentation)
-
-    def __post_init__(self) -> None:
-        for name in ("widths", "blocks", "k", "se_blocks"):
-            value = getattr(self, name)
-            value = (value,) * 4 if isinstance(value, int) else tuple(value)
-            if len(value) != 4 or not all(isinstance(v, int) and v >= 0 for v in value):
-                raise ValueError(f"MobileOneConfig.{name} must be 4 non-negative ints (stages 1-4), got {value!r}")
-            object.__setattr__(self, name, value)
-        if min(self.widths) < 1 or self.stem_width < 1 or min(self.blocks) < 1 or min(self.k) < 1 or self.stem_k < 1:
-            raise ValueError(f"widths, blocks and k must be >= 1: {self}")
-        if any(s > b for s, b in zip(self.se_blocks, self.blocks)):
-            raise ValueError(f"se_blocks {self.se_blocks} exceeds the blocks per stage {self.blocks}")
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-
-    @classmethod
-    def from_multipliers(
-        cls, multipliers: tuple[float, float, float, float], k: int = 1, se_blocks: tuple[int, ...] = (0, 0, 0, 0)
-    ) -> MobileOneConfig:
-        """Apple's parameterization: stage widths ``int(base * w)``, stem ``min(64, int(64 * w0))``."""
-        widths = tuple(int(b * w) for b, w in zip(BASE_WIDTHS, multipliers))
-        return cls(widths=widths, stem_width=min(64, int(64 * multipliers[0])), k=(k,) * 4, se_blocks=se_blocks)
-
-    def replace(self, **changes: Any) -> MobileOneConfig:
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise TypeError(
-                f"unknown MobileOne config option(s) {sorted(unknown)}; valid: {[f.name for f in fields(self)]}"
-            )
-        return MobileOneConfig(**{**asdict(self), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-# The paper's Table 7 (as Apple's code builds it): width multipliers of stages 1-4, k, SE blocks.
-VARIANTS: dict[str, MobileOneConfig] = {
-    "mobileone_s0": MobileOneConfig.from_multipliers((0.75, 1.0, 1.0, 2.0), k=4),
-    "mobileone_s1": MobileOneConfig.from_multipliers((1.5, 1.5, 2.0, 2.5), k=1),
-    "mobileone_s2": MobileOneConfig.from_multipliers((1.5, 2.0, 2.5, 4.0), k=1),
-    "mobileone_s3": MobileOneConfig.from_multipliers((2.0, 2.5, 3.0, 4.0), k=1),
-    "mobileone_s4": MobileOneConfig.from_multipliers((3.0, 3.5, 3.5, 4.0), k=1, se_blocks=(0, 0, 5, 1)),
-}
 
 
 class SqueezeExcite(nn.Module):
@@ -236,12 +168,18 @@ class MobileOne(nn.Module):
         features_only: bool = False,
         out_indices: tuple[int, ...] = (0, 1, 2, 3, 4),
         variant: str | None = None,
+        drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if any(i not in range(5) for i in out_indices):
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate (dropout before the classifier) must be in [0, 1), got {drop_rate!r}")
+        if not out_indices or any(i not in range(5) for i in out_indices):
             raise ValueError(f"out_indices must be within 0..4 (strides 2, 4, 8, 16, 32), got {out_indices}")
-        self.config, self.variant, self.in_chans = config, variant, in_chans
-        self.inference_mode = inference_mode
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be an int >= 1 (3 for RGB), got {in_chans!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 removes the head), got {num_classes!r}")
+        self.config, self.variant, self.in_chans, self.drop_rate = config, variant, in_chans, drop_rate
         self.features_only, self.out_indices = features_only, tuple(out_indices)
         self.class_names: list[str] | None = None
         self.frozen_stages = 0
@@ -289,6 +227,11 @@ class MobileOne(nn.Module):
         return nn.Sequential(*layers)
 
     @property
+    def inference_mode(self) -> bool:
+        """Whether every layer is fused (one conv each): the deployed graph."""
+        return all(layer.inference_mode for layer in self.layers())
+
+    @property
     def stages(self) -> list[nn.Module]:
         return [self.stage0, self.stage1, self.stage2, self.stage3, self.stage4]
 
@@ -318,7 +261,9 @@ class MobileOne(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = torch.flatten(self.gap(x), 1)
-        return x if pre_logits else self.linear(x)
+        if pre_logits:
+            return x
+        return self.linear(F.dropout(x, self.drop_rate, self.training) if self.drop_rate else x)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.features_only:
@@ -327,6 +272,8 @@ class MobileOne(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head (``num_classes=0`` removes it), e.g. to fine-tune on new classes."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 removes the head), got {num_classes!r}")
         self.num_classes = num_classes
         self.class_names = None
         p = next(self.parameters())
@@ -335,7 +282,12 @@ class MobileOne(nn.Module):
         )
 
     def freeze_stages(self, n: int) -> None:
-        """Stop gradients and BN statistic updates in ``stage0 .. stage{n-1}`` (mmpretrain's frozen_stages)."""
+        """Stop gradients and BN statistic updates in ``stage0 .. stage{n-1}`` (mmpretrain's frozen_stages).
+
+        ``n`` counts the stem as a stage: 0 freezes nothing, 5 the whole backbone.
+        """
+        if not isinstance(n, int) or not 0 <= n <= len(self.stages):
+            raise ValueError(f"freeze_stages takes 0..{len(self.stages)} (the stem and stages 1-4), got {n!r}")
         for stage in self.stages[:n]:
             stage.eval()
             for p in stage.parameters():
@@ -352,43 +304,14 @@ class MobileOne(nn.Module):
         return [m for m in self.modules() if isinstance(m, MobileOneLayer)]
 
 
-def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with every MobileOne layer folded into one conv (a copy unless ``inplace``).
-
-    Fusion uses the BatchNorm running statistics, so the result matches the unfused model in eval
-    mode; the fused model is returned in eval mode and its parameters stay trainable.
-    Works on any module containing MobileOne layers (a detector with a MobileOne backbone too).
-    """
+def set_fast_train(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch the fast train path on or off for the MobileOne layers of one model (returns the model)."""
     layers = [m for m in model.modules() if isinstance(m, MobileOneLayer)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} contains no MobileOne layers to re-parameterize")
-    unfused = [m for m in layers if not m.inference_mode]
-    if not unfused:
-        warnings.warn("model is already re-parameterized; returning it unchanged", FusionWarning, stacklevel=2)
-        return model if inplace else copy.deepcopy(model)
-    if model.training:
-        warnings.warn(
-            "model was in train mode: fusion folds the BatchNorm running statistics, so the fused model "
-            "reproduces the unfused one in eval mode; it is returned in eval mode",
-            FusionWarning,
-            stacklevel=2,
-        )
-    bns = [bn for m in unfused for _, bn in m.branches()]
-    if all(int(bn.num_batches_tracked) == 0 for bn in bns):
-        warnings.warn(
-            "no BatchNorm running statistics were ever updated (untrained model): the fused model is exact, "
-            "but it folds the initial statistics (mean 0, variance 1)",
-            FusionWarning,
-            stacklevel=2,
-        )
-    if not inplace:
-        model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, MobileOneLayer):
-            m.reparameterize()
-    if isinstance(model, MobileOne):
-        model.inference_mode = True
-    return model.eval()
+        raise ValueError(f"{type(model).__name__} contains no MobileOne layers to switch")
+    for layer in layers:
+        layer.fast_train = enabled
+    return model
 
 
 # E[relu(z)] / std(relu(z)) for z ~ N(0, 1): a skip BN shifted by this maps a post-ReLU input
@@ -430,76 +353,3 @@ def init_branches(
             for bn in bns:
                 bn.weight.fill_(1.0 / math.sqrt(len(bns)))
     return model
-
-
-def resolve_variant(name: str) -> str:
-    """Accept ``mobileone_s0``, ``s0``, ``S0`` or ``mobileone-s0``; raise a clear error otherwise."""
-    key = name.lower().replace("-", "_")
-    key = key if key.startswith("mobileone_") else f"mobileone_{key}"
-    if key not in VARIANTS:
-        raise ValueError(f"unknown MobileOne variant {name!r}; choose one of {list_models()} (or s0..s4)")
-    return key
-
-
-def list_models() -> list[str]:
-    """Names of the registered variants (the paper's S0-S4 and any added with ``register_variant``)."""
-    return sorted(VARIANTS)
-
-
-def register_variant(name: str, config: MobileOneConfig) -> None:
-    """Make a custom architecture available to ``create_model`` and the CLI by name."""
-    VARIANTS[name if name.startswith("mobileone_") else f"mobileone_{name}"] = config
-
-
-def create_model(
-    name: str | MobileOneConfig | dict[str, Any] = "mobileone_s0",
-    num_classes: int = 1000,
-    inference_mode: bool = False,
-    checkpoint: str | None = None,
-    **overrides: Any,
-) -> MobileOne:
-    """Build a MobileOne, timm-style: a variant name (or a config), optional config overrides.
-
-    ``overrides`` are :class:`MobileOneConfig` fields (e.g. ``k=1`` for the paper's k ablation)
-    or model options (``in_chans``, ``features_only``, ``out_indices``). ``checkpoint`` loads
-    weights with :func:`mobileone.load_checkpoint` into the built model.
-    """
-    model_opts = {k: overrides.pop(k) for k in ("in_chans", "features_only", "out_indices") if k in overrides}
-    variant = None
-    if isinstance(name, str):
-        variant = resolve_variant(name)
-        config = VARIANTS[variant]
-    elif isinstance(name, dict):
-        config = MobileOneConfig(**name)
-    else:
-        config = name
-    if overrides:
-        config = config.replace(**overrides)
-        variant = variant if config == VARIANTS.get(variant or "") else None
-    if variant is None:
-        variant = next((n for n, c in VARIANTS.items() if c == config), None)
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0 (0 removes the head), got {num_classes!r}")
-    model = MobileOne(config, num_classes, inference_mode, variant=variant, **model_opts)
-    if checkpoint is not None:
-        from .checkpoint import load_checkpoint
-
-        load_checkpoint(checkpoint, model)
-    return model
-
-
-def _builder(name: str):
-    def build(**kwargs: Any) -> MobileOne:
-        return create_model(name, **kwargs)
-
-    s = name[-2:].upper()
-    build.__name__ = name
-    build.__doc__ = f"MobileOne-{s} (paper Table 7). Keyword arguments as for :func:`create_model`."
-    return build
-
-
-mobileone_s0 = _builder("mobileone_s0")
-mobileone_s1 = _builder("mobileone_s1")
-mobileone_s2 = _builder("mobileone_s2")
-mobileone_s3 = _builder("mobileone_s3")
-mobileone_s4 = _builder("mobileone_s4")

@@ -1,4 +1,4 @@
-"""Post-training static INT8 quantization of the fused graph with onnxruntime, and ONNX evaluation.
+"""Post-training static INT8 quantization of the fused graph with onnxruntime.
 
 Re-parameterized networks are known to quantize badly (RepVGG lost tens of points of top-1):
 folding k branches, a scale branch and an identity into one kernel gives kernels whose output
@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .evaluate import topk_hits
-from .export import export_model, onnx_session, read_onnx_metadata, require, set_onnx_metadata
+from .common import require
+from .evaluate_onnx import accuracy, image_folder, onnx_logits
+from .export import export_model
+from .onnx import read_onnx_metadata, set_onnx_metadata
 
 log = logging.getLogger("mobileone")
 
@@ -64,45 +65,14 @@ class QuantSettings:
         return f"{self.method}, {scales}{keep}{', reduce-range' if self.reduce_range else ''}"
 
 
-def _data_root(data: str | os.PathLike, split: str) -> Path:
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (expected class folders, or train/ and val/)")
-    return root / split if (root / split).is_dir() else root
-
-
-def image_folder(data: str | os.PathLike, split: str, meta: dict[str, Any]) -> Any:
-    """An ImageFolder of ``data`` (or its ``split``/ sub-folder) with the model's eval transform.
-
-    Labels follow the model's class names when it has them, so folders in another order score right.
-    """
-    from .data import DataError, ImageFolderDataset, eval_transform
-
-    size = int(meta["input_size"][-1])
-    transform = eval_transform(size, float(meta.get("crop_pct", 0.875)), meta["mean"], meta["std"])
-    ds = ImageFolderDataset(_data_root(data, split), transform=transform)
-    classes = meta.get("class_names")
-    if classes:
-        unknown = sorted(set(ds.classes) - set(classes))
-        if unknown:
-            raise DataError(
-                f"{ds.root} has class folders {unknown[:10]} the model does not know (its classes: "
-                f"{list(classes)[:10]}...)"
-            )
-        remap = {ds.class_to_idx[c]: list(classes).index(c) for c in ds.classes}
-        ds.samples = [(p, remap[t]) for p, t in ds.samples]
-        ds.targets = [t for _, t in ds.samples]
-    return ds
-
-
 def calibration_images(data: str | os.PathLike, meta: dict[str, Any], num: int = 300, seed: int = 0) -> Tensor:
     """``num`` images drawn at random from ``data`` (its ``train/`` if there is one), preprocessed as deployed."""
     ds = image_folder(data, "train", meta)
-    if len(ds) == 0:
-        raise ValueError(f"no images in {ds.root} to calibrate on")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num].tolist()
-    images = [ds[i][0] for i in idx]
-    return torch.stack([x for x in images if x is not None])
+    images = [x for x in (ds[i][0] for i in idx) if x is not None]
+    if not images:
+        raise ValueError(f"none of the {len(idx)} images drawn from {ds.root} could be read; nothing to calibrate on")
+    return torch.stack(images)
 
 
 class _Reader:
@@ -181,74 +151,6 @@ def quantize_onnx(
     return out
 
 
-def _onnx_batches(data: Any, meta: dict[str, Any], batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
-    from torch.utils.data import DataLoader
-
-    from .data import collate_skip_bad
-
-    if isinstance(data, (str, os.PathLike)):
-        loader = DataLoader(image_folder(data, "val", meta), batch_size, collate_fn=collate_skip_bad)
-    else:
-        loader = data
-    for batch in loader:
-        x, y = batch[0], batch[1]
-        if x is not None:
-            yield x, y
-
-
-def onnx_logits(
-    path: str | os.PathLike, data: Any, batch_size: int = 64, threads: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Logits of an ONNX classifier on ``data`` (see :func:`evaluate_onnx`) and the labels."""
-    session = onnx_session(path, threads)
-    inp = session.get_inputs()[0]
-    meta = read_onnx_metadata(path)
-    size = inp.shape[-1] if isinstance(inp.shape[-1], int) else 224
-    meta.setdefault("input_size", [3, size, size])
-    meta.setdefault("mean", [0.485, 0.456, 0.406])
-    meta.setdefault("std", [0.229, 0.224, 0.225])
-    fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    logits, labels = [], []
-    for x, y in _onnx_batches(data, meta, batch_size):
-        chunks = x.split(fixed_batch) if fixed_batch else [x]
-        logits += [torch.from_numpy(session.run(None, {inp.name: c.numpy()})[0]) for c in chunks]
-        labels.append(y)
-    if not labels:
-        raise ValueError(f"no images were evaluated from {data}")
-    return torch.cat(logits), torch.cat(labels)
-
-
-def _accuracy(logits: Tensor, labels: Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 in percent."""
-    top1, top5 = topk_hits(logits, labels)
-    return 100.0 * top1 / max(1, len(labels)), 100.0 * top5 / max(1, len(labels))
-
-
-def evaluate_onnx(
-    path: str | os.PathLike,
-    data: Any,
-    batch_size: int = 64,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Top-1 / top-5 of any ONNX classifier on ``data``: a folder (``val/`` if present) or a loader of (x, y).
-
-    Preprocessing (size, crop, mean, std) and the class order are read from the file's metadata,
-    as ``mobileone export`` writes it; files without it get ImageNet defaults at their input size.
-    """
-    t0 = time.perf_counter()
-    logits, labels = onnx_logits(path, data, batch_size, threads)
-    top1, top5 = _accuracy(logits, labels)
-    return {
-        "model": str(path),
-        "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
-        "images": len(labels),
-        "top1": top1,
-        "top5": top5,
-        "seconds": time.perf_counter() - t0,
-        "quantization": read_onnx_metadata(path).get("quantization"),
-    }
-
-
 def quantize_model(
     model: nn.Module,
     calib_data: str | os.PathLike,
@@ -304,7 +206,7 @@ def quantization_study(
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mobileone_study_"))
     calibration = calibration_images(calib_data, read_onnx_metadata(fp32_path), num_calib)
     ref, labels = onnx_logits(fp32_path, eval_data)
-    top1, top5 = _accuracy(ref, labels)
+    top1, top5 = accuracy(ref, labels)
     rows = [
         {
             "settings": "fp32",
@@ -320,7 +222,7 @@ def quantization_study(
     for i, s in enumerate(settings):
         q = quantize_onnx(fp32_path, out_dir / f"int8_{i}.onnx", calibration, s)
         logits, _ = onnx_logits(q, eval_data)
-        q1, q5 = _accuracy(logits, labels)
+        q1, q5 = accuracy(logits, labels)
         rows.append(
             {
                 "settings": s.label(),

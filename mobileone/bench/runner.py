@@ -1,0 +1,199 @@
+"""Latency on this machine, measured the way the paper argues it should be, with its analyses.
+
+The paper's point (its Table 1) is that MACs and parameters predict latency poorly, so latency
+has to be measured: MobileOne S0-S4 (and the micro variants) fused and unfused and the usual
+mobile peers, per runtime, with min / median / p90 over many runs after a warm-up at a fixed
+thread count, the fraction of the machine's measured fp32 peak each latency implies, the
+Spearman rank correlation of latency with MACs and with params, and the two micro-studies on a
+30-layer conv net: the cost of each activation (its Table 2) and of skip connections and SE.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.complexity import count_macs, count_params
+from ..core.fusion import reparameterize_model
+from ..deploy.common import require
+from ..deploy.export import export_model
+from .peers import BenchModel, resolve_models
+from .report import write_results
+from .studies import MicroStudy, activation_study, skip_se_study, spearman
+from .timing import RUNTIMES, measure_peak_gflops, time_model
+
+
+@dataclass
+class BenchConfig:
+    """What to time and how; the defaults are the README's run."""
+
+    models: list[str] = field(default_factory=lambda: ["default"])
+    runtimes: list[str] = field(default_factory=lambda: ["eager", "onnxruntime"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    img_size: int = 224
+    threads: int = 2
+    out: str = "bench_results"
+    warmup: int = 10
+    iters: int = 30
+    min_time: float = 1.0
+    studies: bool = True
+    micro: MicroStudy = field(default_factory=MicroStudy)
+    peak_size: int = 2048  # side of the matrices whose product measures the fp32 peak
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if self.threads < 1 or self.img_size < 8 or self.iters < 1:
+            raise ValueError("threads and iters must be >= 1 and img_size >= 8")
+
+
+def versions() -> dict[str, str]:
+    """Versions of torch and the runtimes, and the machine, recorded with every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "machine": _cpu_name()}
+    for pkg in ("torch", "torchvision", "onnxruntime", "executorch", "timm", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Time every model x runtime x batch size, run the analyses, write ``cfg.out``/results.{md,csv}, the plot.
+
+    ``models`` overrides ``cfg.models`` (e.g. tiny custom models in tests).
+    """
+    tqdm = require("tqdm.auto", "bench").tqdm
+    models = models if models is not None else resolve_models(cfg.models)
+    torch.set_num_threads(cfg.threads)
+    peak = measure_peak_gflops(cfg.threads, cfg.peak_size)
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    bar = tqdm(total=len(models) * len(cfg.runtimes), disable=not progress, desc="bench", unit="run")
+    for bm in models:
+        model = bm.build().eval()
+        params, macs = count_params(model), count_macs(model, cfg.img_size)
+        for runtime in cfg.runtimes:
+            bar.set_postfix_str(f"{bm.name} / {runtime}")
+            row: dict[str, Any] = {
+                "model": bm.name,
+                "family": bm.family,
+                "deployed": bm.deployed,
+                "runtime": runtime,
+                "params": params,
+                "macs": macs,
+            }
+            workdir = Path(tempfile.mkdtemp(prefix="mobileone_bench_"))
+            try:
+                for b in sorted(cfg.batch_sizes):
+                    # Large batches take long per call: fewer runs, still at least 3 and min_time seconds.
+                    it, wu = (cfg.iters, cfg.warmup) if b == 1 else (max(3, cfg.iters // 5), max(1, cfg.warmup // 5))
+                    stats = time_model(model, runtime, b, cfg.img_size, cfg.threads, wu, it, cfg.min_time, workdir)
+                    row[f"bs{b}"] = stats
+                    row[f"bs{b}"]["throughput"] = b / (stats["median_ms"] / 1e3)
+                    row[f"bs{b}"]["peak_fraction"] = 2 * macs * b / (stats["median_ms"] / 1e3) / (peak * 1e9)
+            except Exception as e:  # one failing runtime (e.g. an export) must not stop the run
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                errors.append(f"{bm.name} / {runtime}: {row['error']}")
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            rows.append(row)
+            bar.update()
+            if runtime == "compile":
+                torch._dynamo.reset()
+        del model
+        gc.collect()
+    bar.close()
+    peak = max(
+        peak, measure_peak_gflops(cfg.threads, cfg.peak_size)
+    )  # best of before and after: less hurt by a busy moment
+    studies: list[dict[str, Any]] = []
+    if cfg.studies:
+        for runtime in [r for r in cfg.runtimes if r in ("eager", "onnxruntime")] or ["eager"]:
+            for fn in (activation_study, skip_se_study):
+                if progress:
+                    print(f"bench: 30-layer net, {fn.__name__.replace('_', ' ')} ({runtime})", flush=True)
+                studies += fn(runtime, cfg.threads, cfg.micro, cfg.warmup, cfg.iters, cfg.min_time)
+    result = {
+        "config": {k: v for k, v in cfg.__dict__.items() if k != "micro"} | {"micro": cfg.micro.__dict__},
+        "versions": versions(),
+        "threads": cfg.threads,
+        "peak_gflops": peak,
+        "rows": rows,
+        "correlations": correlations(rows, cfg.batch_sizes),
+        "studies": studies,
+        "errors": errors,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_results(result, Path(cfg.out))
+    return result
+
+
+def correlations(rows: list[dict[str, Any]], batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Per runtime, Spearman rho (p) of batch-1 median latency against MACs and against params."""
+    b = min(batch_sizes)
+    out = []
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        ok = [r for r in rows if r["runtime"] == runtime and r["deployed"] and f"bs{b}" in r]
+        if len(ok) < 3:
+            continue
+        lat = [r[f"bs{b}"]["median_ms"] for r in ok]
+        rho_m, p_m = spearman(lat, [r["macs"] for r in ok])
+        rho_p, p_p = spearman(lat, [r["params"] for r in ok])
+        out.append(
+            {
+                "runtime": runtime,
+                "models": len(ok),
+                "batch": b,
+                "rho_macs": rho_m,
+                "p_macs": p_m,
+                "rho_params": rho_p,
+                "p_params": p_p,
+            }
+        )
+    return out
+
+
+def deployment_report(model: nn.Module, out_dir: str | Path, img_size: int = 224, threads: int = 2) -> list[str]:
+    """Export a trained MobileOne to ONNX (checked with onnxruntime) and time it: PyTorch vs onnxruntime.
+
+    Used by ``mobileone demo``; returns printable lines. The ONNX file keeps the model's own input
+    size; the latencies are at ``img_size`` (batch 1), fused graph in both runtimes.
+    """
+    try:
+        report = export_model(model, Path(out_dir) / "model.onnx", "onnx", dynamic_batch=True)
+    except ImportError as e:
+        return [f"ONNX export skipped: {e}"]
+    fused = reparameterize_model(model.eval()) if not getattr(model, "inference_mode", True) else model.eval()
+    kw = {"batch": 1, "img_size": img_size, "threads": threads, "warmup": 5, "iters": 20, "min_time": 0.5}
+    eager, ort = time_model(fused, "eager", **kw), time_model(fused, "onnxruntime", **kw)
+    return [
+        *report.summary().splitlines(),
+        f"latency of the fused model, batch 1 at {img_size} px, {threads} threads (median of >= 20 runs): "
+        f"PyTorch {eager['median_ms']:.2f} ms, onnxruntime {ort['median_ms']:.2f} ms "
+        f"({eager['median_ms'] / ort['median_ms']:.1f}x)",
+    ]

@@ -1,0 +1,114 @@
+"""Timing: repeated calls after a warm-up at fixed threads, per runtime (eager, channels_last, compile,
+onnxruntime, ExecuTorch), and the machine's measured fp32 peak to compare against."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..deploy.common import require
+from ..deploy.executorch import executorch_program, to_executorch
+from ..deploy.onnx import onnx_session, to_onnx
+
+RUNTIMES = ("eager", "channels_last", "compile", "onnxruntime", "executorch")
+WIDE_SPREAD = 0.15  # (median - min) / min above this marks a noisy measurement
+
+
+def time_calls(
+    fn: Callable[[], Any], warmup: int = 10, iters: int = 30, min_time: float = 1.0, max_iters: int = 1000
+) -> np.ndarray:
+    """Seconds per call of ``fn``: ``warmup`` untimed calls, then at least ``iters`` timed ones and ``min_time`` s."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < iters or time.perf_counter() - start < min_time):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return np.asarray(times)
+
+
+def latency_stats(times: np.ndarray) -> dict[str, float]:
+    """min / median / p90 in ms and the relative spread between min and median."""
+    ms = times * 1e3
+    lo, med = float(ms.min()), float(np.median(ms))
+    return {
+        "min_ms": lo,
+        "median_ms": med,
+        "p90_ms": float(np.percentile(ms, 90)),
+        "runs": len(ms),
+        "spread": (med - lo) / lo,
+    }
+
+
+def measure_peak_gflops(threads: int, size: int = 2048, seconds: float = 1.0) -> float:
+    """This machine's fp32 matrix-multiply rate (GFLOP/s, best call) at ``threads`` threads: the peak to compare to."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = time_calls(lambda: torch.mm(a, b), warmup=2, iters=5, min_time=seconds)
+    return 2 * size**3 / float(times.min()) / 1e9
+
+
+def make_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
+    """A no-argument callable running ``model`` on ``x`` with ``runtime``."""
+    if runtime == "eager":
+        return lambda: model(x)
+    if runtime == "channels_last":
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        return lambda: m(xc)
+    if runtime == "compile":
+        compiled = torch.compile(model)
+        return lambda: compiled(x)
+    if runtime == "onnxruntime":
+        path = workdir / "model.onnx"  # one export with a dynamic batch serves every batch size
+        if not path.exists():
+            to_onnx(model, path, torch.cat([x[:1], x[:1]]), dynamic_batch=True)
+        session = onnx_session(path, threads)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        return lambda: session.run(None, feed)
+    if runtime == "executorch":
+        require("executorch.runtime")
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
+        path = workdir / f"model_{len(x)}.pte"
+        to_executorch(model, path, x)
+        method = executorch_program(path).load_method("forward")
+        return lambda: method.execute([x])
+    raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+
+
+def time_model(
+    model: nn.Module,
+    runtime: str,
+    batch: int,
+    img_size: int,
+    threads: int,
+    warmup: int,
+    iters: int,
+    min_time: float,
+    workdir: Path | None = None,
+) -> dict[str, float]:
+    """Latency statistics of one model, runtime and batch size (eval mode, inference mode, fixed threads).
+
+    Exported files go to ``workdir`` (a temporary folder by default), where later batch sizes reuse them.
+    """
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(prefix="mobileone_bench_") as tmp, torch.inference_mode():
+        if runtime in ("onnxruntime", "executorch"):  # exporters trace outside inference mode
+            with torch.inference_mode(False):
+                fn = make_runner(runtime, model, x.clone(), threads, Path(workdir or tmp))
+        else:
+            fn = make_runner(runtime, model, x, threads, Path(tmp))
+        return latency_stats(time_calls(fn, warmup, iters, min_time))

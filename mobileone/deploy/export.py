@@ -1,0 +1,219 @@
+"""Export the fused (deployed) graph to ONNX, TorchScript, ExecuTorch or Core ML, and check it.
+
+The most common deployment mistake is shipping the train-time graph, whose k branches cost up to
+4x the deployed MACs, or fusing in train mode. ``export_model`` therefore always
+fuses (in eval mode) before exporting and says so, writes the classes and the preprocessing into
+the file where the format has a place for them, and then runs the exported file with its own
+runtime on real images, failing when its outputs differ from the PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.config import IMAGENET_MEAN, IMAGENET_STD
+from ..core.fusion import reparameterizable_modules, reparameterize_model
+from ..core.model import MobileOne
+from . import coreml, executorch, onnx, torchscript
+from .common import ExportError
+
+log = logging.getLogger("mobileone")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One export target: file suffix, exporter, runtime check, metadata reader, check tolerance.
+
+    ``tolerance`` is (atol, rtol): the check fails above ``atol + rtol * max |PyTorch output|``.
+    """
+
+    suffix: str
+    export: Callable[[nn.Module, Path, Tensor, dict, bool], None]
+    verify: Callable[[Path, Tensor, bool, nn.Module], tuple[Tensor | None, str]]
+    read_metadata: Callable[[str | Path], dict[str, Any]]
+    tolerance: tuple[float, float]
+
+
+# Core ML computes in float16 by default: it is compared with a looser tolerance than the fp32 runtimes.
+TARGETS: dict[str, Target] = {
+    "onnx": Target(".onnx", onnx.export, onnx.verify, onnx.read_onnx_metadata, (1e-4, 1e-4)),
+    "torchscript": Target(".pt", torchscript.export, torchscript.verify, torchscript.read_torchscript_metadata,
+                          (1e-4, 1e-4)),
+    "executorch": Target(".pte", executorch.export, executorch.verify, executorch.read_executorch_metadata,
+                         (1e-4, 1e-4)),
+    "coreml": Target(".mlpackage", coreml.export, coreml.verify, coreml.read_coreml_metadata, (5e-2, 2e-2)),
+}  # fmt: skip
+FORMATS = {name: t.suffix for name, t in TARGETS.items()}
+
+
+@dataclass
+class ExportReport:
+    """What was exported, whether it had to be fused, and how well the exported file matches PyTorch."""
+
+    path: Path
+    format: str
+    fused_on_export: bool
+    check: str
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"exported {self.format} to {self.path}"]
+        if self.fused_on_export:
+            lines.append("the model had train-time branches: fused it (eval mode) before exporting")
+        if self.max_abs_diff is not None:
+            lines.append(
+                f"check ({self.check}): max |exported - PyTorch| = {self.max_abs_diff:.3g} "
+                f"(tolerance {self.tolerance:.3g})"
+            )
+        else:
+            lines.append(f"check: {self.check}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def model_metadata(model: nn.Module, img_size: int) -> dict[str, Any]:
+    """Classes and preprocessing a deployed app needs, read off a MobileOne (or defaults)."""
+    pre = dict(getattr(model, "preprocess", {}) or {})
+    meta = {
+        "architecture": "MobileOne" if isinstance(model, MobileOne) else type(model).__name__,
+        "variant": getattr(model, "variant", None),
+        "fused": True,
+        "class_names": getattr(model, "class_names", None),
+        "mean": list(pre.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(pre.get("std", (0.229, 0.224, 0.225))),
+        "input_size": [3, img_size, img_size],
+        "crop_pct": pre.get("crop_pct", 0.875),
+        "input_layout": "NCHW, RGB, float32, (x / 255 - mean) / std",
+    }
+    return meta
+
+
+def fuse_for_export(model: nn.Module) -> tuple[nn.Module, bool, list[str]]:
+    """An eval-mode copy of ``model`` with every MobileOne layer fused; whether fusing was needed."""
+    model = copy.deepcopy(model).eval()
+    unfused = any(not getattr(m, "inference_mode", False) for m in reparameterizable_modules(model))
+    notes = []
+    if unfused:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = reparameterize_model(model, inplace=True)
+        notes = [str(w.message) for w in caught if "train mode" not in str(w.message)]
+    return model, unfused, notes
+
+
+def sample_images(n: int = 8, img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """Real photographs (matplotlib's sample images), cropped at several places and normalized.
+
+    Export checks run on these rather than on noise: real images exercise the value ranges a
+    deployed model sees. Without matplotlib the check falls back to Gaussian noise.
+    """
+    from PIL import Image
+
+    try:
+        from matplotlib.cbook import get_sample_data
+
+        photos = [Image.open(get_sample_data(name)).convert("RGB") for name in ("grace_hopper.jpg", "logo2.png")]
+    except (ImportError, OSError):
+        return torch.randn(n, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        side = int(min(w, h) * (1.0 - 0.15 * (i // len(photos) % 4)))
+        x0, y0 = (w - side) * (i % 3) // 2, (h - side) * (i % 5) // 4
+        crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((img_size, img_size), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    x = torch.stack(out)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def export_model(
+    model: nn.Module,
+    out: str | Path,
+    format: str | None = None,
+    img_size: int | None = None,
+    dynamic_batch: bool = False,
+    check: bool = True,
+    check_inputs: Tensor | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> ExportReport:
+    """Fuse, export and verify ``model``; raises :class:`ExportError` when the check fails.
+
+    ``format`` defaults to the one the suffix of ``out`` names. The check runs the exported file
+    with its runtime (onnxruntime, TorchScript, the ExecuTorch runtime; Core ML only on macOS,
+    elsewhere a structural check) on ``check_inputs`` (default: real photographs) and compares with
+    the eval-mode PyTorch model; the tolerance is ``atol + rtol * max |PyTorch output|``
+    (defaults per target in ``TARGETS``).
+    """
+    out = Path(out)
+    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), None)
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r} for {out}; choose one of {list(FORMATS)}")
+    if out.suffix != FORMATS[format]:
+        out = out.with_suffix(FORMATS[format])
+    img_size = img_size or int((getattr(model, "preprocess", None) or {}).get("input_size", 224))
+    if not isinstance(img_size, int) or not 16 <= img_size <= 4096:
+        raise ValueError(f"img_size must be an integer in 16..4096 (pixels), got {img_size!r}")
+    reference = copy.deepcopy(model).eval()
+    fused, fused_now, notes = fuse_for_export(model)
+    meta = model_metadata(model, img_size)
+    in_chans = getattr(model, "in_chans", 3)
+    # torch.export specializes a batch of 1 to a constant, so a dynamic batch is traced with 2.
+    example = torch.zeros(2 if dynamic_batch else 1, in_chans, img_size, img_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s (fused=%s) to %s", format, True, out)
+    with torch.inference_mode(False), torch.no_grad():
+        TARGETS[format].export(fused, out, example, meta, dynamic_batch)
+    report = ExportReport(out, format, fused_now, check="not run", notes=notes)
+    if not check:
+        return report
+    if check_inputs is None:
+        check_inputs = sample_images(8, img_size, meta["mean"], meta["std"])
+    with torch.no_grad():
+        expected = reference(check_inputs).float()
+    got, how = TARGETS[format].verify(out, check_inputs, dynamic_batch, fused)
+    report.check = how
+    if got is None:
+        return report
+    report.max_abs_diff = float((got.float() - expected).abs().max())
+    default_atol, default_rtol = TARGETS[format].tolerance
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    report.tolerance = atol + rtol * float(expected.abs().max())
+    if not report.max_abs_diff <= report.tolerance:
+        raise ExportError(
+            f"{format} export at {out} differs from the PyTorch model by {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:.3g}) on {len(check_inputs)} images; "
+            "the file is kept for inspection but should not be deployed"
+        )
+    return report
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of any exported file, by its suffix."""
+    path = Path(path)
+    target = next((t for t in TARGETS.values() if t.suffix == path.suffix), None)
+    if target is None:
+        raise ValueError(f"cannot read metadata from {path}: expected one of {list(FORMATS.values())}")
+    return target.read_metadata(path)
+
+
+def export_to_temp_onnx(model: nn.Module, img_size: int, dynamic_batch: bool = True) -> Path:
+    """Export a fused ONNX copy of ``model`` into a temporary directory (for quantization, benchmarks)."""
+    path = Path(tempfile.mkdtemp(prefix="mobileone_")) / "model.onnx"
+    export_model(model, path, "onnx", img_size=img_size, dynamic_batch=dynamic_batch, check=False)
+    return path

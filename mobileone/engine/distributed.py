@@ -1,0 +1,106 @@
+"""Where a run executes: device, ranks (torchrun, NCCL or gloo), AMP, and the data loaders.
+
+Augmentation must not depend on the number of processes or data workers: the training sampler
+hands each dataset lookup its ``(epoch, index)`` key, so a sample's random crop is a pure function
+of (seed, epoch, index) even inside persistent worker processes, which never see a ``set_epoch``
+call on their copy of the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+@dataclass
+class Env:
+    """Where this process runs: device, rank and world size, AMP dtype, memory format."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> torch.autocast:
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
+
+
+def setup_env(cfg: TrainConfig) -> Env:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); pick device, AMP and threads."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif use_cuda:
+        torch.backends.cudnn.benchmark = True
+    rank, owns = 0, False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if use_cuda else "none")
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    cl = cfg.channels_last if cfg.channels_last is not None else use_cuda
+    return Env(device, rank, world, dtype, cl, owns)
+
+
+def default_workers(world: int = 1) -> int:
+    """Loader processes per rank that fit the machine: up to 4, leaving a core for the training process."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, local_world) - 1))
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields ``(epoch, index)`` keys, so the epoch reaches every worker process."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
+
+
+def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, train: bool) -> DataLoader:
+    """The training loader (shuffled per epoch, the same batches for any world size) or this rank's val shard."""
+    per_rank = cfg.batch_size // env.world
+    workers = cfg.workers if cfg.workers is not None else default_workers(env.world)
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": env.device.type == "cuda", "collate_fn": collate,
+                              "persistent_workers": workers > 0}  # fmt: skip
+    if train:
+        sampler = EpochSampler(ds, env.world, env.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        return DataLoader(ds, per_rank, sampler=sampler, drop_last=True, **common)
+    shard = Subset(ds, range(env.rank, len(ds), env.world))
+    return DataLoader(shard, max(1, per_rank // cfg.accum_steps) * 2, shuffle=False, **common)
+
+
+def all_reduce_sum(values: torch.Tensor, env: Env) -> torch.Tensor:
+    """Sum a tensor over the ranks (a no-op in one process)."""
+    if env.world > 1:
+        dist.all_reduce(values)
+    return values

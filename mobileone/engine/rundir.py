@@ -1,0 +1,172 @@
+"""The run directory: one owner at a time, every file written whole, a training state that survives kills.
+
+Layout: ``config.json``, ``metrics.jsonl``, ``train_state.pt`` (and the previous epoch's
+``train_state.prev.pt``), the task's checkpoints, ``curves.png``, ``summary.json``, and
+``.lock`` while a run owns the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.files import atomic_write, remove_stale_temporaries
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used: another run owns it, it is not writable, or its state is unreadable."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class RunDir:
+    """A run's folder, locked for the lifetime of the object's ``with`` block (rank 0 only)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path / ".lock"
+        self._locked = False
+
+    def __enter__(self) -> RunDir:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Create the folder and take its lock; a lock left by a dead process on this host is taken over."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (PermissionError, FileExistsError, NotADirectoryError) as e:
+            raise RunDirError(f"cannot create the run directory {self.path}: {e}; choose another --out") from e
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise RunDirError(f"the run directory {self.path} is not writable; choose another --out")
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                    warnings.warn(
+                        f"{self.path} was locked by process {owner['pid']}, which is no longer running; "
+                        "taking the run directory over",
+                        stacklevel=3,
+                    )
+                    self.lock_path.unlink(missing_ok=True)
+                    continue
+                raise RunDirError(
+                    f"{self.path} is in use by another run (process {owner.get('pid', '?')} on host "
+                    f"{owner.get('host', '?')}); wait for it to finish or choose another --out. If that run is "
+                    f"gone, delete {self.lock_path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            stale = remove_stale_temporaries(self.path)
+            if stale:
+                warnings.warn(f"removed {len(stale)} temporary file(s) an interrupted run left in {self.path}",
+                              stacklevel=3)  # fmt: skip
+            return
+        raise RunDirError(f"could not lock {self.path}: another process keeps taking it")
+
+    def _owner(self) -> dict[str, Any]:
+        try:
+            owner = json.loads(self.lock_path.read_text())
+            return owner if isinstance(owner, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self._locked:
+            self.lock_path.unlink(missing_ok=True)
+            self._locked = False
+
+    # ---- files
+
+    def write_json(self, name: str, value: Any) -> None:
+        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2)))
+
+    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rewritten whole, so a resume never duplicates rows."""
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "train_state.pt"
+
+    @property
+    def previous_state_path(self) -> Path:
+        return self.path / "train_state.prev.pt"
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """The training state after an epoch; the previous epoch's is kept as a fallback."""
+        if self.state_path.exists():
+            os.replace(self.state_path, self.previous_state_path)
+        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
+
+    def has_state(self) -> bool:
+        return self.state_path.exists() or self.previous_state_path.exists()
+
+    def load_state(self, device: torch.device) -> dict[str, Any]:
+        """The newest readable training state; falls back to the previous epoch's, saying why."""
+        errors = []
+        for path in (self.state_path, self.previous_state_path):
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location=device, weights_only=True)
+                if not isinstance(state, dict) or "model" not in state:
+                    raise ValueError("not a training state")
+            except Exception as e:  # truncated, corrupt, or not ours: try the previous one
+                errors.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                continue
+            if errors:
+                warnings.warn(f"could not read {errors[0]}; resuming from {path.name} (epoch {state.get('epoch')})",
+                              stacklevel=2)  # fmt: skip
+            return state
+        raise RunDirError(
+            f"cannot resume {self.path}: no readable training state ({'; '.join(errors) or 'train_state.pt missing'}); "
+            "start a new run with another --out"
+        )
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, metrics: tuple[str, ...]) -> None:
+    """Loss, validation metrics (and their EMA), LR and weight decay against epochs, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    axes[0].plot(ep, [r["train_loss"] for r in history], label="train loss")
+    for name in metrics:
+        axes[1].plot(ep, [r[name] for r in history], label=f"val {name}")
+        if history[0].get(f"ema_{name}") is not None:
+            axes[1].plot(ep, [r[f"ema_{name}"] for r in history], "--", label=f"EMA {name}")
+    axes[2].plot(ep, [r["lr"] for r in history], label="learning rate")
+    axes[3].plot(ep, [r["weight_decay"] for r in history], label="weight decay")
+    for ax, title in zip(axes, ("loss", "validation", "learning rate", "weight decay"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    plt.close(fig)

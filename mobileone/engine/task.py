@@ -1,0 +1,99 @@
+"""What a task (classification, detection, segmentation) plugs into the training engine.
+
+The engine owns everything every task needs: the run directory, resume, schedules, EMA, DDP,
+AMP, channels_last, accumulation, the NaN stop, progress, metrics and curves. A task supplies
+its data, its model, its loss, its metrics and its checkpoint files through this interface.
+
+A batch is ``(images, targets, bad_paths)``: ``images`` a float tensor (N, 3, H, W) or ``None``
+when every sample of the batch was unreadable, ``targets`` anything that slices along the batch
+(a tensor of labels or masks, a list of per-image dicts of boxes), ``bad_paths`` the files that
+could not be read (skipped and counted).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .distributed import Env
+
+
+class DataError(ValueError):
+    """The dataset on disk cannot be used as given (missing folders, class mismatch, nothing readable)."""
+
+
+@dataclass
+class TaskData:
+    """A task's datasets: ``train`` is indexed with ``(epoch, index)`` keys (see ``EpochSampler``)."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+
+
+class Task(ABC):
+    """One task's hooks into the engine. Subclasses set ``name``, ``metric`` and ``metric_names``."""
+
+    name: str  # the CLI's --task value
+    metric: str  # the validation metric that picks best.* (higher is better)
+    metric_names: tuple[str, ...]  # metrics logged every epoch (and again for the EMA weights, "ema_" + name)
+
+    def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
+        """TrainConfig values this task sets unless the user does (after the recipe's)."""
+        return {}
+
+    def validate(self, cfg: TrainConfig) -> None:
+        """Refuse options this task cannot honour (called before anything is written)."""
+        return None
+
+    @abstractmethod
+    def load_data(self, cfg: TrainConfig, env: Env) -> TaskData: ...
+
+    @abstractmethod
+    def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module: ...
+
+    def prepare(self, cfg: TrainConfig, env: Env, model: nn.Module) -> None:
+        """Anything the loss needs besides the model (a distillation teacher), once the model is on its device."""
+        return None
+
+    @abstractmethod
+    def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
+        """Install the training augmentation for this phase (image size and augmentation strength)."""
+
+    @abstractmethod
+    def collate(self) -> Callable[[list[Any]], tuple[Tensor | None, Any, list[str]]]:
+        """The loader's collate function (a picklable top-level function, for worker processes)."""
+
+    @abstractmethod
+    def loss(self, net: nn.Module, images: Tensor, targets: Any, cfg: TrainConfig) -> Tensor:
+        """The training loss of one (micro-)batch; ``net`` may be wrapped in DDP or torch.compile."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, loader: Any, env: Env) -> dict[str, float]:
+        """``metric_names`` over the whole validation set (summed or gathered over the ranks)."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, path: Path, **meta: Any) -> Path:
+        """Write a checkpoint that :meth:`load` (and ``mobileone eval --task``) reads back."""
+
+    @abstractmethod
+    def load(self, path: Path) -> nn.Module: ...
+
+    def finish(self, run_dir: Path, best: nn.Module, data: TaskData, cfg: TrainConfig) -> None:
+        """After the run, on rank 0: e.g. a picture of predictions on a few validation images."""
+        return None
+
+    def epoch_line(self, row: dict[str, Any]) -> str:
+        """The metrics part of the per-epoch line."""
+        parts = [f"val {n} {row[n]:.2f}" for n in self.metric_names if row.get(n) is not None]
+        if row.get(f"ema_{self.metric}") is not None:
+            parts.append(f"EMA {self.metric} {row[f'ema_{self.metric}']:.2f}")
+        return "  ".join(parts)

@@ -1,0 +1,320 @@
+"""The training engine: one loop for every task, read top to bottom in :func:`fit`.
+
+A task (``mobileone.tasks``) supplies data, model, loss, metrics and checkpoint files; the loop
+supplies the rest: the locked run directory, resume (bit-exact: schedules are functions of the
+step, augmentation of (seed, epoch, index)), LR / weight-decay schedules, EMA, DDP, AMP,
+channels_last, gradient accumulation, the stop on a non-finite loss or model, progress, and
+``metrics.jsonl`` / ``curves.png`` / ``summary.json``. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.fusion import reparameterizable_modules, reparameterize_model
+from .config import TrainConfig
+from .distributed import Env, all_reduce_sum, make_loader, setup_env
+from .rundir import RunDir, plot_curves
+from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
+from .task import DataError, Task, TaskData
+
+log = logging.getLogger("mobileone")
+
+
+class TrainingError(RuntimeError):
+    """The run had to stop (a non-finite loss or model); the message says where, why, and what was kept."""
+
+
+def fit(cfg: TrainConfig, task: Task) -> dict[str, Any]:
+    """Run (or resume) one training run of ``task``; returns the summary also written to ``summary.json``."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    cfg.validate()
+    task.validate(cfg)
+    env = setup_env(cfg)
+    try:
+        return _fit(cfg, task, env)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
+    run = RunDir(cfg.out)
+    if not cfg.resume and (run.has_state() or (run.path / "metrics.jsonl").exists()):
+        raise ValueError(
+            f"{run.path} already holds a run; continue it with --resume {run.path}, or choose another --out"
+        )
+    if cfg.resume and not run.has_state():
+        raise FileNotFoundError(f"cannot resume: {run.path} has no train_state.pt (no epoch was completed)")
+    torch.manual_seed(cfg.seed)
+    # Everything that can fail on the user's input fails here, before a file is written.
+    data = task.load_data(cfg, env)
+    per_epoch = len(data.train) // cfg.batch_size
+    if per_epoch == 0:
+        raise DataError(f"{len(data.train)} training images are fewer than one batch of {cfg.batch_size}; "
+                        "lower --batch-size")  # fmt: skip
+    per_epoch = min(per_epoch, cfg.steps_per_epoch or per_epoch)
+    model = task.build_model(cfg, data.classes)
+    with run if env.main else contextlib.nullcontext():
+        return _loop(cfg, task, env, run, data, model, per_epoch)
+
+
+def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, model: nn.Module, per_epoch: int):
+    if env.main and not cfg.resume:
+        run.write_json("config.json", cfg.to_dict())
+        print(f"training config ({run.path / 'config.json'}):\n{cfg.to_dict()}", flush=True)
+    if cfg.sync_bn and env.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(env.device)
+    if env.channels_last:
+        model.to(memory_format=torch.channels_last)
+    task.prepare(cfg, env, model)
+    ema = make_ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=peak_lr(cfg), momentum=cfg.momentum)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
+    net: nn.Module = model
+    if env.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    total = cfg.epochs * per_epoch
+    warmup = min(round(cfg.warmup_epochs * per_epoch), total // 5)  # a 1-epoch run still gets its cosine
+    start_epoch, step, history, best = 0, 0, [], {task.metric: None}
+    if cfg.resume:
+        state = run.load_state(env.device)
+        _check_same_classes(state.get("classes"), data.classes, run.path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
+        torch.set_rng_state(state["rng"].cpu())
+        if env.main:
+            print(f"resuming {run.path} after epoch {start_epoch} (step {step})", flush=True)
+
+    val_loader = make_loader(data.val, cfg, env, task.collate(), train=False)
+    loader, loader_key = None, None
+    for epoch in range(start_epoch, cfg.epochs):
+        size, strength = image_size_at(epoch, cfg.epochs, cfg.img_size, cfg.progressive)
+        if (size, strength) != loader_key:  # progressive phases change the transform: new workers
+            task.set_train_transform(data, cfg, size, strength)
+            loader, loader_key = make_loader(data.train, cfg, env, task.collate(), train=True), (size, strength)
+        loader.sampler.set_epoch(epoch)
+        net.train()
+        report = _Progress(cfg, env, per_epoch, epoch)
+        loss_sum, seen, bad, t0 = torch.zeros((), device=env.device), 0, 0, time.perf_counter()
+        for b, (x, y, bad_paths) in enumerate(loader):
+            if b >= per_epoch:
+                break
+            bad += _handle_bad(bad_paths, cfg)
+            lr = lr_at(step, total, warmup, peak_lr(cfg), cfg.min_lr)
+            wd = weight_decay_at(step, total, cfg.weight_decay, cfg.weight_decay_end)
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
+            if x is not None:
+                where = f"step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
+                loss = _step(net, task, optimizer, scaler, x, y, cfg, env, where, _last_good(run, history))
+                if ema is not None:
+                    ema.update_parameters(model)
+                loss_sum += loss * len(x)
+                seen += len(x)
+            step += 1
+            report.update(b + 1, seen, loss if x is not None else None)
+        report.close()
+        train_seconds = time.perf_counter() - t0
+        totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, bad], dtype=torch.float64, device=env.device), env)
+        loss_sum, seen, bad = float(totals[0]), int(totals[1]), int(totals[2])
+        if seen == 0:
+            raise DataError(f"no training image of epoch {epoch + 1} could be read ({bad} unreadable); check the "
+                            "files under the training folder (see the warnings above)")  # fmt: skip
+        _check_finite(model, f"after epoch {epoch + 1}", _last_good(run, history))
+        t_eval = time.perf_counter()
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
+        row |= task.evaluate(_fused_copy(model), val_loader, env)
+        ema_metrics = task.evaluate(_fused_copy(ema.module), val_loader, env) if ema is not None else {}
+        row |= {f"ema_{k}": ema_metrics.get(k) for k in task.metric_names}
+        row |= {"lr": lr, "weight_decay": wd, "images_per_second": seen / train_seconds, "img_size": size,
+                "augment_strength": strength, "bad_images": bad, "eval_seconds": time.perf_counter() - t_eval,
+                "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
+        history.append(row)
+        if env.main:
+            best = _save_epoch(run, task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data)
+            print(_epoch_line(task, row, cfg.epochs), flush=True)
+    if env.main:
+        return _finish(run, task, cfg, history, best, data)
+    return {"run_dir": str(run.path), "best": best}
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, where: str, last_good: str):
+    """One optimizer step over ``accum_steps`` interleaved micro-batches; stops on a non-finite loss."""
+    x, y = _to_device(x, env.device), _to_device(y, env.device)
+    if env.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=env.device)
+    for j in range(cfg.accum_steps):
+        xj, yj = x[j :: cfg.accum_steps], y[j :: cfg.accum_steps]
+        if len(xj) == 0:
+            continue
+        sync = j == cfg.accum_steps - 1 or not hasattr(net, "no_sync")
+        with net.no_sync() if not sync else contextlib.nullcontext():
+            with env.autocast():
+                loss = task.loss(net, xj, yj, cfg)
+            finite = all_reduce_sum(torch.isfinite(loss.detach()).logical_not().float(), env)
+            if finite.item() > 0:
+                raise TrainingError(
+                    f"the loss became {loss.item()} at {where}; the run stopped. {last_good} Lower the learning "
+                    "rate (--lr), switch off fp16 (--amp bf16/none), or check the data."
+                )
+            scaler.scale(loss * len(xj) / len(x)).backward()
+        total += loss.detach() * len(xj) / len(x)
+    scaler.step(optimizer)
+    scaler.update()
+    return total
+
+
+def _last_good(run: RunDir, history: list[dict[str, Any]]) -> str:
+    """Which checkpoint survives a stop: the last epoch's (written only when its model was finite)."""
+    last = run.path / "last.safetensors"
+    if history and last.exists():
+        return f"The last good checkpoint is {last} (epoch {history[-1]['epoch']})."
+    return "No checkpoint was written (the run stopped in its first epoch)."
+
+
+def _check_finite(model: nn.Module, when: str, last_good: str) -> None:
+    """A model with a NaN or infinite weight or BN statistic is not a result: stop instead of saving it."""
+    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
+    if bad:
+        raise TrainingError(f"the model has NaN or infinite values {when} (in {len(bad)} tensors, e.g. {bad[:3]}); "
+                            f"the run stopped. {last_good} Lower the learning rate (--lr).")  # fmt: skip
+
+
+def _fused_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every branch folded: the same outputs as eval mode, several times fewer kernels."""
+    if not reparameterizable_modules(model):
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return reparameterize_model(model)
+
+
+def _check_same_classes(saved: list[str] | None, now: list[str], where: Path) -> None:
+    if saved is None or list(saved) == list(now):
+        return
+    gone, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
+    change = f"removed or renamed: {gone[:10]}; added: {new[:10]}" if gone or new else "the class order changed"
+    raise DataError(f"cannot resume {where}: the data's classes differ from the run's ({change}). Labels would "
+                    "change meaning; restore the data as it was, or start a new run with another --out")  # fmt: skip
+
+
+def _handle_bad(paths: list[str], cfg: TrainConfig) -> int:
+    if paths and cfg.strict_images:
+        raise DataError(f"unreadable image(s) {paths[:5]} (--strict-images); remove or re-save them")
+    for p in paths:
+        log.warning("skipped unreadable image %s", p)
+    return len(paths)
+
+
+class _Progress:
+    """A tqdm bar on an interactive terminal; elsewhere (logs, CI) a line every ``log_every`` steps."""
+
+    def __init__(self, cfg: TrainConfig, env: Env, steps: int, epoch: int) -> None:
+        self.bar, self.every, self.t0, self.env = None, 0, time.perf_counter(), env
+        self.steps, self.epoch = steps, epoch + 1
+        if not (cfg.progress and env.main):
+            return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        else:  # short epochs: the epoch line is enough
+            self.every = cfg.log_every or (steps // 10 if steps >= 50 else 0)
+
+    def update(self, done: int, seen: int, loss: torch.Tensor | None) -> None:
+        if self.bar is None and not (self.every and done % self.every == 0):
+            return
+        speed = seen * self.env.world / max(1e-9, time.perf_counter() - self.t0)
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
+        elif loss is not None:
+            print(f"  step {done}/{self.steps} of epoch {self.epoch}  loss {loss.item():.4f}  {speed:.0f} img/s",
+                  flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _epoch_line(task: Task, r: dict[str, Any], epochs: int) -> str:
+    bad = f"  skipped images {r['bad_images']}" if r["bad_images"] else ""
+    return (
+        f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  {task.epoch_line(r)}  lr {r['lr']:.2e}  "
+        f"wd {r['weight_decay']:.1e}  {r['images_per_second']:.0f} img/s  {r['img_size']} px  "
+        f"{r['epoch_seconds']:.1f} s{bad}"
+    )
+
+
+def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data):
+    """Checkpoints after every epoch, each written atomically, so a kill at any point leaves either the
+    previous epoch's training state or this one's, never a mix; a resume redoes at most one epoch."""
+    row, metric = history[-1], task.metric
+    task.save(model, run.path / "last.safetensors", epoch=epoch + 1, weights="model", **{metric: row[metric]})
+    use_ema = ema is not None and row[f"ema_{metric}"] > row[metric]
+    value = row[f"ema_{metric}"] if use_ema else row[metric]
+    if best.get(metric) is None or value > best[metric]:
+        prefix = "ema_" if use_ema else ""
+        best = {**{n: row[prefix + n] for n in task.metric_names}, "epoch": epoch + 1,
+                "weights": "ema" if use_ema else "model"}  # fmt: skip
+        task.save(ema.module if use_ema else model, run.path / "best.safetensors", **best)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch + 1, "step": step,
+             "history": history, "best": best, "classes": list(data.classes), "rng": torch.get_rng_state()}  # fmt: skip
+    run.save_state(state)
+    run.write_jsonl("metrics.jsonl", history)
+    if row["epoch_seconds"] > 20 or epoch + 1 == cfg.epochs:
+        plot_curves(history, run.path / "curves.png", task.metric_names)
+    return best
+
+
+def _finish(run: RunDir, task: Task, cfg: TrainConfig, history, best, data: TaskData) -> dict[str, Any]:
+    """Fuse the best checkpoint into ``best_fused``, let the task draw its pictures, write ``summary.json``."""
+    best_model = task.load(run.path / "best.safetensors").eval()
+    fused = _fused_copy(best_model)
+    if fused is not best_model:
+        task.save(fused, run.path / "best_fused.safetensors", **best)
+    task.finish(run.path, fused, data, cfg)
+    summary = {"run_dir": str(run.path), "task": task.name, "best": best, "last": history[-1], "epochs": cfg.epochs,
+               "train_images_per_second": sum(r["images_per_second"] for r in history) / len(history),
+               "bad_images": sum(r["bad_images"] for r in history)}  # fmt: skip
+    run.write_json("summary.json", summary)
+    print(f"best {task.metric} {best[task.metric]:.2f} (epoch {best['epoch']}, {best['weights']} weights); "
+          f"run: {run.path}")  # fmt: skip
+    return summary
+

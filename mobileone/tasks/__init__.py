@@ -1,0 +1,40 @@
+"""The tasks that plug into the training engine, and the Python training API.
+
+``mobileone.train(task="classify", **options)`` is what ``mobileone train`` runs: the same
+options as the command line (``TrainConfig`` fields), the same run directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine import Task, TrainConfig, fit
+from ..engine import resolve_config as _resolve
+from .classification.task import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {"classify": ClassificationTask}
+
+
+def get_task(name: str) -> Task:
+    """A fresh task object by its ``--task`` name."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {list(TASKS)}")
+    return TASKS[name]()
+
+
+def resolve_config(recipe: str | None = None, **options: Any) -> TrainConfig:
+    """The full config of a run: the recipe's and the task's defaults, then ``options`` (None means unset)."""
+    return _resolve(get_task(options.get("task") or "classify"), recipe, **options)
+
+
+def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Train (or resume) a run and return its summary; ``options`` are ``TrainConfig`` fields.
+
+    Example:
+        >>> summary = mobileone.train(data="photos", variant="s0", epochs=10, out="runs/photos")
+        >>> summary = mobileone.train(task="detect", data="boxes", img_size=320, out="runs/det")
+    """
+    if config is not None and options:
+        raise TypeError("pass either a TrainConfig or keyword options, not both")
+    cfg = config if config is not None else resolve_config(options.pop("recipe", None), **options)
+    return fit(cfg, get_task(cfg.task))

@@ -1,0 +1,1 @@
+"""Image classification: ImageFolder data, the task's hooks into the engine, evaluation."""
