@@ -8,11 +8,11 @@ import onnx  # noqa: E402
 
 from mobileone import MobileOneConfig, create_model, save_checkpoint  # noqa: E402
 from mobileone.cli import main  # noqa: E402
-from mobileone.tasks.classification.data import builtin_dataset, digits_split, eval_transform  # noqa: E402
+from mobileone.deploy.evaluate_onnx import evaluate_onnx, onnx_logits  # noqa: E402
 from mobileone.deploy.export import export_model  # noqa: E402
 from mobileone.deploy.onnx import read_onnx_metadata  # noqa: E402
-from mobileone.deploy.evaluate_onnx import evaluate_onnx, onnx_logits  # noqa: E402
 from mobileone.deploy.quantize import QuantSettings  # noqa: E402
+from mobileone.tasks.classification.data import builtin_dataset, digits_split, eval_transform  # noqa: E402
 
 SIZE = 16
 

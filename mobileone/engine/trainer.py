@@ -317,4 +317,3 @@ def _finish(run: RunDir, task: Task, cfg: TrainConfig, history, best, data: Task
     print(f"best {task.metric} {best[task.metric]:.2f} (epoch {best['epoch']}, {best['weights']} weights); "
           f"run: {run.path}")  # fmt: skip
     return summary
-
