@@ -19,6 +19,9 @@ from .core.complexity import count_layers, count_macs, count_params
 from .core.config import list_models, resolve_variant
 from .core.factory import create_model
 from .core.model import MobileOne
+from .engine.rundir import RunDirError
+
+TASKS = ["classify", "detect", "segment"]
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
@@ -80,15 +83,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "finetune: from --pretrained), then from the variant (S1-S4: progressive size, S2-S4: RandAugment).",
     )
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", help="folder with train/ and val/ (one sub-folder per class); default: built-in digits")
-    g.add_argument("--variant", help="s0..s4 (default s0)")
+    g.add_argument("--task", choices=TASKS, help="classify (default), detect (SSDLite), segment (DeepLabV3, LR-ASPP)")
+    g.add_argument("--data", help="the task's data folder (classify: train/ and val/ with one sub-folder per class); "
+                   "default: the task's built-in data")  # fmt: skip
+    g.add_argument("--variant", help="s0..s4, mu0..mu2 (default s0); detect / segment also mnv3, the MobileNetV3 peer")
     g.add_argument("--arch", type=json.loads, help='custom MobileOneConfig as JSON, e.g. \'{"widths": [8,16,32,64], '
                    '"stem_width": 8, "blocks": [1,1,1,1], "k": 2}\'')  # fmt: skip
     g.add_argument(
         "--recipe", choices=["short", "imagenet", "finetune"], help="default: finetune with --pretrained, else short"
     )
     g.add_argument("--out", help="run directory (default runs/mobileone)")
-    g.add_argument("--pretrained", help="fine-tune from this checkpoint (any layout load_checkpoint reads); new head")
+    g.add_argument("--pretrained", help="fine-tune from this checkpoint (any layout load_checkpoint reads); new head. "
+                   "detect / segment: a classification checkpoint of the backbone (e.g. Apple's)")  # fmt: skip
+    g.add_argument("--freeze-stages", type=int, help="freeze the stem and the first N-1 stages, BN included (0..5)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed epoch")
     g.add_argument("--strict-images", action="store_true", default=None, help="stop on an unreadable image")
     g = p.add_argument_group("schedule")
@@ -120,12 +127,25 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random-resized-crop area range")
     g.add_argument("--hflip", type=float, help="horizontal flip probability")
     g.add_argument("--crop-pct", type=float, help="evaluation crop ratio (default 0.875)")
+    g = p.add_argument_group("detection and segmentation")
+    g.add_argument("--data-format", choices=["auto", "coco", "voc", "yolo", "masks"],
+                   help="annotation layout (default: detected)")  # fmt: skip
+    g.add_argument("--anchor-min-ratio", type=float, help="detect: smallest default box / image size (default 0.2)")
+    g.add_argument("--anchor-max-ratio", type=float, help="detect: largest default box / image size (default 0.95)")
+    g.add_argument("--score-thresh", type=float, help="detect: lowest score kept for evaluation (default 0.001)")
+    g.add_argument("--nms-thresh", type=float, help="detect: IoU of per-class NMS (default 0.55)")
+    g.add_argument("--max-detections", type=int, help="detect: detections kept per image (default 300)")
+    g.add_argument("--head", choices=["deeplabv3", "lraspp"], help="segment: head (default deeplabv3)")
+    g.add_argument("--output-stride", type=int, choices=[8, 16], help="segment: backbone output stride (default 16)")
+    g.add_argument("--aux-weight", type=float, help="segment: auxiliary FCN loss weight, 0 = no aux head (0.4)")
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", help="teacher checkpoint (same classes) for knowledge distillation")
     g.add_argument("--distill-alpha", type=float, help="weight of the soft-target loss (default 0.5)")
     g.add_argument("--distill-temperature", type=float, help="default 2")
     g = p.add_argument_group("hardware")
-    g.add_argument("--workers", type=int, help="data-loading processes per rank (default 4)")
+    g.add_argument("--workers", type=int, help="data-loading processes per rank (default: fits the machine)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--log-every", type=int, help="without a terminal, print a line every N steps")
     g.add_argument("--seed", type=int)
     g.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (exact resume)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"])
@@ -158,11 +178,16 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"mobileone train: stopped: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"\nmobileone train: interrupted. {cfg.out} keeps its last completed epoch; continue with:\n"
+              f"  mobileone train --resume {cfg.out}", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 of a fused or unfused checkpoint on an image folder")
+    p = sub.add_parser("eval", help="score a fused or unfused checkpoint: top-1/top-5, mAP, or mIoU")
+    p.add_argument("--task", choices=TASKS, default="classify")
     p.add_argument("--data", required=True, help="folder of class folders, or a dataset folder with val/")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads")
@@ -176,6 +201,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.task != "classify":
+        return _task_command(args, "evaluate")
     from .tasks.classification.evaluate import evaluate_checkpoint
 
     if args.onnx:
@@ -200,71 +227,33 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_EPOCHS = 6
-
-
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train S0 on the built-in digits, evaluate, fuse, compare (1-2 min on a CPU)")
+    p = sub.add_parser("demo", help="train on built-in data, evaluate, fuse, compare, export (a few minutes on a CPU)")
+    p.add_argument("--task", choices=TASKS, default="classify",
+                   help="classify: S0 on the digits; detect / segment: on scenes built from the digits")  # fmt: skip
     p.add_argument("--out", help="run directory (default runs/demo-<date>-<time>)")
-    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
-    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, help="default: the task demo's")
+    p.add_argument("--img-size", type=int, help="default: the task demo's")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
+    return _task_command(args, "demo")
 
-    import torch
 
-    from .bench import deployment_report, time_model
-    from .tasks import resolve_config, train
-    from .tasks.classification.data import ImageFolderDataset, builtin_dataset, eval_transform
-    from .tasks.classification.evaluate import evaluate_checkpoint
+# Each task's command bodies: mobileone.commands.<module>, a function per subcommand taking the parsed
+# arguments and returning the exit code (classification keeps eval / export / bench here).
+TASK_COMMANDS = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
 
-    out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    data = builtin_dataset()
-    # 1. Train S0 from scratch on the built-in digits with the default ("short") recipe.
-    t0 = time.perf_counter()
-    cfg = resolve_config(variant="s0", out=str(out), epochs=args.epochs, img_size=args.img_size, workers=0)
-    summary = train(cfg)
-    train_s = time.perf_counter() - t0
-    # 2. Evaluate the best checkpoint, unfused and fused, with the standard eval transform.
-    unfused = evaluate_checkpoint(data, out / "best.safetensors", workers=0)
-    fused = evaluate_checkpoint(data, out / "best_fused.safetensors", workers=0)
-    # 3. Fused and unfused must agree on real images, logit by logit.
-    model, fmodel = load_checkpoint(out / "best.safetensors").eval(), load_checkpoint(out / "best_fused.safetensors")
-    val = ImageFolderDataset(data / "val", transform=eval_transform(args.img_size))
-    x = torch.stack([val[i][0] for i in range(0, len(val), max(1, len(val) // 64))])
-    with torch.no_grad():
-        diff = (model(x) - fmodel.eval()(x)).abs().max().item()
-    agree = diff < 1e-3 and abs(unfused["top1"] - fused["top1"]) < 1e-9
-    # 4. Size and speed, train-time graph against fused graph.
-    size = args.img_size
-    rows = [("params", count_params(model), count_params(fmodel)),
-            (f"MACs at {size} px", count_macs(model, size), count_macs(fmodel, size))]  # fmt: skip
-    threads = torch.get_num_threads()  # batch 1 at 224 px: 5 warm-up runs, then >= 20 runs and 0.5 s
-    lat = [time_model(m.eval(), "eager", 1, 224, threads, 5, 20, 0.5)["median_ms"] for m in (model, fmodel)]
-    lines = [
-        f"MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digits ({len(val)} val images, {size} px), "
-        f"trained in {train_s:.0f} s at {summary['train_images_per_second']:.0f} images/s",
-        f"accuracy (best epoch {summary['best']['epoch']}, {summary['best']['weights']} weights): "
-        f"unfused top-1 {unfused['top1']:.2f} % top-5 {unfused['top5']:.2f} %; "
-        f"fused top-1 {fused['top1']:.2f} % top-5 {fused['top5']:.2f} %",
-        f"fused vs unfused: max |logit difference| {diff:.2e} on {len(x)} val images -> "
-        f"{'agree' if agree else 'DISAGREE'}",
-        *(f"{name}: train-time {a:,} -> fused {b:,} ({a / b:.1f}x)" for name, a, b in rows),
-        f"latency, batch 1 at 224 px on this CPU ({threads} threads): unfused {lat[0]:.1f} ms, "
-        f"fused {lat[1]:.1f} ms ({lat[0] / lat[1]:.1f}x faster)",
-        f"run directory: {out} (metrics.jsonl, curves.png, best/last/best_fused checkpoints, model.onnx)",
-    ]
-    # 5. Deployment: export to ONNX, checked with onnxruntime; PyTorch against onnxruntime latency.
-    lines[-1:-1] = deployment_report(model, out, threads=threads)
-    print("\n".join(lines))
-    return 0 if agree else 1
+
+def _task_command(args: argparse.Namespace, command: str) -> int:
+    import importlib
+
+    return getattr(importlib.import_module(f"mobileone.commands.{TASK_COMMANDS[args.task]}"), command)(args)
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="fuse, export to onnx/torchscript/executorch/coreml, and check the file")
+    p.add_argument("--task", choices=TASKS, default="classify")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--variant", help="s0..s4, random weights (for trying a deployment pipeline)")
     src.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads (unfused ones are fused)")
@@ -279,6 +268,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.task != "classify":
+        return _task_command(args, "export")
     from .deploy import ExportError, export_model
 
     if args.checkpoint:
@@ -339,6 +330,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency of MobileOne and peers per runtime, with the paper's analyses")
+    p.add_argument("--task", choices=TASKS, default="classify",
+                   help="detect / segment: task models at 320 / 512 px against MobileNetV3 peers")  # fmt: skip
     p.add_argument("--models", default="default", help="comma list of models or groups: default, mobileone, unfused, "
                    "torchvision, timm, all, or names such as mobileone_s0,mobilenet_v3_large")  # fmt: skip
     p.add_argument("--runtimes", default="eager,onnxruntime",
@@ -354,6 +347,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.task != "classify":
+        return _task_command(args, "bench")
     from .bench import BenchConfig, run_benchmark
 
     cfg = BenchConfig(
@@ -396,6 +391,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return COMMANDS[args.command][1](args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError, RunDirError) as e:
         print(f"mobileone {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -230,9 +230,9 @@ def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> 
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         warnings.warn(f"checkpoint has NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}", stacklevel=2)
-    meta: dict[str, Any] = {}
-    sidecar = path.with_suffix(".json") if path else None
-    if sidecar and sidecar.is_file():
+    meta: dict[str, Any] = (embedded_metadata(path, obj) or {}) if path else {}
+    sidecar = _sidecar(path) if path else None
+    if not meta and sidecar and sidecar.is_file():
         meta = json.loads(sidecar.read_text())
     if meta.get("config"):
         config = MobileOneConfig(**meta["config"])
@@ -320,16 +320,64 @@ def _load_into(model: MobileOne, sd: StateDict, ckpt: Checkpoint, reset_head: bo
     model.load_state_dict(sd)
 
 
-def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> Path:
-    """Write ``path`` (.safetensors, Apple layout) and a JSON beside it; both atomically.
+META_KEY = "mobileone"  # where our files embed their metadata: safetensors header / torch dict entry
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
 
-    The JSON records variant, config, classes and preprocessing, plus any extra ``meta``.
+
+def write_weights(path: str | os.PathLike, state_dict: StateDict, info: dict[str, Any]) -> Path:
+    """Write ``state_dict`` with ``info`` embedded, plus a readable copy of ``info`` as JSON beside it.
+
+    ``.safetensors`` (also for a name without suffix) keeps ``info`` in its header; a PyTorch
+    suffix (``.pth``, ``.pt``, ...) writes ``{"state_dict": ..., "mobileone": info}`` with
+    ``torch.save``. Readers use the embedded copy, so a kill between the two files never pairs
+    weights with another file's metadata. Both files are written atomically.
     """
     from safetensors.torch import save_file
 
-    path = Path(path).with_suffix(".safetensors")
+    path = Path(path)
+    path = path if path.suffix else path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors" and not path.name.endswith(TORCH_SUFFIXES):
+        raise ValueError(f"cannot tell the format of {path.name}: use a .safetensors name (recommended) or a "
+                         f"PyTorch one ({', '.join(TORCH_SUFFIXES)})")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: json.dumps(info)}))
+    else:
+        atomic_write(path, lambda tmp: torch.save({"state_dict": sd, META_KEY: info}, tmp))
+    atomic_write(_sidecar(path), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    return path
+
+
+def _sidecar(path: Path) -> Path:
+    """``x.safetensors`` -> ``x.json``; ``x.pth.tar`` -> ``x.json``."""
+    name = path.name
+    for suffix in (".safetensors", ".pth.tar", *TORCH_SUFFIXES):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_suffix(".json")
+
+
+def embedded_metadata(path: str | os.PathLike, obj: Any = None) -> dict[str, Any] | None:
+    """The metadata our writer embedded in ``path`` (``obj``: the file's already-loaded contents), if any."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(META_KEY)
+        return json.loads(text) if text else None
+    if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
+        return obj[META_KEY]
+    return None
+
+
+def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> Path:
+    """Write a MobileOne's weights (Apple layout) with its variant, config, classes and preprocessing.
+
+    ``.safetensors`` (recommended) or a PyTorch suffix (``.pth``, ``.pt``, ...); a JSON copy of
+    the metadata goes beside it. Any extra ``meta`` (epoch, accuracy) is recorded too.
+    """
     info = {
         "variant": model.variant,
         "config": model.config.to_dict(),
@@ -339,6 +387,4 @@ def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> P
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()},
         **meta,
     }
-    atomic_write(path, lambda tmp: save_file(sd, tmp))
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
-    return path
+    return write_weights(path, model.state_dict(), info)
