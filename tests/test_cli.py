@@ -33,7 +33,7 @@ def test_info_checkpoint(tmp_path, capsys):
     assert main(["info", "--checkpoint", str(path)]) == 0
     out = capsys.readouterr().out
     assert "apple layout, fused, 10 classes, variant mobileone_s1" in out
-    head = 1280 * 990 + 990  # spec sizes are for 1000 classes; this head has 10
+    head = 1280 * 990 + 990  # the documented sizes are for 1000 classes; this head has 10
     assert f"| mobileone_s1 | {4_825_192 - head:,} | {4_764_840 - head:,} |" in out
 
 

@@ -1,4 +1,4 @@
-"""The architecture against spec sections 2-4: sizes, key layout, feature API, bad input."""
+"""The architecture against docs/architecture.md (Apple's code, the paper): sizes, keys, feature API, bad input."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 import mobileone
 from mobileone import MobileOneConfig, count_macs, count_params, create_model, list_models
 
-# Spec section 4: params train-time, params fused, MACs fused (M, one decimal).
+# docs/architecture.md, "Sizes": params train-time, params fused, MACs fused (M, one decimal).
 SPEC_SIZES = {
     "mobileone_s0": (5_293_272, 2_078_504, 275.1),
     "mobileone_s1": (4_825_192, 4_764_840, 825.1),
@@ -14,7 +14,7 @@ SPEC_SIZES = {
     "mobileone_s3": (10_170_600, 10_078_312, 1895.8),
     "mobileone_s4": (14_951_248, 14_838_352, 2979.3),
 }
-# Spec section 2: channels of stem and stages 1-4, k, SE.
+# docs/architecture.md, "Variants": channels of stem and stages 1-4, k, SE.
 SPEC_WIDTHS = {
     "mobileone_s0": ((48, 48, 128, 256, 1024), 4, False),
     "mobileone_s1": ((64, 96, 192, 512, 1280), 1, False),
@@ -39,7 +39,7 @@ def test_micro_variants_within_2_percent_of_the_paper(name):
 
 
 @pytest.mark.parametrize("name", list(SPEC_SIZES))
-def test_sizes_match_spec(name):
+def test_sizes_match_apple_and_paper(name):
     params_train, params_fused, macs_fused = SPEC_SIZES[name]
     train, fused = create_model(name), create_model(name, inference_mode=True)
     assert count_params(train) == params_train
@@ -48,11 +48,11 @@ def test_sizes_match_spec(name):
 
 
 def test_s0_train_time_macs():
-    assert round(count_macs(create_model("s0")) / 1e6) == 1052  # spec: about 1052 M
+    assert round(count_macs(create_model("s0")) / 1e6) == 1052  # Apple's code: about 1052 M
 
 
 def _expected_keys(name: str, fused: bool) -> dict[str, tuple[int, ...]]:
-    """The Apple key layout written out from the spec (sections 1-3), independently of the model."""
+    """The Apple key layout written out from docs/architecture.md, independently of the model."""
     (stem, *widths), k, has_se = SPEC_WIDTHS[name]
     blocks = (2, 8, 10, 1)
     se_blocks = (0, 0, 5, 1) if has_se else (0, 0, 0, 0)
@@ -100,7 +100,7 @@ def test_apple_key_layout(name, fused):
     assert got == expected
 
 
-def test_spec_key_counts():
+def test_documented_key_counts():
     assert len(create_model("s0").state_dict()) == 1323
     assert len(create_model("s4", inference_mode=True).state_dict()) == 136
 
