@@ -41,6 +41,8 @@ __version__ = "0.2.0"
 # Names whose modules need optional extras: (module, attribute), imported on first access.
 _OPTIONAL = {
     "train": ("mobileone.tasks", "train"),
+    "predict": ("mobileone.tasks.classification.predict", "predict"),
+    "preprocessing": ("mobileone.tasks.classification.predict", "preprocessing"),
     "TrainConfig": ("mobileone.engine.config", "TrainConfig"),
     "export_model": ("mobileone.deploy.export", "export_model"),
     "read_metadata": ("mobileone.deploy.export", "read_metadata"),
@@ -81,6 +83,8 @@ __all__ = [
     "mobileone_s2",
     "mobileone_s3",
     "mobileone_s4",
+    "predict",
+    "preprocessing",
     "read_checkpoint",
     "read_metadata",
     "reference_mode",

@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from .core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from .core.complexity import count_layers, count_macs, count_params
 from .core.config import list_models, resolve_variant
@@ -366,8 +368,44 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if result["errors"] else 0
 
 
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files with a checkpoint or an exported ONNX model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads (fused or not)")
+    src.add_argument("--onnx", help="an exported ONNX classifier (preprocessing and classes from its metadata)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--topk", type=int, default=5, help="classes listed per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's / onnxruntime's)")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for source in args.images:
+        if args.onnx:
+            from .deploy.predict_onnx import predict_onnx
+
+            results += predict_onnx(args.onnx, source, args.topk, args.threads)
+        else:
+            from .tasks.classification.predict import predict
+
+            results += predict(args.checkpoint, source, args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['image']}: {r['error']}")
+            else:
+                print(f"{r['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f} %" for t in r["top"]))
+    return 1 if any("error" in r for r in results) else 0
+
+
 COMMANDS = {
     "info": (add_info, run_info),
+    "predict": (add_predict, run_predict),
     "train": (add_train, run_train),
     "eval": (add_eval, run_eval),
     "demo": (add_demo, run_demo),

@@ -94,7 +94,7 @@ def test_progressive_size_and_strength_follow_the_paper_phases():
     assert image_size_at(0, 10, 224, False) == (224, 1.0)
 
 
-def test_recipes_and_overrides():
+def test_recipes_and_overrides(tmp_path):
     short = resolve_config()
     assert (short.recipe, short.init, short.img_size, short.hflip, short.epochs) == ("short", "identity", 32, 0.0, 10)
     assert short.batch_size == 64 and resolve_config(data="/x").batch_size == 128
@@ -107,7 +107,11 @@ def test_recipes_and_overrides():
     assert peak_lr(resolve_config(lr=0.3, batch_size=1024)) == 0.3
     mine = resolve_config("imagenet", data="/x", epochs=3, init="unit-sum", ema_decay=0.0)
     assert (mine.epochs, mine.init, mine.ema_decay) == (3, "unit-sum", 0.0)
-    assert resolve_config(pretrained="x.safetensors").recipe == "finetune"
+    ckpt = save_checkpoint(create_model("s1", num_classes=3), tmp_path / "s1.safetensors")
+    tuned = resolve_config(pretrained=str(ckpt))
+    assert tuned.recipe == "finetune" and tuned.variant == "mobileone_s1"  # the file's architecture, recorded
+    with pytest.raises(ValueError, match="holds mobileone_s1.*drop --variant"):
+        resolve_config(pretrained=str(ckpt), variant="s0")
     with pytest.raises(ValueError, match="unknown recipe"):
         resolve_config("fast")
     with pytest.raises(ValueError, match="unknown training option"):
@@ -242,8 +246,13 @@ def test_finetune_and_distill(tmp_path, data):
         train(config(tmp_path / "kd7", data, epochs=1, teacher=str(tmp_path / "seven.safetensors")))
     fused = reparameterize_model(create_model(TINY, num_classes=3).eval())
     save_checkpoint(fused, tmp_path / "fused.safetensors")
-    with pytest.raises(ValueError, match="fused"):
-        train(config(tmp_path / "ftf", data, pretrained=str(tmp_path / "fused.safetensors")))
+    with pytest.warns(UserWarning, match="fine-tuning the plain network"):
+        train(config(tmp_path / "ftf", data, epochs=1, pretrained=str(tmp_path / "fused.safetensors")))
+    tuned = load_checkpoint(tmp_path / "ftf" / "last.safetensors")
+    assert tuned.inference_mode and tuned.num_classes == 3
+    assert not torch.equal(
+        tuned.state_dict()["stage1.1.reparam_conv.weight"], fused.state_dict()["stage1.1.reparam_conv.weight"]
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch):

@@ -33,6 +33,7 @@ class TrainConfig:
     out: str = "runs/mobileone"
     epochs: int = 10
     batch_size: int = 128  # global: over all processes and accumulation steps
+    auto_batch: bool = False  # the batch was not set by the user: lowered when the data is small
     accum_steps: int = 1  # micro-batches per step (interleaved, as ranks would split the batch)
     steps_per_epoch: int | None = None  # cap on the steps of an epoch (quick runs)
     img_size: int = 224  # final training size; also the evaluation size
@@ -206,6 +207,7 @@ def resolve_config(task: Task, recipe: str | None = None, **explicit: Any) -> Tr
     values = {**RECIPES[recipe], **task.defaults(recipe, variant, explicit.get("data") is None)}
     values.update(explicit)
     values["recipe"], values["task"] = recipe, task.name
+    values["auto_batch"] = "batch_size" not in explicit
     cfg = TrainConfig(**values).validate()
-    task.validate(cfg)
+    task.validate(cfg, frozenset(explicit))
     return cfg

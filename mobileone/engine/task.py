@@ -50,8 +50,11 @@ class Task(ABC):
         """TrainConfig values this task sets unless the user does (after the recipe's)."""
         return {}
 
-    def validate(self, cfg: TrainConfig) -> None:
-        """Refuse options this task cannot honour (called before anything is written)."""
+    def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
+        """Refuse options this task cannot honour, or complete them (called before anything is written).
+
+        ``given`` names the options the user set explicitly (empty for a ready-made config).
+        """
         return None
 
     @abstractmethod

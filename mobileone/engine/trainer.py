@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 import warnings
@@ -29,6 +30,7 @@ from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, we
 from .task import DataError, Task, TaskData
 
 log = logging.getLogger("mobileone")
+MIN_STEPS = 4  # steps an epoch below which a default batch is lowered to fit the data
 
 
 class TrainingError(RuntimeError):
@@ -61,11 +63,7 @@ def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # Everything that can fail on the user's input fails here, before a file is written.
     data = task.load_data(cfg, env)
-    per_epoch = len(data.train) // cfg.batch_size
-    if per_epoch == 0:
-        raise DataError(f"{len(data.train)} training images are fewer than one batch of {cfg.batch_size}; "
-                        "lower --batch-size")  # fmt: skip
-    per_epoch = min(per_epoch, cfg.steps_per_epoch or per_epoch)
+    per_epoch = _steps_per_epoch(cfg, len(data.train), env)
     model = task.build_model(cfg, data.classes)
     with run if env.main else contextlib.nullcontext():
         return _loop(cfg, task, env, run, data, model, per_epoch)
@@ -157,6 +155,27 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
     if env.main:
         return _finish(run, task, cfg, history, best, data)
     return {"run_dir": str(run.path), "best": best}
+
+
+def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env) -> int:
+    """Steps of an epoch; a batch the user did not set is lowered so that small data gets several steps."""
+    unit = env.world * cfg.accum_steps
+    if cfg.auto_batch and not cfg.resume and images < MIN_STEPS * cfg.batch_size:
+        fitting = max(unit, 2 ** int(math.log2(max(1, images // MIN_STEPS))) // unit * unit)
+        if fitting < cfg.batch_size:
+            warnings.warn(f"{images} training images give fewer than {MIN_STEPS} steps an epoch at the default "
+                          f"batch {cfg.batch_size}; using batch {fitting} (--batch-size sets it)",
+                          stacklevel=3)  # fmt: skip
+            cfg.batch_size = fitting
+    per_epoch = images // cfg.batch_size
+    if per_epoch == 0:
+        raise DataError(f"{images} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size")
+    left_out = images - per_epoch * cfg.batch_size
+    if left_out > 0.1 * images:
+        warnings.warn(f"each epoch trains on {per_epoch * cfg.batch_size} of {images} images: the last, incomplete "
+                      f"batch ({left_out} images) is dropped; a smaller --batch-size wastes less",
+                      stacklevel=3)  # fmt: skip
+    return min(per_epoch, cfg.steps_per_epoch or per_epoch)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
