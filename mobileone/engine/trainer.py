@@ -115,9 +115,13 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         net.train()
         report = _Progress(cfg, env, per_epoch, epoch)
         loss_sum, seen, bad, t0 = torch.zeros((), device=env.device), 0, 0, time.perf_counter()
+        spent = dict.fromkeys(("data", "step", "ema"), 0.0)  # where the epoch's wall time goes
+        tick = t0
         for b, (x, y, bad_paths) in enumerate(loader):
             if b >= per_epoch:
                 break
+            now = time.perf_counter()
+            spent["data"], tick = spent["data"] + now - tick, now
             bad += _handle_bad(bad_paths, cfg)
             lr = lr_at(step, total, warmup, peak_lr(cfg), cfg.min_lr)
             wd = weight_decay_at(step, total, cfg.weight_decay, cfg.weight_decay_end)
@@ -125,13 +129,18 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
                 group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
             if x is not None:
                 where = f"step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
-                loss = _step(net, task, optimizer, scaler, x, y, cfg, env, where, _last_good(run, history))
+                loss = _step(net, task, optimizer, scaler, x, y, cfg, env, where, lambda: _last_good(run, history))
+                now = time.perf_counter()
+                spent["step"], tick = spent["step"] + now - tick, now
                 if ema is not None:
                     ema.update_parameters(model)
+                    now = time.perf_counter()
+                    spent["ema"], tick = spent["ema"] + now - tick, now
                 loss_sum += loss * len(x)
                 seen += len(x)
             step += 1
             report.update(b + 1, seen, loss if x is not None else None)
+            tick = time.perf_counter()
         report.close()
         train_seconds = time.perf_counter() - t0
         totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, bad], dtype=torch.float64, device=env.device), env)
@@ -146,11 +155,12 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         ema_metrics = task.evaluate(_fused_copy(ema.module), val_loader, env) if ema is not None else {}
         row |= {f"ema_{k}": ema_metrics.get(k) for k in task.metric_names}
         row |= {"lr": lr, "weight_decay": wd, "images_per_second": seen / train_seconds, "img_size": size,
-                "augment_strength": strength, "bad_images": bad, "eval_seconds": time.perf_counter() - t_eval,
-                "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
+                "augment_strength": strength, "bad_images": bad, "train_seconds": train_seconds,
+                **{f"{k}_seconds": v for k, v in spent.items()},
+                "eval_seconds": time.perf_counter() - t_eval}  # fmt: skip
         history.append(row)
         if env.main:
-            best = _save_epoch(run, task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data)
+            best = _save_epoch(run, task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data, t0)
             print(_epoch_line(task, row, cfg.epochs), flush=True)
     if env.main:
         return _finish(run, task, cfg, history, best, data)
@@ -188,7 +198,7 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, where: str, last_good: str):
+def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, where: str, last_good):
     """One optimizer step over ``accum_steps`` interleaved micro-batches; stops on a non-finite loss."""
     x, y = _to_device(x, env.device), _to_device(y, env.device)
     if env.channels_last:
@@ -206,7 +216,7 @@ def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, 
             finite = all_reduce_sum(torch.isfinite(loss.detach()).logical_not().float(), env)
             if finite.item() > 0:
                 raise TrainingError(
-                    f"the loss became {loss.item()} at {where}; the run stopped. {last_good} Lower the learning "
+                    f"the loss became {loss.item()} at {where}; the run stopped. {last_good()} Lower the learning "
                     "rate (--lr), switch off fp16 (--amp bf16/none), or check the data."
                 )
             scaler.scale(loss * len(xj) / len(x)).backward()
@@ -300,10 +310,10 @@ def _epoch_line(task: Task, r: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data):
+def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data, t0):
     """Checkpoints after every epoch, each written atomically, so a kill at any point leaves either the
     previous epoch's training state or this one's, never a mix; a resume redoes at most one epoch."""
-    row, metric = history[-1], task.metric
+    row, metric, t_save = history[-1], task.metric, time.perf_counter()
     task.save(model, run.path / "last.safetensors", epoch=epoch + 1, weights="model", **{metric: row[metric]})
     use_ema = ema is not None and row[f"ema_{metric}"] > row[metric]
     value = row[f"ema_{metric}"] if use_ema else row[metric]
@@ -316,6 +326,8 @@ def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epo
              "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch + 1, "step": step,
              "history": history, "best": best, "classes": list(data.classes), "rng": torch.get_rng_state()}  # fmt: skip
     run.save_state(state)
+    now = time.perf_counter()
+    row["save_seconds"], row["epoch_seconds"] = now - t_save, now - t0
     run.write_jsonl("metrics.jsonl", history)
     if row["epoch_seconds"] > 20 or epoch + 1 == cfg.epochs:
         plot_curves(history, run.path / "curves.png", task.metric_names)
