@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.checkpoint import embedded_metadata
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from .config import TrainConfig
 from .distributed import Env, all_reduce_sum, make_loader, setup_env
 from .rundir import RunDir, plot_curves
 from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
-from .task import DataError, Task, TaskData
+from .task import DataError, NonFiniteOutputError, Task, TaskData
 
 log = logging.getLogger("mobileone")
 MIN_STEPS = 4  # steps an epoch below which a default batch is lowered to fit the data
@@ -54,6 +55,8 @@ def fit(cfg: TrainConfig, task: Task) -> dict[str, Any]:
 
 def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
     run = RunDir(cfg.out)
+    if env.main:
+        run.check_free()  # "in use by another run" rather than "already holds a run" while one is writing it
     if not cfg.resume and (run.has_state() or (run.path / "metrics.jsonl").exists()):
         raise ValueError(
             f"{run.path} already holds a run; continue it with --resume {run.path}, or choose another --out"
@@ -104,7 +107,7 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         if env.main:
             print(f"resuming {run.path} after epoch {start_epoch} (step {step})", flush=True)
 
-    val_loader = make_loader(data.val, cfg, env, task.collate(), train=False)
+    val_loader = _KeptBatches(make_loader(data.val, cfg, env, task.collate(), train=False))
     loader, loader_key = None, None
     for epoch in range(start_epoch, cfg.epochs):
         size, strength = image_size_at(epoch, cfg.epochs, cfg.img_size, cfg.progressive)
@@ -148,11 +151,17 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         if seen == 0:
             raise DataError(f"no training image of epoch {epoch + 1} could be read ({bad} unreadable); check the "
                             "files under the training folder (see the warnings above)")  # fmt: skip
-        _check_finite(model, f"after epoch {epoch + 1}", _last_good(run, history))
+        for name, weights in (("model", model), ("EMA model", ema.module if ema is not None else None)):
+            if weights is not None:
+                _check_finite(weights, f"after epoch {epoch + 1}", _last_good(run, history), name)
         t_eval = time.perf_counter()
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
-        row |= task.evaluate(_fused_copy(model), val_loader, env)
-        ema_metrics = task.evaluate(_fused_copy(ema.module), val_loader, env) if ema is not None else {}
+        try:
+            row |= task.evaluate(_fused_copy(model), val_loader, env)
+            ema_metrics = task.evaluate(_fused_copy(ema.module), val_loader, env) if ema is not None else {}
+        except NonFiniteOutputError as e:
+            raise TrainingError(f"validation after epoch {epoch + 1}: {e}; the run stopped. "
+                                f"{_last_good(run, history)} Lower the learning rate (--lr).") from e  # fmt: skip
         row |= {f"ema_{k}": ema_metrics.get(k) for k in task.metric_names}
         row |= {"lr": lr, "weight_decay": wd, "images_per_second": seen / train_seconds, "img_size": size,
                 "augment_strength": strength, "bad_images": bad, "train_seconds": train_seconds,
@@ -186,6 +195,43 @@ def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env) -> int:
                       f"batch ({left_out} images) is dropped; a smaller --batch-size wastes less",
                       stacklevel=3)  # fmt: skip
     return min(per_epoch, cfg.steps_per_epoch or per_epoch)
+
+
+class _KeptBatches:
+    """The validation loader, whose batches are kept in memory after the first pass when they fit.
+
+    Evaluation transforms are deterministic, so every epoch (and the EMA's evaluation) would decode
+    and resize the same images again; on the small datasets of short runs that is most of the
+    evaluation's time. Past ``budget`` bytes the batches stream from the loader as usual.
+    """
+
+    def __init__(self, loader: Any, budget: int = 512 << 20) -> None:
+        self.loader, self.budget, self.kept = loader, budget, None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        keep, size = [], 0
+        for batch in self.loader:
+            if keep is not None:
+                size += sum(t.numel() * t.element_size() for t in _tensors(batch))
+                if size <= self.budget:
+                    keep.append(batch)
+                else:
+                    keep = None
+            yield batch
+        self.kept = keep
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -227,19 +273,23 @@ def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, 
 
 
 def _last_good(run: RunDir, history: list[dict[str, Any]]) -> str:
-    """Which checkpoint survives a stop: the last epoch's (written only when its model was finite)."""
+    """Which checkpoint survives a stop: the last one written (only ever after a finite epoch), by its own record."""
     last = run.path / "last.safetensors"
-    if history and last.exists():
-        return f"The last good checkpoint is {last} (epoch {history[-1]['epoch']})."
-    return "No checkpoint was written (the run stopped in its first epoch)."
+    if not (history and last.exists()):
+        return "No checkpoint was written (the run stopped in its first epoch)."
+    try:
+        epoch = (embedded_metadata(last) or {}).get("epoch", history[-1]["epoch"])
+    except (OSError, ValueError):
+        epoch = history[-1]["epoch"]
+    return f"The last good checkpoint is {last} (epoch {epoch})."
 
 
-def _check_finite(model: nn.Module, when: str, last_good: str) -> None:
+def _check_finite(model: nn.Module, when: str, last_good: str, name: str = "model") -> None:
     """A model with a NaN or infinite weight or BN statistic is not a result: stop instead of saving it."""
     bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
            if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
     if bad:
-        raise TrainingError(f"the model has NaN or infinite values {when} (in {len(bad)} tensors, e.g. {bad[:3]}); "
+        raise TrainingError(f"the {name} has NaN or infinite values {when} (in {len(bad)} tensors, e.g. {bad[:3]}); "
                             f"the run stopped. {last_good} Lower the learning rate (--lr).")  # fmt: skip
 
 

@@ -24,7 +24,8 @@ def get_task(name: str) -> Task:
 
 def resolve_config(recipe: str | None = None, **options: Any) -> TrainConfig:
     """The full config of a run: the recipe's and the task's defaults, then ``options`` (None means unset)."""
-    return _resolve(get_task(options.get("task") or "classify"), recipe, **options)
+    task = get_task(options.pop("task", None) or "classify")
+    return _resolve(task, recipe, **options)
 
 
 def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
