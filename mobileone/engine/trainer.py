@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 import warnings
@@ -180,7 +179,8 @@ def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env) -> int:
     """Steps of an epoch; a batch the user did not set is lowered so that small data gets several steps."""
     unit = env.world * cfg.accum_steps
     if cfg.auto_batch and not cfg.resume and images < MIN_STEPS * cfg.batch_size:
-        fitting = max(unit, 2 ** int(math.log2(max(1, images // MIN_STEPS))) // unit * unit)
+        sizes = range(max(unit, images // MIN_STEPS // unit * unit), 0, -unit)  # little left out of an epoch
+        fitting = next((b for b in sizes if images % b <= 0.1 * images), unit)
         if fitting < cfg.batch_size:
             warnings.warn(f"{images} training images give fewer than {MIN_STEPS} steps an epoch at the default "
                           f"batch {cfg.batch_size}; using batch {fitting} (--batch-size sets it)",
