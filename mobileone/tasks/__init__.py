@@ -11,8 +11,10 @@ from typing import Any
 from ..engine import Task, TrainConfig, fit
 from ..engine import resolve_config as _resolve
 from .classification.task import ClassificationTask
+from .detection.task import DetectionTask
+from .segmentation.task import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassificationTask}
+TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask, "segment": SegmentationTask}
 
 
 def get_task(name: str) -> Task:

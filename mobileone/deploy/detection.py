@@ -1,0 +1,410 @@
+"""Exporting a detector so that it detects what PyTorch detects: two ONNX forms, each checked in onnxruntime.
+
+torchvision's SSD post-processing is a Python loop over classes with data-dependent shapes;
+traced, it silently returns other detections (219 in PyTorch against 234 in onnxruntime was
+measured on one image), and torch.export refuses it. It is therefore never exported:
+
+- **raw**: the fused network up to decoded boxes ``boxes`` (B, A, 4; xyxy pixels of the input)
+  and class scores ``scores`` (B, A, C; softmax without the background). Apps run their own NMS;
+  the check holds it to PyTorch's ``forward_raw`` within 1e-4 relative.
+- **nms**: the raw graph followed by NMS written as ONNX operators: per class the
+  ``topk_candidates`` best scores (TopK), per-class ``NonMaxSuppression`` with the detector's IoU
+  and score thresholds, then the ``max_detections`` best overall (TopK). Outputs have fixed
+  shapes: ``boxes`` (B, M, 4), ``scores`` (B, M), ``labels`` (B, M; 0-based, -1 for padding),
+  ``num_detections`` (B,). These are the steps of ``SSDLiteDetector.postprocess``; the check
+  compares the detections as sets (same labels, IoU >= 0.99, scores within 1e-4).
+
+ExecuTorch and Core ML take the raw form (their runtimes have no NMS operator to match ONNX's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from ..core.files import writable_folder
+from ..core.fusion import reparameterize_model
+from ..tasks.detection.model import SSDLiteDetector
+from .common import ExportError, package_version, require
+from .onnx import onnx_session, set_onnx_metadata, to_onnx
+
+FORMS = ("raw", "nms")
+FORMATS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
+RAW_OUTPUTS = ["boxes", "scores"]
+NMS_OUTPUTS = ["boxes", "scores", "labels", "num_detections"]
+RAW_RTOL, SCORE_TOL, MIN_IOU = 1e-4, 1e-4, 0.99
+
+
+class RawDetector(nn.Module):
+    """A detector's ``forward_raw`` as a module's forward: what the exporters trace."""
+
+    def __init__(self, detector: SSDLiteDetector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.detector.forward_raw(x)
+
+
+@dataclass
+class DetectionExportReport:
+    """What was written, in which form, and how it compares with the PyTorch detector."""
+
+    path: Path
+    format: str
+    form: str
+    fused_on_export: bool
+    check: str = "not run"
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"exported the {self.form} detector ({self.format}) to {self.path}"]
+        if self.fused_on_export:
+            lines.append("the detector had train-time branches and BatchNorms: fused it (eval mode) before exporting")
+        lines.append(f"check: {self.check}")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def fused_detector(model: SSDLiteDetector) -> tuple[SSDLiteDetector, bool]:
+    """An eval-mode copy with everything folded, and whether folding was needed."""
+    model = copy.deepcopy(model).eval()
+    if model.inference_mode:
+        return model, False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return reparameterize_model(model, inplace=True), True
+
+
+def detector_metadata(model: SSDLiteDetector, form: str, max_detections: int) -> dict[str, Any]:
+    """What an app needs beside the file: classes, preprocessing, the detector's settings, the outputs."""
+    pre = model.preprocess
+    outputs = ("boxes (B, A, 4) xyxy pixels of the input, scores (B, A, C) per class" if form == "raw" else
+               f"boxes (B, {max_detections}, 4) xyxy pixels of the input, scores (B, {max_detections}), labels "
+               f"(B, {max_detections}) 0-based or -1 for padding, num_detections (B,)")  # fmt: skip
+    return {
+        "task": "detect",
+        "form": form,
+        "architecture": "SSDLite",
+        "variant": f"ssdlite_{model.config.backbone.removeprefix('mobileone_')}",
+        "fused": True,
+        "detector": model.config.to_dict() | {"max_detections": max_detections},
+        "class_names": model.class_names,
+        "mean": list(pre["mean"]),
+        "std": list(pre["std"]),
+        "input_size": [3, model.config.img_size, model.config.img_size],
+        "input_layout": "NCHW, RGB, float32, (x / 255 - mean) / std, resized to the square input",
+        "outputs": outputs,
+    }
+
+
+def add_nms(proto: Any, num_anchors: int, num_classes: int, topk: int, nms_thresh: float, score_thresh: float,
+            max_detections: int) -> int:  # fmt: skip
+    """Append per-class NMS to a raw graph (outputs ``boxes``, ``scores``) in place; returns M, the detections kept.
+
+    M is ``max_detections``, or fewer when the candidates (classes x ``topk``) are fewer.
+    """
+    onnx = require("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = min(topk, num_anchors)
+    m = min(max_detections, num_classes * k)
+    graph = proto.graph
+    rename = {"boxes": "raw_boxes", "scores": "raw_scores"}
+    for node in graph.node:
+        node.output[:] = [rename.get(o, o) for o in node.output]
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    del graph.output[:]
+
+    def const(name: str, value: Any, dtype: Any = np.int64) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"nms_{name}"))
+        return f"nms_{name}"
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
+        graph.node.append(helper.make_node(op, inputs, outputs, name=f"nms_{outputs[0]}", **attrs))
+
+    node("Transpose", ["raw_scores"], ["scores_t"], perm=[0, 2, 1])  # (B, C, A)
+    node("TopK", ["scores_t", const("k", [k])], ["top_s", "top_i"], axis=-1)  # (B, C, k) per class
+    node("Unsqueeze", ["raw_boxes", const("ax1", [1])], ["boxes_u"])  # (B, 1, A, 4)
+    node("Shape", ["scores_t"], ["shape_bca"])
+    node("Concat", ["shape_bca", const("four", [4])], ["shape_bca4"], axis=0)
+    node("Expand", ["boxes_u", "shape_bca4"], ["boxes_e"])  # (B, C, A, 4)
+    node("Unsqueeze", ["top_i", const("ax3", [3])], ["top_i_u"])
+    node("Shape", ["top_i"], ["shape_bck"])
+    node("Concat", ["shape_bck", "nms_four"], ["shape_bck4"], axis=0)
+    node("Expand", ["top_i_u", "shape_bck4"], ["top_i_e"])
+    node("GatherElements", ["boxes_e", "top_i_e"], ["cand"], axis=2)  # (B, C, k, 4) candidates per class
+    node("Reshape", ["cand", const("shape_nk4", [-1, k, 4])], ["cand_r"])  # classes as NMS batches
+    node("Reshape", ["top_s", const("shape_n1k", [-1, 1, k])], ["top_s_r"])
+    node("NonMaxSuppression", ["cand_r", "top_s_r", const("max_per_class", [k]),
+                               const("iou", [nms_thresh], np.float32), const("score", [score_thresh], np.float32)],
+         ["selected"], center_point_box=0)  # fmt: skip
+    node("Gather", ["selected", const("col0", 0)], ["sel_bc"], axis=1)
+    node("Gather", ["selected", const("col2", 2)], ["sel_j"], axis=1)
+    node("Mul", ["sel_bc", const("k_scalar", k)], ["sel_off"])
+    node("Add", ["sel_off", "sel_j"], ["sel_pos"])  # position in the flat (B * C * k) candidates
+    node("Reshape", ["top_s", const("flat", [-1])], ["flat_s"])
+    node("Gather", ["flat_s", "sel_pos"], ["sel_s"], axis=0)
+    node("Shape", ["flat_s"], ["flat_shape"])
+    graph.node.append(helper.make_node("ConstantOfShape", ["flat_shape"], ["minus_one"], name="nms_minus_one",
+                                       value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1.0])))  # fmt: skip
+    node("ScatterElements", ["minus_one", "sel_pos", "sel_s"], ["kept_s"], axis=0)  # -1 where suppressed
+    node("Reshape", ["kept_s", const("shape_bck_flat", [-1, num_classes * k])], ["kept_b"])
+    node("TopK", ["kept_b", const("m", [m])], ["det_s", "det_i"], axis=1)  # (B, M) best overall
+    node("Div", ["det_i", "nms_k_scalar"], ["det_label"])
+    node("Reshape", ["cand", const("shape_bck4_flat", [0, num_classes * k, 4])], ["cand_b"])
+    node("Unsqueeze", ["det_i", const("ax2", [2])], ["det_i_u"])
+    node("Shape", ["det_i"], ["shape_bm"])
+    node("Concat", ["shape_bm", "nms_four"], ["shape_bm4"], axis=0)
+    node("Expand", ["det_i_u", "shape_bm4"], ["det_i_e"])
+    node("GatherElements", ["cand_b", "det_i_e"], ["det_b"], axis=1)
+    node("Greater", ["det_s", const("half", -0.5, np.float32)], ["valid"])
+    node("Where", ["valid", "det_s", const("zero_f", 0.0, np.float32)], ["scores"])
+    node("Where", ["valid", "det_label", const("minus_one_i", -1)], ["labels"])
+    node("Unsqueeze", ["valid", "nms_ax2"], ["valid_u"])
+    node("Where", ["valid_u", "det_b", "nms_zero_f"], ["boxes"])
+    node("Cast", ["valid"], ["valid_i"], to=TensorProto.INT64)
+    node("ReduceSum", ["valid_i", "nms_ax1"], ["num_detections"], keepdims=0)
+    graph.output.extend([
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", m, 4]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", m]),
+        helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", m]),
+        helper.make_tensor_value_info("num_detections", TensorProto.INT64, ["batch"]),
+    ])  # fmt: skip
+    del graph.value_info[:]  # shapes inferred for the old outputs no longer hold
+    onnx.checker.check_model(proto)
+    return m
+
+
+def export_detector(
+    model: SSDLiteDetector,
+    out: str | Path,
+    form: str = "raw",
+    format: str | None = None,
+    dynamic_batch: bool = False,
+    max_detections: int | None = None,
+    check: bool = True,
+    check_inputs: Tensor | None = None,
+) -> DetectionExportReport:
+    """Fuse ``model``, export it in ``form`` (``raw`` or ``nms``, ONNX only) and check the file.
+
+    ``check_inputs`` are normalized images at the detector's size (default: real photographs);
+    raises :class:`ExportError` when the exported file disagrees with PyTorch.
+    """
+    out = Path(out)
+    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), "onnx")
+    if format not in FORMATS:
+        raise ValueError(f"detectors export to {list(FORMATS)}, not {format!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "nms" and format != "onnx":
+        raise ValueError(f"the NMS form is ONNX only (NonMaxSuppression); export --raw for {format}")
+    if out.suffix != FORMATS[format]:
+        out = out.with_suffix(FORMATS[format])
+    max_detections = max_detections or model.config.max_detections
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be >= 1, got {max_detections}")
+    writable_folder(out.parent, "; choose another --out")
+    fused, fused_now = fused_detector(model)
+    fused.config.max_detections = max_detections  # the copy's eager post-processing is what the check compares to
+    size = fused.config.img_size
+    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    meta = detector_metadata(fused, form, max_detections)
+    report = DetectionExportReport(out, format, form, fused_now)
+    with torch.inference_mode(False), torch.no_grad():
+        if format == "onnx":
+            _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report)
+        elif format == "executorch":
+            from .executorch import to_executorch
+
+            to_executorch(RawDetector(fused), out, example, dynamic_batch,
+                          {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"],
+                           "input_size": meta["input_size"]})  # fmt: skip
+        else:
+            _export_coreml(fused, out, example, meta)
+    if not check:
+        return report
+    if check_inputs is None:
+        from .export import sample_images
+
+        check_inputs = sample_images(4, size, meta["mean"], meta["std"])
+    report.check = CHECKS[(format, form)](out, fused, check_inputs, dynamic_batch)
+    return report
+
+
+def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report) -> None:
+    onnx = require("onnx")
+    to_onnx(RawDetector(fused), out, example, dynamic_batch, output_names=RAW_OUTPUTS)
+    proto = onnx.load(str(out))
+    if form == "nms":
+        c = fused.config
+        kept = add_nms(proto, int(fused.anchors.shape[0]), c.num_classes, c.topk_candidates, c.nms_thresh,
+                       c.score_thresh, max_detections)  # fmt: skip
+        if kept < max_detections:
+            report.notes.append(f"{kept} detections per image at most: fewer candidates than --max-detections")
+            meta["detector"]["max_detections"] = kept
+    set_onnx_metadata(proto, meta)
+    onnx.save(proto, str(out))
+
+
+def _export_coreml(fused: SSDLiteDetector, out: Path, example: Tensor, meta: dict[str, Any]) -> None:
+    ct = require("coremltools")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(RawDetector(fused), example)
+        mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))],
+                             outputs=[ct.TensorType(name=n) for n in RAW_OUTPUTS], convert_to="mlprogram")  # fmt: skip
+    mlmodel.short_description = f"{meta['variant']} (fused SSDLite, raw outputs: {meta['outputs']})"
+    for key, value in meta.items():
+        mlmodel.user_defined_metadata[key] = json.dumps(value)
+    if out.exists():
+        shutil.rmtree(out)
+    mlmodel.save(str(out))
+
+
+# --- checks ---------------------------------------------------------------------------------------------------
+
+
+def _check_raw(got: list[Tensor], fused: SSDLiteDetector, x: Tensor, runtime: str) -> str:
+    with torch.no_grad():
+        expected = fused.forward_raw(x)
+    for name, e, g in zip(RAW_OUTPUTS, expected, got):
+        diff = float((g.float() - e).abs().max())
+        tol = RAW_RTOL * max(1.0, float(e.abs().max()))
+        if not diff <= tol:
+            raise ExportError(f"{runtime}: raw output {name} differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} "
+                              f"= 1e-4 relative) on {len(x)} images; the file should not be deployed")  # fmt: skip
+    return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within 1e-4 relative"
+
+
+def _run_onnx(path: Path, x: Tensor, dynamic_batch: bool) -> list[list[np.ndarray]]:
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    if dynamic_batch:
+        return [session.run(None, {name: x.numpy()})]
+    return [session.run(None, {name: x[i : i + 1].numpy()}) for i in range(len(x))]
+
+
+def check_onnx_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
+    runs = _run_onnx(path, x, dynamic_batch)
+    got = [torch.cat([torch.from_numpy(r[i]) for r in runs]) for i in range(2)]
+    return _check_raw(got, fused, x, f"onnxruntime {package_version('onnxruntime')}")
+
+
+def check_onnx_nms(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
+    runs = _run_onnx(path, x, dynamic_batch)
+    boxes, scores, labels, counts = (np.concatenate([r[i] for r in runs]) for i in range(4))
+    with torch.no_grad():
+        raw = fused.forward_raw(x)
+        expected = fused.postprocess(*raw)
+    m = boxes.shape[1]
+    total, borderline = 0, 0
+    for i, e in enumerate(expected):
+        n = int(counts[i])
+        got = {"boxes": torch.from_numpy(boxes[i, :n]), "scores": torch.from_numpy(scores[i, :n]),
+               "labels": torch.from_numpy(labels[i, :n])}  # fmt: skip
+        e = {k: v[:m] for k, v in e.items()}
+        problems, exempt = compare_detections(e, got, fused.config.score_thresh, fused.config.nms_thresh)
+        if problems:
+            raise ExportError(f"onnxruntime NMS detections of image {i} differ from PyTorch's ({len(e['scores'])} "
+                              f"vs {n}): {'; '.join(problems[:3])}; the file should not be deployed")  # fmt: skip
+        total += len(e["scores"])
+        borderline += exempt
+    note = f" ({borderline} at a score or IoU threshold within tolerance)" if borderline else ""
+    return (f"onnxruntime {package_version('onnxruntime')}, {len(x)} real images: the same {total} detections as "
+            f"PyTorch (labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL}){note}")  # fmt: skip
+
+
+def compare_detections(
+    expected: dict[str, Tensor], got: dict[str, Tensor], score_thresh: float, nms_thresh: float
+) -> tuple[list[str], int]:
+    """Match two detection sets one to one (same label, IoU >= 0.99, score within 1e-4).
+
+    Detections left unmatched are allowed only where rounding may legitimately decide: a score
+    within the tolerance of the score threshold, of the last kept score (a tie at the cut-off),
+    or an IoU within 1e-3 of the NMS threshold with a higher-scoring detection of the same class.
+    Returns the problems (empty when the sets agree) and how many such borderline detections there were.
+    """
+    used = torch.zeros(len(got["scores"]), dtype=torch.bool)
+    unmatched_e = []
+    iou = box_iou(expected["boxes"].float(), got["boxes"].float()) if len(got["scores"]) else None
+    for j in range(len(expected["scores"])):
+        ok = torch.zeros(len(got["scores"]), dtype=torch.bool)
+        if iou is not None:
+            ok = (got["labels"] == expected["labels"][j]) & (iou[j] >= MIN_IOU) & ~used
+            ok &= (got["scores"] - expected["scores"][j]).abs() <= SCORE_TOL
+        if ok.any():
+            used[int(ok.nonzero()[0])] = True
+        else:
+            unmatched_e.append(j)
+    unmatched_g = (~used).nonzero().flatten().tolist()
+    problems, exempt = [], 0
+    for side, dets, idx in (("PyTorch", expected, unmatched_e), ("onnxruntime", got, unmatched_g)):
+        last = float(dets["scores"].min()) if len(dets["scores"]) else 1.0
+        for j in idx:
+            s = float(dets["scores"][j])
+            if abs(s - score_thresh) <= SCORE_TOL or abs(s - last) <= SCORE_TOL or _near_nms(dets, j, nms_thresh):
+                exempt += 1
+                continue
+            problems.append(f"{side} has label {int(dets['labels'][j])} score {s:.5f} box "
+                            f"{[round(v, 1) for v in dets['boxes'][j].tolist()]} that the other lacks")  # fmt: skip
+    return problems, exempt
+
+
+def _near_nms(dets: dict[str, Tensor], j: int, nms_thresh: float) -> bool:
+    """Whether detection ``j`` overlaps a higher-scoring one of its class at nearly the NMS threshold."""
+    same = (dets["labels"] == dets["labels"][j]) & (dets["scores"] >= dets["scores"][j])
+    same[j] = False
+    if not same.any():
+        return False
+    iou = box_iou(dets["boxes"][j : j + 1].float(), dets["boxes"][same].float())[0]
+    return bool(((iou - nms_thresh).abs() <= 1e-3).any())
+
+
+def check_executorch_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
+    from .executorch import executorch_program
+
+    method = executorch_program(path).load_method("forward")
+    batches = [x] if dynamic_batch else [x[i : i + 1] for i in range(len(x))]
+    outs = [method.execute([b.contiguous()]) for b in batches]
+    got = [torch.cat([o[i] for o in outs]) for i in range(2)]
+    return _check_raw(got, fused, x, f"ExecuTorch {package_version('executorch')} (XNNPACK)")
+
+
+def check_coreml_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
+    from .coreml import coreml_op_counts
+
+    ops = coreml_op_counts(path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
+    if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
+        raise ExportError(f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
+                          f"fused detector has {convs} convs and none")  # fmt: skip
+    if sys.platform != "darwin":
+        return f"structural only ({ops['conv']} convs, no batch norm): Core ML prediction needs macOS"
+    import coremltools as ct
+
+    mlmodel = ct.models.MLModel(str(path))
+    outs = [mlmodel.predict({"input": x[i : i + 1].numpy()}) for i in range(len(x))]
+    got = [torch.cat([torch.from_numpy(np.asarray(o[n])) for o in outs]) for n in RAW_OUTPUTS]
+    with torch.no_grad():
+        expected = fused.forward_raw(x)
+    diff = max(float((g.float() - e).abs().max()) for g, e in zip(got, expected))
+    return f"Core ML {package_version('coremltools')} (float16 compute): max |difference| {diff:.3g}"
+
+
+CHECKS = {
+    ("onnx", "raw"): check_onnx_raw,
+    ("onnx", "nms"): check_onnx_nms,
+    ("executorch", "raw"): check_executorch_raw,
+    ("coreml", "raw"): check_coreml_raw,
+}

@@ -1,0 +1,54 @@
+"""A picture of a detector's predictions on a few validation images: ground truth green, detections red."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from ..classification.data import load_image
+from .data import DetectionDataset, eval_transform
+from .model import SSDLiteDetector
+
+
+@torch.no_grad()
+def draw_predictions(
+    model: SSDLiteDetector, dataset: DetectionDataset, out: Path, count: int = 8, min_score: float = 0.3
+) -> Path | None:
+    """Draw ground truth and detections scoring at least ``min_score`` on ``count`` evenly spaced images.
+
+    Returns the PNG written, or None when none of the chosen images could be read.
+    """
+    was_training = model.training
+    model.eval()
+    size = model.config.img_size
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    transform = eval_transform(size, model.preprocess["mean"], model.preprocess["std"])
+    tiles = []
+    step = max(1, len(dataset.records) // count)
+    try:
+        for record in dataset.records[::step][:count]:
+            try:
+                img = load_image(record.path)
+            except (OSError, ValueError, SyntaxError):
+                continue
+            w, h = img.size
+            det = model(transform(img)[None])[0]
+            canvas = TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True)
+            scale = torch.tensor([size / w, size / h] * 2)
+            gt = torch.from_numpy(record.boxes) * scale
+            canvas = draw_bounding_boxes(canvas, gt, colors="lime", width=1)
+            keep = det["scores"] >= min_score
+            labels = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"][keep], det["scores"][keep])]
+            canvas = draw_bounding_boxes(canvas, det["boxes"][keep].float(), labels, colors="red", width=1)
+            tiles.append(canvas)
+    finally:
+        model.train(was_training)
+    if not tiles:
+        return None
+    grid = make_grid(tiles, nrow=min(4, len(tiles)), padding=4, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out)
+    return out
