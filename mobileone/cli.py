@@ -21,7 +21,8 @@ from .core.complexity import count_layers, count_macs, count_params
 from .core.config import list_models, resolve_variant
 from .core.factory import create_model
 from .core.model import MobileOne
-from .engine.rundir import RunDirError
+from .deploy.common import ExportError
+from .engine.rundir import RunDir, RunDirError
 
 TASKS = ["classify", "detect", "segment"]
 
@@ -159,6 +160,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .core.files import DiskFullError
     from .engine import TrainingError
     from .tasks import resolve_config, train
 
@@ -181,9 +183,17 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"mobileone train: stopped: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(f"\nmobileone train: interrupted. {cfg.out} keeps its last completed epoch; continue with:\n"
-              f"  mobileone train --resume {cfg.out}", file=sys.stderr)  # fmt: skip
+        if RunDir(cfg.out).has_state():
+            print(f"\nmobileone train: interrupted. {cfg.out} keeps its last completed epoch; continue with:\n"
+                  f"  mobileone train --resume {cfg.out}", file=sys.stderr)  # fmt: skip
+        else:
+            print("\nmobileone train: interrupted before the first epoch was complete; nothing to resume. Start "
+                  "again with the same command", file=sys.stderr)  # fmt: skip
         return 130
+    except DiskFullError as e:
+        print(f"mobileone train: error: {e}. Free some space, then continue with: mobileone train --resume {cfg.out}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
@@ -200,6 +210,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
+    p.add_argument("--data-format", choices=["auto", "coco", "voc", "yolo", "masks"],
+                   help="detect / segment: annotation layout of --data (default: detected)")  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -236,6 +248,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default runs/demo-<date>-<time>)")
     p.add_argument("--epochs", type=int, help="default: the task demo's")
     p.add_argument("--img-size", type=int, help="default: the task demo's")
+    p.add_argument("--threads", type=int, help="torch CPU threads for training and timing (default: torch's)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -263,10 +276,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pte or .mlpackage)")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's, else 224)")
     p.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes of a --variant model")
+    p.add_argument("--num-classes", type=int, help="classes of a --variant model (default 1000; detect 80)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
     p.add_argument("--atol", type=float, help="check tolerance: atol + rtol * max |output| (defaults per format)")
     p.add_argument("--rtol", type=float)
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--raw", dest="detect_form", action="store_const", const="raw",
+                      help="detect: only the raw form (boxes and class scores, no NMS); default: both")  # fmt: skip
+    form.add_argument("--nms", dest="detect_form", action="store_const", const="nms",
+                      help="detect: only the form with NMS in the graph (ONNX)")  # fmt: skip
+    p.add_argument("--max-detections", type=int, help="detect: detections kept per image in the NMS form "
+                   "(default: the checkpoint's, 300)")  # fmt: skip
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -277,7 +297,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint)
     else:
-        model = create_model(args.variant, num_classes=args.num_classes, inference_mode=True)
+        model = create_model(args.variant, num_classes=args.num_classes or 1000, inference_mode=True)
     try:
         report = export_model(model, args.out, args.format, args.img_size, args.dynamic_batch, not args.no_check,
                               rtol=args.rtol, atol=args.atol)  # fmt: skip
@@ -339,7 +359,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtimes", default="eager,onnxruntime",
                    help="comma list of eager, channels_last, compile, onnxruntime, executorch")  # fmt: skip
     p.add_argument("--batch-sizes", default="1,32", help="latency at the smallest, throughput at the largest")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, help="default 224; detect 320")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_results", help="folder for results.md/.csv/.json, latency_vs_macs.png")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (batch 1)")
@@ -355,7 +375,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(
         models=args.models.split(","), runtimes=args.runtimes.split(","),
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], img_size=args.img_size, threads=args.threads,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], img_size=args.img_size or 224, threads=args.threads,
         out=args.out, warmup=args.warmup, iters=args.iters, min_time=args.min_time, studies=not args.no_studies,
     )  # fmt: skip
     try:
@@ -429,6 +449,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return COMMANDS[args.command][1](args)
-    except (CheckpointError, ValueError, OSError, RunDirError) as e:
+    except (CheckpointError, ValueError, OSError, RunDirError, ExportError) as e:
         print(f"mobileone {args.command}: error: {e}", file=sys.stderr)
         return 2

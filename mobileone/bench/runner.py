@@ -29,7 +29,7 @@ from ..deploy.export import export_model
 from .peers import BenchModel, resolve_models
 from .report import write_results
 from .studies import MicroStudy, activation_study, skip_se_study, spearman
-from .timing import RUNTIMES, measure_peak_gflops, time_model
+from .timing import RUNTIMES, compare_latency, measure_peak_gflops, time_model
 
 
 @dataclass
@@ -179,21 +179,28 @@ def correlations(rows: list[dict[str, Any]], batch_sizes: list[int]) -> list[dic
 
 
 def deployment_report(model: nn.Module, out_dir: str | Path, img_size: int = 224, threads: int = 2) -> list[str]:
-    """Export a trained MobileOne to ONNX (checked with onnxruntime) and time it: PyTorch vs onnxruntime.
+    """Export a trained MobileOne to ONNX (checked with onnxruntime) and time it, unfused and fused.
 
     Used by ``mobileone demo``; returns printable lines. The ONNX file keeps the model's own input
-    size; the latencies are at ``img_size`` (batch 1), fused graph in both runtimes.
+    size; the latencies are at ``img_size`` (batch 1): the train-time graph in PyTorch, the fused
+    graph in PyTorch and in onnxruntime, in alternating rounds. On a busy machine the line says so
+    instead of printing ratios that mean nothing.
     """
     try:
         report = export_model(model, Path(out_dir) / "model.onnx", "onnx", dynamic_batch=True)
     except ImportError as e:
         return [f"ONNX export skipped: {e}"]
-    fused = reparameterize_model(model.eval()) if not getattr(model, "inference_mode", True) else model.eval()
-    kw = {"batch": 1, "img_size": img_size, "threads": threads, "warmup": 5, "iters": 20, "min_time": 0.5}
-    eager, ort = time_model(fused, "eager", **kw), time_model(fused, "onnxruntime", **kw)
-    return [
-        *report.summary().splitlines(),
-        f"latency of the fused model, batch 1 at {img_size} px, {threads} threads (median of >= 20 runs): "
-        f"PyTorch {eager['median_ms']:.2f} ms, onnxruntime {ort['median_ms']:.2f} ms "
-        f"({eager['median_ms'] / ort['median_ms']:.1f}x)",
-    ]
+    unfused = model.eval()
+    fused = reparameterize_model(unfused) if not getattr(model, "inference_mode", True) else unfused
+    entries = {"unfused": (unfused, "eager"), "fused": (fused, "eager"), "onnxruntime": (fused, "onnxruntime")}
+    ms, stable, spread = compare_latency(entries, img_size, threads)
+    where = f"batch 1 at {img_size} px, {threads} threads, median of 3 alternating rounds"
+    if stable:
+        speedup = ms["unfused"] / ms["fused"]
+        timing = (f"PyTorch unfused {ms['unfused']:.1f} ms, fused {ms['fused']:.1f} ms ({speedup:.1f}x faster); "
+                  f"onnxruntime fused {ms['onnxruntime']:.2f} ms")  # fmt: skip
+    else:
+        timing = (f"not measured reliably, the machine was busy (round medians up to {100 * spread:.0f} % apart): "
+                  f"roughly unfused {ms['unfused']:.0f} ms, fused {ms['fused']:.0f} ms, onnxruntime fused "
+                  f"{ms['onnxruntime']:.0f} ms; rerun on a quiet machine, or see `mobileone bench`")  # fmt: skip
+    return [*report.summary().splitlines(), f"latency ({where}): {timing}"]

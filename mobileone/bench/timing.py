@@ -112,3 +112,38 @@ def time_model(
         else:
             fn = make_runner(runtime, model, x, threads, Path(tmp))
         return latency_stats(time_calls(fn, warmup, iters, min_time))
+
+
+STABLE_ROUNDS = 0.25  # round medians further apart than this: the machine was busy, the numbers are not quotable
+
+
+def compare_latency(
+    entries: dict[str, tuple[nn.Module, str]],
+    img_size: int = 224,
+    threads: int = 2,
+    rounds: int = 3,
+    iters: int = 10,
+    min_time: float = 0.3,
+) -> tuple[dict[str, float], bool, float]:
+    """Batch-1 median latency (ms) of several ``name: (model, runtime)`` entries, timed in alternating rounds.
+
+    Alternating rounds expose a busy machine: when one entry's round medians differ by more than
+    ``STABLE_ROUNDS`` the result is flagged unstable. Returns the medians, the verdict and the
+    largest round-to-round spread.
+    """
+    torch.set_num_threads(threads)
+    x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    medians: dict[str, list[float]] = {name: [] for name in entries}
+    with tempfile.TemporaryDirectory(prefix="mobileone_bench_") as tmp, torch.inference_mode():
+        runners = {}
+        for i, (name, (model, runtime)) in enumerate(entries.items()):
+            workdir = Path(tmp) / str(i)
+            workdir.mkdir()
+            with torch.inference_mode(runtime not in ("onnxruntime", "executorch")):
+                runners[name] = make_runner(runtime, model.eval(), x.clone(), threads, workdir)
+        for r in range(rounds):
+            for name, fn in runners.items():
+                times = time_calls(fn, warmup=3 if r == 0 else 1, iters=iters, min_time=min_time)
+                medians[name].append(float(np.median(times)) * 1e3)
+    spread = max(max(ms) / min(ms) - 1 for ms in medians.values())
+    return {name: float(np.median(ms)) for name, ms in medians.items()}, spread <= STABLE_ROUNDS, spread

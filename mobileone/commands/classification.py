@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import deployment_report, time_model
+from ..bench import deployment_report
 from ..core.checkpoint import load_checkpoint
 from ..core.complexity import count_macs, count_params
 from ..tasks import resolve_config, train
@@ -29,7 +29,7 @@ def demo(args: argparse.Namespace) -> int:
     data = builtin_dataset()
     # 1. Train S0 from scratch on the built-in digits with the default ("short") recipe.
     t0 = time.perf_counter()
-    cfg = resolve_config(variant="s0", out=str(out), epochs=epochs, img_size=img_size, workers=0)
+    cfg = resolve_config(variant="s0", out=str(out), epochs=epochs, img_size=img_size, workers=0, threads=args.threads)
     summary = train(cfg)
     train_s = time.perf_counter() - t0
     # 2. Evaluate the best checkpoint, unfused and fused, with the standard eval transform.
@@ -46,8 +46,7 @@ def demo(args: argparse.Namespace) -> int:
     size = img_size
     rows = [("params", count_params(model), count_params(fmodel)),
             (f"MACs at {size} px", count_macs(model, size), count_macs(fmodel, size))]  # fmt: skip
-    threads = torch.get_num_threads()  # batch 1 at 224 px: 5 warm-up runs, then >= 20 runs and 0.5 s
-    lat = [time_model(m.eval(), "eager", 1, 224, threads, 5, 20, 0.5)["median_ms"] for m in (model, fmodel)]
+    threads = args.threads or torch.get_num_threads()
     lines = [
         f"MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digits ({len(val)} val images, {size} px), "
         f"trained in {train_s:.0f} s at {summary['train_images_per_second']:.0f} images/s",
@@ -57,11 +56,9 @@ def demo(args: argparse.Namespace) -> int:
         f"fused vs unfused: max |logit difference| {diff:.2e} on {len(x)} val images -> "
         f"{'agree' if agree else 'DISAGREE'}",
         *(f"{name}: train-time {a:,} -> fused {b:,} ({a / b:.1f}x)" for name, a, b in rows),
-        f"latency, batch 1 at 224 px on this CPU ({threads} threads): unfused {lat[0]:.1f} ms, "
-        f"fused {lat[1]:.1f} ms ({lat[0] / lat[1]:.1f}x faster)",
         f"run directory: {out} (metrics.jsonl, curves.png, best/last/best_fused checkpoints, model.onnx)",
     ]
-    # 5. Deployment: export to ONNX, checked with onnxruntime; PyTorch against onnxruntime latency.
+    # 5. Deployment: export to ONNX, checked with onnxruntime; latency unfused vs fused, PyTorch vs onnxruntime.
     lines[-1:-1] = deployment_report(model, out, threads=threads)
     print("\n".join(lines))
     return 0 if agree else 1
