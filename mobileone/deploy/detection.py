@@ -408,3 +408,48 @@ CHECKS = {
     ("executorch", "raw"): check_executorch_raw,
     ("coreml", "raw"): check_coreml_raw,
 }
+
+
+def evaluate_onnx_detector(path: str | Path, data: str | Path, data_format: str = "auto") -> dict[str, Any]:
+    """COCO mAP of an exported detector (raw or NMS form) in onnxruntime, on ``data``'s val split.
+
+    The raw form's outputs go through the same post-processing as PyTorch's, with the settings
+    stored in the file; the NMS form's detections are scored as they come out.
+    """
+    from ..tasks.detection.model import DetectorConfig, postprocess
+    from ..tasks.detection.task import detection_metrics, val_loader
+    from .onnx import read_onnx_metadata
+
+    meta = read_onnx_metadata(path)
+    if meta.get("task") != "detect" or meta.get("form") not in FORMS:
+        raise ExportError(f"{path} is not a detector exported by mobileone export --task detect")
+    config = DetectorConfig.from_dict(meta["detector"])
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+    ds, loader = val_loader(data, data_format, config.img_size, meta["mean"], meta["std"],
+                            fixed if isinstance(fixed, int) else 16)  # fmt: skip
+    if meta.get("class_names") and list(meta["class_names"]) != list(ds.classes):
+        raise ExportError(f"{path} detects {meta['class_names'][:10]}, {data} has classes {ds.classes[:10]}")
+    results, seen, bad = [], [], 0
+    for x, targets, bad_paths in loader:
+        bad += len(bad_paths)
+        if x is None:
+            continue
+        if isinstance(fixed, int) and len(x) < fixed:  # a fixed-batch file: pad the last batch
+            x = torch.cat([x, x[:1].expand(fixed - len(x), -1, -1, -1)])
+        outs = [torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})]
+        if meta["form"] == "raw":
+            dets = postprocess(outs[0], outs[1], config)
+        else:
+            dets = [{"boxes": b[:n], "scores": s[:n], "labels": lab[:n]} for b, s, lab, n in zip(*outs[:3], outs[3])]
+        for det, t in zip(dets, targets):
+            h, w = t["size"]
+            scale = torch.tensor([w / config.img_size, h / config.img_size] * 2)
+            results.append((t["index"], det["boxes"].float() * scale, det["scores"].float(), det["labels"]))
+            seen.append(t["index"])
+    if not seen:
+        raise ExportError(f"no validation image of {ds.source} could be read ({bad} unreadable)")
+    metrics = detection_metrics(ds.records, ds.classes, results, seen)
+    return {**metrics, "onnx": str(path), "form": meta["form"], "data": ds.source, "images": len(seen),
+            "unreadable_images": bad, "img_size": config.img_size}  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
 from ...engine.config import TrainConfig
@@ -189,3 +190,36 @@ class DetectionTask(Task):
     def epoch_line(self, row: dict[str, Any]) -> str:
         ema = f"  EMA mAP {row['ema_map']:.2f}" if row.get("ema_map") is not None else ""
         return f"val mAP {row['map']:.2f}  mAP@0.5 {row['map_50']:.2f}{ema}"
+
+
+def val_loader(root: str | Path, data_format: str, img_size: int, mean: Sequence[float], std: Sequence[float],
+               batch_size: int = 16, workers: int = 0) -> tuple[DetectionDataset, DataLoader]:  # fmt: skip
+    """The validation split of a dataset folder at a detector's input size, and its loader."""
+    _, split = load_splits(root, data_format)
+    ds = DetectionDataset(split, eval_transform(img_size, mean, std))
+    loader = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection)
+    return ds, loader
+
+
+def evaluate_detector(
+    checkpoint: str | Path,
+    data: str | Path,
+    data_format: str = "auto",
+    batch_size: int = 16,
+    workers: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """COCO mAP (percent, with AP per class) of a detector checkpoint, fused or not, on ``data``'s val split."""
+    model = load_detector(checkpoint)
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    ds, loader = val_loader(data, data_format, model.config.img_size, model.preprocess["mean"],
+                            model.preprocess["std"], batch_size, workers)  # fmt: skip
+    if model.class_names and list(model.class_names) != list(ds.classes):
+        raise DataError(f"{checkpoint} was trained on classes {model.class_names[:10]}, {data} has {ds.classes[:10]}; "
+                        "evaluate on data with the same class list")  # fmt: skip
+    results, seen, bad = predict_loader(model.to(dev), loader, dev, f"{checkpoint}")
+    if not seen:
+        raise DataError(f"no validation image of {ds.source} could be read ({bad} unreadable)")
+    metrics = detection_metrics(ds.records, ds.classes, results, seen)
+    return {**metrics, "checkpoint": str(checkpoint), "data": str(ds.source), "fused": model.inference_mode,
+            "images": len(seen), "unreadable_images": bad, "img_size": model.config.img_size}  # fmt: skip
