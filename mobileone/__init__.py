@@ -46,6 +46,8 @@ _OPTIONAL = {
     "TrainConfig": ("mobileone.engine.config", "TrainConfig"),
     "export_model": ("mobileone.deploy.export", "export_model"),
     "read_metadata": ("mobileone.deploy.export", "read_metadata"),
+    "create_detector": ("mobileone.tasks.detection.model", "create_detector"),
+    "load_detector": ("mobileone.tasks.detection.model", "load_detector"),
 }
 
 
@@ -69,12 +71,14 @@ __all__ = [
     "count_layers",
     "count_macs",
     "count_params",
+    "create_detector",
     "create_model",
     "export_model",
     "from_apple_layout",
     "init_branches",
     "list_models",
     "load_checkpoint",
+    "load_detector",
     "mobileone_mu0",
     "mobileone_mu1",
     "mobileone_mu2",
