@@ -93,15 +93,16 @@ class Split:
 def _checked_box(split: Split, where: str, box: Sequence[float], width: int, height: int) -> list[float] | None:
     """Clip an xyxy box to the image (counted); None (counted) when nothing of positive area is left."""
     x1, y1, x2, y2 = (float(v) for v in box)
+    clipped = False
     if width > 0 and height > 0:
-        cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-        cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
-        if max(abs(cx1 - x1), abs(cy1 - y1), abs(cx2 - x2), abs(cy2 - y2)) > CLIP_TOLERANCE:
-            split.note("boxes reaching outside the image, clipped", where)
-        x1, y1, x2, y2 = cx1, cy1, cx2, cy2
+        c = [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+        clipped = max(abs(a - b) for a, b in zip(c, (x1, y1, x2, y2))) > CLIP_TOLERANCE
+        x1, y1, x2, y2 = c
     if not (x2 > x1 and y2 > y1):
-        split.note("boxes of zero or negative area, dropped", where)
+        split.note("boxes of zero or negative area (inside the image), dropped", where)
         return None
+    if clipped:
+        split.note("boxes reaching outside the image, clipped", where)
     return [x1, y1, x2, y2]
 
 
