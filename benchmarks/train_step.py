@@ -1,7 +1,8 @@
 """Train-step throughput and peak memory: fast train-mode MobileOne against the per-branch reference.
 
     python benchmarks/train_step.py [--models s0,s1] [--configs 32x224,128x64] [--steps N]
-                                    [--threads 2] [--device cpu|cuda] [--impls reference,fast,timm]
+                                    [--threads 2] [--device cpu|cuda] [--amp none|bf16|fp16]
+                                    [--impls reference,fast,timm]
     python benchmarks/train_step.py --layers [--models s0] [--configs 32x224]   # per layer type
 
 A step is forward + cross-entropy + backward + SGD (momentum 0.9) on random images. Each
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mobileone  # noqa: E402
-from mobileone import fast_train  # noqa: E402
-from mobileone.model import resolve_variant  # noqa: E402
+from mobileone.core import fast_train  # noqa: E402
+from mobileone.core.config import resolve_variant  # noqa: E402
 
 
 def parse_config(text: str) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def build(model_name: str, impl: str, device: str) -> torch.nn.Module:
 
         return timm.create_model(resolve_variant(model_name), num_classes=1000).to(device)
     model = mobileone.create_model(model_name, num_classes=1000).to(device)
-    return fast_train.set_fast_train(model, impl == "fast")
+    return mobileone.set_fast_train(model, impl == "fast")
 
 
 def rss_mb() -> float:
@@ -64,39 +65,68 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One configuration: warm-up steps, then timed steps; returns images/s and peak memory."""
-    torch.manual_seed(0)
-    batch, px = args.config
-    model = build(args.model, args.impl, args.device).train()
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure_train_step(
+    model: torch.nn.Module,
+    batch: int,
+    px: int,
+    device: str,
+    warmup: int,
+    steps: int,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict:
+    """Warm-up steps, then timed steps of ``model`` (1000 classes); returns images/s and peak memory.
+
+    ``amp`` runs forward and loss under autocast in that dtype; ``channels_last`` puts model and
+    input in that memory format. Peak memory is the process's on CPU (run one model per process).
+    """
+    model = model.train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, px, px, device=args.device)
-    y = torch.randint(0, 1000, (batch,), device=args.device)
+    x = torch.randn(batch, 3, px, px, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    device_type = torch.device(device).type
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     rss_before = rss_mb()
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
-    sync(args.device)
-    if args.device == "cuda":
+    sync(device_type)
+    if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
-    sync(args.device)
+    sync(device_type)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    if args.device == "cuda":
+    if device_type == "cuda":
         peak, growth = torch.cuda.max_memory_allocated() / 2**20, float("nan")
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         growth = peak - rss_before
-    images = batch * args.steps
+    images = batch * steps
     speed = {"images_per_s": images / seconds, "images_per_cpu_s": images / cpu_seconds}
     return {**speed, "peak_mb": peak, "growth_mb": growth}
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One configuration in this (fresh) process: images/s and peak memory."""
+    torch.manual_seed(0)
+    batch, px = args.config
+    model = build(args.model, args.impl, args.device)
+    return measure_train_step(model, batch, px, args.device, args.warmup, args.steps, AMP[args.amp])
 
 
 def run_one(model: str, impl: str, config: str, args: argparse.Namespace) -> dict:
@@ -104,7 +134,7 @@ def run_one(model: str, impl: str, config: str, args: argparse.Namespace) -> dic
     steps = max(1, args.steps // 2) if px >= 160 and args.device == "cpu" and args.halve_large else args.steps
     cmd = [sys.executable, __file__, "--worker", "--models", model, "--impls", impl, "--configs", config,
            "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--device", args.device]  # fmt: skip
+           "--device", args.device, "--amp", args.amp]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}/{impl}/{config} failed:\n{proc.stderr[-2000:]}")
@@ -190,6 +220,7 @@ def main() -> None:
     p.add_argument("--halve-large", action="store_true", help="on CPU, half the steps for images >= 160 px")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="none", choices=tuple(AMP), help="autocast dtype of forward and loss")
     p.add_argument("--layers", action="store_true", help="per-layer-type timings of each formulation instead")
     p.add_argument("--reps", type=int, default=3, help="repetitions per layer timing (--layers)")
     p.add_argument("--json", type=Path, help="also write the rows here")
