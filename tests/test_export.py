@@ -98,3 +98,15 @@ def test_cli_exports_an_unfused_checkpoint_fused(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fused it" in out and "max |exported - PyTorch|" in out
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_native_noise_is_filtered_and_real_messages_kept(capfd):
+    import os
+
+    from mobileone.deploy.common import filtered_native_stderr
+
+    with filtered_native_stderr():
+        os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\n")
+        os.write(2, b"a real error from a native library\n")
+    err = capfd.readouterr().err
+    assert "cpuinfo_utils" not in err and "a real error from a native library" in err

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deploy.common import require
-from ..deploy.executorch import executorch_program, to_executorch
+from ..deploy.executorch import executorch_method, to_executorch
 from ..deploy.onnx import onnx_session, to_onnx
 
 RUNTIMES = ("eager", "channels_last", "compile", "onnxruntime", "executorch")
@@ -83,7 +83,7 @@ def make_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir
         _unsafe_reset_threadpool(threads)
         path = workdir / f"model_{len(x)}.pte"
         to_executorch(model, path, x)
-        method = executorch_program(path).load_method("forward")
+        method = executorch_method(path)
         return lambda: method.execute([x])
     raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,10 +21,54 @@ class ExportError(RuntimeError):
     """The export failed, or the exported model does not reproduce the PyTorch model."""
 
 
+# Loggers of third-party packages that print on import what our users cannot act on: coremltools on
+# Linux ("Failed to load _MLModelProxy", version notes), torch's pytree deprecation notice that
+# executorch's dependencies trigger.
+NOISY_LOGGERS = ("coremltools", "torch.utils._pytree")
+# Lines that ExecuTorch's native runtime writes straight to stderr while probing the CPU.
+NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
+
+
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Silence the import-time chatter of ``NOISY_LOGGERS`` (their errors still show)."""
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def filtered_native_stderr(noise: tuple[str, ...] = NATIVE_NOISE) -> Iterator[None]:
+    """Run a block with the process's stderr (file descriptor 2) captured, then re-emit all but ``noise`` lines.
+
+    Native libraries print with C's stdio, which Python's ``sys.stderr`` never sees.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [ln for ln in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith(noise)]  # fmt: skip
+            sys.stderr.write("".join(kept))
+
+
 def require(module: str, extra: str = "export") -> Any:
     """Import an optional dependency, or say which extra installs it."""
     try:
-        return importlib.import_module(module)
+        with quiet_imports(), filtered_native_stderr():
+            return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
             f"{module.split('.')[0]} is needed for this and is not installed: pip install 'mobileone[{extra}]'"

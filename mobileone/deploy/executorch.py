@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import package_version, require, run_batches
+from .common import filtered_native_stderr, package_version, require, run_batches
 
 
 def to_executorch(
@@ -39,16 +39,23 @@ def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic_bat
 def executorch_program(path: str | Path) -> Any:
     """Load a ``.pte`` with the ExecuTorch runtime."""
     runtime = require("executorch.runtime")
-    return runtime.Runtime.get().load_program(str(path))
+    with filtered_native_stderr():
+        return runtime.Runtime.get().load_program(str(path))
+
+
+def executorch_method(path: str | Path, name: str = "forward") -> Any:
+    """Load one method of a ``.pte`` (XNNPACK probes the CPU here, which prints noise we filter)."""
+    program = executorch_program(path)
+    with filtered_native_stderr():
+        return program.load_method(name)
 
 
 def read_executorch_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata stored as a constant method (``mobileone_metadata``) of an ExecuTorch program."""
-    program = executorch_program(Path(path))
-    return json.loads(program.load_method("mobileone_metadata").execute([])[0])
+    return json.loads(executorch_method(path, "mobileone_metadata").execute([])[0])
 
 
 def verify(path: Path, x: Tensor, dynamic_batch: bool, fused: nn.Module) -> tuple[Tensor, str]:
-    method = executorch_program(path).load_method("forward")
+    method = executorch_method(path)
     got = run_batches(lambda b: method.execute([b.contiguous()])[0], x, dynamic_batch)
     return got, f"ExecuTorch runtime {package_version('executorch')} (XNNPACK), {len(x)} real images"
