@@ -1,20 +1,27 @@
 """Reading and writing MobileOne weights: Apple's, timm's and mmpretrain's layouts, and our own files.
 
 The model's native state_dict layout is Apple's (docs/architecture.md, "Checkpoint layouts"). Files we write are a
-``.safetensors`` of that layout plus a ``.json`` beside it holding the architecture, the classes
-and the preprocessing, so a file alone rebuilds its model. Apple's own files carry no config;
-the architecture is read off the tensor shapes instead.
+``.safetensors`` (or a PyTorch file) of that layout with the architecture, the classes and the
+preprocessing embedded, plus a readable ``.json`` copy beside it, so a file alone rebuilds its
+model. Apple's own files carry no config; the architecture is read off the tensor shapes instead.
+
+Metadata is never trusted blindly: the embedded copy (then the JSON beside the file) is checked
+against the tensors; a block that does not fit them is ignored with a warning naming the file,
+and the architecture is read off the tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +135,15 @@ _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / torch.compile / AveragedModel
 
 
-def _unwrap(obj: Any, use_ema: bool, path: str) -> StateDict:
+_MAX_NESTING = 4  # real files wrap their tensors 1-2 dicts deep ({"state_dict": {"module": ...}})
+
+
+def _unwrap(obj: Any, use_ema: bool, path: str, depth: int = 0) -> StateDict:
+    if depth > _MAX_NESTING:
+        raise CheckpointError(
+            f"{path}: no state dict within {_MAX_NESTING} levels of nested dicts (a dict that contains itself?); "
+            "this is not a checkpoint layout this reader knows"
+        )
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
@@ -144,7 +159,7 @@ def _unwrap(obj: Any, use_ema: bool, path: str) -> StateDict:
         if use_ema and key not in _EMA_WRAPPERS:
             raise CheckpointError(f"{path} has no EMA weights (looked for {list(_EMA_WRAPPERS)})")
         log.info("using the %r entry of %s", key, path)
-        return _unwrap(obj[key], False, path)
+        return _unwrap(obj[key], False, path, depth + 1)
     sd.pop("n_averaged", None)
     for prefix in _PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
@@ -215,7 +230,7 @@ class Checkpoint:
     fused: bool
     config: MobileOneConfig
     num_classes: int
-    meta: dict[str, Any] = field(default_factory=dict)  # our JSON sidecar, when there is one
+    meta: dict[str, Any] = field(default_factory=dict)  # our metadata (checked against the tensors), if any
 
     @property
     def variant(self) -> str | None:
@@ -223,25 +238,166 @@ class Checkpoint:
 
 
 def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> Checkpoint:
-    """Read a checkpoint in any supported layout or wrapping into Apple's layout."""
+    """Read a checkpoint in any supported layout or wrapping into Apple's layout.
+
+    The architecture, classes and preprocessing come from the metadata our writer embedded in the
+    file, else from the JSON beside it, each checked against the tensors (see :func:`check_metadata`);
+    without usable metadata the architecture is read off the tensor shapes.
+    """
     path = Path(source) if not isinstance(source, dict) else None
     obj = _read_file(path) if path else source
     sd, layout = to_apple_layout(_unwrap(obj, use_ema, str(path or "state dict")))
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         warnings.warn(f"checkpoint has NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}", stacklevel=2)
-    meta: dict[str, Any] = (embedded_metadata(path, obj) or {}) if path else {}
-    sidecar = _sidecar(path) if path else None
-    if not meta and sidecar and sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-    if meta.get("config"):
-        config = MobileOneConfig(**meta["config"])
-        num_classes, fused = meta["num_classes"], meta["inference_mode"]
-    else:
-        config, num_classes, fused = infer_config(sd)
+    meta, config, num_classes, fused = _metadata(path, obj, sd) if path else ({}, *infer_config(sd))
     log.info("read %s: %s layout, %s, %d classes", path or "state dict", layout, "fused" if fused else "unfused",
              num_classes)  # fmt: skip
     return Checkpoint(sd, layout, fused, config, num_classes, meta)
+
+
+class MetadataError(CheckpointError):
+    """A checkpoint's metadata cannot describe its tensors (not an object, invalid, or another model's)."""
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(MobileOneConfig)}
+
+
+def _metadata(path: Path, obj: Any, sd: StateDict) -> tuple[dict[str, Any], MobileOneConfig, int, bool]:
+    """The first usable metadata of ``path`` (embedded, then the JSON beside it), checked; else the tensors'."""
+    rejected: list[str] = []
+
+    def sources() -> Iterator[tuple[str, Any]]:  # read lazily: a good embedded block makes the JSON irrelevant
+        try:
+            embedded = embedded_metadata(path, obj)
+            if embedded is not None:
+                yield f"the metadata embedded in {path}", embedded
+        except MetadataError as e:
+            rejected.append(str(e))
+        sidecar = _sidecar(path)
+        if sidecar != path and sidecar.is_file():
+            try:
+                yield str(sidecar), json.loads(sidecar.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                rejected.append(f"{sidecar} is not readable JSON ({e})")
+
+    for where, raw in sources():
+        try:
+            meta, config, num_classes, fused, notes = check_metadata(raw, sd)
+        except MetadataError as e:
+            rejected.append(f"{where} {e}")
+            continue
+        for note in notes:
+            warnings.warn(f"{where}: {note}", stacklevel=3)
+        if rejected:
+            warnings.warn(f"ignored unusable metadata ({'; '.join(rejected)}); used {where}", stacklevel=3)
+        return meta, config, num_classes, fused
+    if rejected:
+        warnings.warn(f"ignored unusable metadata of {path}: {'; '.join(rejected)}. The architecture was read off "
+                      "the tensors; classes and preprocessing are unknown", stacklevel=3)  # fmt: skip
+    return {}, *infer_config(sd)
+
+
+def check_metadata(raw: Any, sd: StateDict) -> tuple[dict[str, Any], MobileOneConfig, int, bool, list[str]]:
+    """Check a metadata block against Apple-layout tensors: ``(meta, config, num_classes, fused, notes)``.
+
+    Raises :class:`MetadataError` when the block cannot describe the tensors (not an object, an
+    invalid or unknown config key, another architecture or class count). A variant name, class
+    names or a preprocessing block that do not fit are dropped from ``meta``, each with a note.
+    Keys besides ours (epoch, accuracy, ...) are kept as records.
+    """
+    if not isinstance(raw, dict):
+        raise MetadataError(f"holds a JSON {type(raw).__name__}, not an object")
+    meta = dict(raw)
+    in_chans = _in_chans(sd)
+    if meta.get("config") is None:
+        config, num_classes, fused = infer_config(sd)
+    else:
+        block = meta["config"]
+        if not isinstance(block, dict):
+            raise MetadataError(f"has a config that is a {type(block).__name__}, not an object")
+        unknown = sorted(set(block) - _CONFIG_FIELDS)
+        if unknown:
+            raise MetadataError(f"has unknown config key(s) {unknown} (known: {sorted(_CONFIG_FIELDS)})")
+        try:
+            config = MobileOneConfig(**block)
+        except (TypeError, ValueError) as e:
+            raise MetadataError(f"has an invalid config ({e})") from e
+        num_classes, fused = meta.get("num_classes"), meta.get("inference_mode")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise MetadataError(f"has num_classes {num_classes!r}, not an integer >= 0")
+        if not isinstance(fused, bool):
+            raise MetadataError(f"has inference_mode {fused!r}, not true or false")
+        mismatch = _shape_mismatch(sd, config, num_classes, fused, in_chans)
+        if mismatch:
+            raise MetadataError(f"describes another model than the file's tensors ({mismatch})")
+    notes = []
+    variant = meta.get("variant")
+    if variant is not None and not (isinstance(variant, str) and _is_variant(variant, config)):
+        actual = variant_of(config)
+        notes.append(f"variant {variant!r} does not match the tensors' architecture ({actual or 'a custom one'}); "
+                     "ignoring the name")  # fmt: skip
+        meta["variant"] = actual
+    names = meta.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) == num_classes
+    ):
+        count = f"{len(names)} names" if isinstance(names, list) else f"a {type(names).__name__}"
+        notes.append(f"class_names ({count}) do not fit the {num_classes}-class head; ignoring them")
+        meta["class_names"] = None
+    if "preprocess" in meta:
+        problem = _preprocess_problem(meta["preprocess"], in_chans)
+        if problem:
+            notes.append(f"preprocess block ignored ({problem}); the defaults are used")
+            del meta["preprocess"]
+    return meta, config, num_classes, fused, notes
+
+
+def _in_chans(sd: StateDict) -> int:
+    stem = sd.get("stage0.reparam_conv.weight", sd.get("stage0.rbr_conv.0.conv.weight"))
+    return int(stem.shape[1]) if stem is not None and stem.ndim == 4 else 3
+
+
+def _shape_mismatch(sd: StateDict, config: MobileOneConfig, num_classes: int, fused: bool, in_chans: int) -> str:
+    """'' when a model of this description has exactly the tensors of ``sd``, else the first differences."""
+    with torch.device("meta"):
+        expected = MobileOne(config, num_classes, fused, in_chans).state_dict()
+    skip = "num_batches_tracked"
+    missing = [k for k in expected if k not in sd and not k.endswith(skip)]
+    extra = [k for k in sd if k not in expected and not k.endswith(skip)]
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)} described" for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]  # fmt: skip
+    parts = [f"{title} {items[:3]}" for title, items in
+             (("shapes", shapes), ("tensors missing from the file", missing), ("tensors not described", extra))
+             if items]  # fmt: skip
+    return "; ".join(parts)
+
+
+def _is_variant(name: str, config: MobileOneConfig) -> bool:
+    named = VARIANTS.get(name)
+    return named is not None and named.replace(output_stride=config.output_stride) == config
+
+
+def _preprocess_problem(pre: Any, in_chans: int) -> str:
+    if not isinstance(pre, dict):
+        return f"a {type(pre).__name__}, not an object"
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == in_chans and all(map(number, v))):
+            return f"{key} {v!r} is not {in_chans} numbers"
+        if key == "std" and v is not None and min(v) <= 0:
+            return f"std {v!r} has a value <= 0"
+    size = pre.get("input_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 4096):
+        return f"input_size {size!r} is not an integer in 16..4096"
+    crop = pre.get("crop_pct")
+    if crop is not None and not (number(crop) and 0 < crop <= 1):
+        return f"crop_pct {crop!r} is not in (0, 1]"
+    return ""
 
 
 def _mismatch_report(model: MobileOne, sd: StateDict) -> list[str]:
@@ -359,17 +515,30 @@ def _sidecar(path: Path) -> Path:
 
 
 def embedded_metadata(path: str | os.PathLike, obj: Any = None) -> dict[str, Any] | None:
-    """The metadata our writer embedded in ``path`` (``obj``: the file's already-loaded contents), if any."""
+    """The metadata our writer embedded in ``path`` (``obj``: the file's already-loaded contents), if any.
+
+    Raises :class:`MetadataError` when the file has an embedded block that is not a JSON object.
+    The caller checks the block against what it describes (:func:`check_metadata` for MobileOnes).
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             text = (f.metadata() or {}).get(META_KEY)
-        return json.loads(text) if text else None
-    if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
-        return obj[META_KEY]
-    return None
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise MetadataError(f"the metadata embedded in {path} is not valid JSON ({e})") from e
+    elif isinstance(obj, dict) and META_KEY in obj:
+        value = obj[META_KEY]
+    else:
+        return None
+    if not isinstance(value, dict):
+        raise MetadataError(f"the metadata embedded in {path} is a {type(value).__name__}, not an object")
+    return value
 
 
 def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> Path:

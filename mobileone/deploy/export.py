@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import IMAGENET_MEAN, IMAGENET_STD
+from ..core.files import writable_folder
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from ..core.model import MobileOne
 from . import coreml, executorch, onnx, torchscript
@@ -165,16 +166,17 @@ def export_model(
         raise ValueError(f"unknown export format {format!r} for {out}; choose one of {list(FORMATS)}")
     if out.suffix != FORMATS[format]:
         out = out.with_suffix(FORMATS[format])
-    img_size = img_size or int((getattr(model, "preprocess", None) or {}).get("input_size", 224))
+    if img_size is None:  # 0 is an invalid size, not "unset"
+        img_size = int((getattr(model, "preprocess", None) or {}).get("input_size", 224))
     if not isinstance(img_size, int) or not 16 <= img_size <= 4096:
         raise ValueError(f"img_size must be an integer in 16..4096 (pixels), got {img_size!r}")
+    writable_folder(out.parent, "; choose another --out")
     reference = copy.deepcopy(model).eval()
     fused, fused_now, notes = fuse_for_export(model)
     meta = model_metadata(model, img_size)
     in_chans = getattr(model, "in_chans", 3)
     # torch.export specializes a batch of 1 to a constant, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, in_chans, img_size, img_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s (fused=%s) to %s", format, True, out)
     with torch.inference_mode(False), torch.no_grad():
         TARGETS[format].export(fused, out, example, meta, dynamic_batch)

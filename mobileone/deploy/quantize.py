@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .common import require
 from .evaluate_onnx import accuracy, image_folder, onnx_logits
-from .export import export_model
+from .export import export_model, model_metadata
 from .onnx import read_onnx_metadata, set_onnx_metadata
 
 log = logging.getLogger("mobileone")
@@ -162,8 +162,9 @@ def quantize_model(
     """Fuse and export ``model`` to fp32 ONNX beside ``out`` (``*.fp32.onnx``), then quantize it to ``out``."""
     out = Path(out)
     fp32 = out.with_name(out.stem + ".fp32.onnx")
-    export_model(model, fp32, "onnx", img_size=img_size, dynamic_batch=True)
-    calibration = calibration_images(calib_data, read_onnx_metadata(fp32), num_calib)
+    size = img_size if img_size is not None else int((getattr(model, "preprocess", None) or {}).get("input_size", 224))
+    calibration = calibration_images(calib_data, model_metadata(model, size), num_calib)  # bad data: no file written
+    export_model(model, fp32, "onnx", img_size=size, dynamic_batch=True)
     return fp32, quantize_onnx(fp32, out, calibration, settings)
 
 

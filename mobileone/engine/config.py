@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.config import resolve_variant
+from ..core.config import MobileOneConfig, resolve_variant
 
 if TYPE_CHECKING:
     from .task import Task
@@ -152,6 +152,13 @@ class TrainConfig:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must split evenly into {self.accum_steps} accumulation "
                              "steps")  # fmt: skip
+        if self.arch is not None:
+            fields = sorted(f.name for f in dataclasses.fields(MobileOneConfig))
+            try:
+                MobileOneConfig(**self.arch)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"arch must be a JSON object of MobileOneConfig fields ({', '.join(fields)}); "
+                                 f"{self.arch!r} is not valid: {e}") from e  # fmt: skip
         return self
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.files import atomic_write, remove_stale_temporaries
+from ..core.files import atomic_write, remove_stale_temporaries, writable_folder
 
 
 class RunDirError(RuntimeError):
@@ -49,48 +50,63 @@ class RunDir:
         self.release()
 
     def acquire(self) -> None:
-        """Create the folder and take its lock; a lock left by a dead process on this host is taken over."""
+        """Create the folder and take its lock; a lock left by a dead process on this host is taken over.
+
+        Temporary files an interrupted write left behind are deleted once the lock is held.
+        """
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except (PermissionError, FileExistsError, NotADirectoryError) as e:
-            raise RunDirError(f"cannot create the run directory {self.path}: {e}; choose another --out") from e
-        if not os.access(self.path, os.W_OK | os.X_OK):
-            raise RunDirError(f"the run directory {self.path} is not writable; choose another --out")
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
+            writable_folder(self.path, "; choose another --out")
+        except OSError as e:
+            raise RunDirError(f"cannot use the run directory: {e}") from e
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
-                owner = self._owner()
-                if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
-                    warnings.warn(
-                        f"{self.path} was locked by process {owner['pid']}, which is no longer running; "
-                        "taking the run directory over",
-                        stacklevel=3,
-                    )
+                dead = self.check_free()  # raises while the owner lives
+                if self._owner() == dead:  # not taken over by another process in the meantime
+                    warnings.warn(f"{self.path} was locked by process {dead.get('pid')}, which is no longer running; "
+                                  "taking the run directory over", stacklevel=3)  # fmt: skip
                     self.lock_path.unlink(missing_ok=True)
-                    continue
-                raise RunDirError(
-                    f"{self.path} is in use by another run (process {owner.get('pid', '?')} on host "
-                    f"{owner.get('host', '?')}); wait for it to finish or choose another --out. If that run is "
-                    f"gone, delete {self.lock_path}"
-                ) from None
+                continue
+            except OSError as e:
+                raise RunDirError(f"cannot lock the run directory {self.path}: {e}; choose another --out") from e
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._locked = True
             stale = remove_stale_temporaries(self.path)
             if stale:
-                warnings.warn(f"removed {len(stale)} temporary file(s) an interrupted run left in {self.path}",
-                              stacklevel=3)  # fmt: skip
+                warnings.warn(f"removed {len(stale)} temporary file(s) an interrupted run left in {self.path}: "
+                              f"{', '.join(p.name for p in stale[:3])}", stacklevel=3)  # fmt: skip
             return
         raise RunDirError(f"could not lock {self.path}: another process keeps taking it")
 
-    def _owner(self) -> dict[str, Any]:
+    def check_free(self) -> dict[str, Any] | None:
+        """Raise :class:`RunDirError` if a live process (or one on another host) holds the lock.
+
+        Returns the lock's content when its owner is dead (a stale lock), None without a lock.
+        """
+        owner = self._owner()
+        if owner is None:
+            return None
+        pid, host = owner.get("pid"), owner.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            return owner
+        raise RunDirError(
+            f"{self.path} is in use by another run (process {pid or '?'} on host {host or '?'}, since "
+            f"{owner.get('since', '?')}); wait for it to finish or choose another --out. If that run is gone, "
+            f"delete {self.lock_path}"
+        )
+
+    def _owner(self) -> dict[str, Any] | None:
+        """The lock's content; None when there is no lock, {} when it cannot be read (being written)."""
         try:
             owner = json.loads(self.lock_path.read_text())
-            return owner if isinstance(owner, dict) else {}
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError):
             return {}
+        return owner if isinstance(owner, dict) else {}
 
     def release(self) -> None:
         if self._locked:
@@ -116,10 +132,11 @@ class RunDir:
         return self.path / "train_state.prev.pt"
 
     def save_state(self, state: dict[str, Any]) -> None:
-        """The training state after an epoch; the previous epoch's is kept as a fallback."""
-        if self.state_path.exists():
-            os.replace(self.state_path, self.previous_state_path)
-        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
+        """The training state after an epoch; the previous epoch's is kept as a fallback.
+
+        Only once the new state is written whole does the current one become the previous one.
+        """
+        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp), previous=self.previous_state_path)
 
     def has_state(self) -> bool:
         return self.state_path.exists() or self.previous_state_path.exists()

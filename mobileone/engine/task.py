@@ -30,6 +30,28 @@ class DataError(ValueError):
     """The dataset on disk cannot be used as given (missing folders, class mismatch, nothing readable)."""
 
 
+class NonFiniteOutputError(ValueError):
+    """A model gave NaN or infinite outputs: any score of them (argmax of NaN, NaN boxes) would be meaningless."""
+
+
+def require_finite(outputs: Any, what: str = "the model") -> None:
+    """Raise :class:`NonFiniteOutputError` if a float tensor in ``outputs`` (or a dict / list of them) is not finite.
+
+    Every task's evaluation calls it on the raw outputs before scoring them.
+    """
+    if isinstance(outputs, Tensor):
+        if outputs.is_floating_point() and not bool(outputs.isfinite().all()):
+            bad = int((~outputs.isfinite()).sum())
+            raise NonFiniteOutputError(f"{what} gives NaN or infinite outputs ({bad} of {outputs.numel()} values "
+                                       "in a batch); it is broken, and is not scored")  # fmt: skip
+    elif isinstance(outputs, dict):
+        for value in outputs.values():
+            require_finite(value, what)
+    elif isinstance(outputs, (list, tuple)):
+        for value in outputs:
+            require_finite(value, what)
+
+
 @dataclass
 class TaskData:
     """A task's datasets: ``train`` is indexed with ``(epoch, index)`` keys (see ``EpochSampler``)."""

@@ -1,9 +1,14 @@
 """Images in, tensors out: ImageFolder trees that survive real-world files, the built-in dataset, transforms.
 
-Users' folders hold CMYK JPEGs, 16-bit PNGs, palette GIF-likes, half-copied files and stray
-``Thumbs.db``; none of that may crash a data-loader worker. Bad files come back as ``None``
+Users' folders hold CMYK JPEGs, 16-bit PNGs, palette GIF-likes, rotated phone photos, half-copied
+files, decompression bombs, stray ``Thumbs.db``, hidden ``.ipynb_checkpoints`` and ``._x.jpg``
+files, and symlinks (loops included); none of that may crash a data-loader worker or become a
+class. :func:`load_image` is the one image reader of every task: it raises
+:class:`UnreadableImageError` for anything it cannot decode. Bad files come back as ``None``
 samples that :func:`collate_skip_bad` drops and counts, so the training loop can warn, record
-the count in its metrics, or stop with the file's name (``strict``).
+the count in its metrics, or stop with the file's name (``strict``). :func:`scan_image_tree`
+lists a folder's images the way every task should: hidden entries skipped, each real folder
+read once however many links lead to it.
 
 Augmentation is seeded per sample from (seed, epoch, index), so the same image gets the same
 crop whatever the number of processes or workers: a 2-process run sees exactly the batches of
@@ -19,12 +24,13 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
@@ -34,59 +40,185 @@ from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from ...engine.task import DataError
 
 
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded: empty, truncated, corrupt, not an image, or a decompression bomb."""
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any image PIL reads as 8-bit RGB: grayscale, RGBA/LA, palette, CMYK and 16-bit included."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit and 32-bit grayscale: convert("RGB") would clip everything above 255 to white.
-            a = np.asarray(img, dtype=np.float64)
-            hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            # Transparent pixels become white, as viewers show them, instead of their hidden colour.
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        return img.convert("RGB")
+    """Open any image PIL reads as upright 8-bit RGB: EXIF rotation applied; grayscale, RGBA/LA, palette,
+    CMYK and 16-bit converted.
+
+    Raises :class:`UnreadableImageError` naming the file for anything that does not decode,
+    including a decompression bomb (an image claiming more than ``PIL.Image.MAX_IMAGE_PIXELS``
+    x 2 pixels, which would take gigabytes of memory).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
+        raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    try:
+        # Phones store photos sideways and record the rotation in EXIF; viewers show them upright.
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # a damaged EXIF block: the pixels are fine, use them as stored
+        pass
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and 32-bit grayscale: convert("RGB") would clip everything above 255 to white.
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels become white, as viewers show them, instead of their hidden colour.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def is_hidden(name: str) -> bool:
+    """Names that are never data: dot files and folders (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``)
+    and the ``__MACOSX`` folder of zips made on macOS."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+@dataclass
+class TreeScan:
+    """The files under a folder, and what was left out and why."""
+
+    files: list[Path] = field(default_factory=list)
+    hidden: list[Path] = field(default_factory=list)  # dot files and folders, __MACOSX
+    repeated: list[Path] = field(default_factory=list)  # links to a folder that was already read
+    broken: list[Path] = field(default_factory=list)  # links to nothing
+
+    def warn(self, root: Path) -> None:
+        """One warning per kind of skipped entry, with a few examples."""
+        for items, what in ((self.hidden, "hidden entries (names starting with '.', __MACOSX)"),
+                            (self.repeated, "links to folders that were already read (a link loop?)"),
+                            (self.broken, "broken links")):  # fmt: skip
+            if items:
+                examples = ", ".join(str(p) for p in items[:3]) + (", ..." if len(items) > 3 else "")
+                warnings.warn(f"{root}: skipped {len(items)} {what}: {examples}", stacklevel=3)
+
+
+def scan_image_tree(folder: str | os.PathLike, scan: TreeScan | None = None, seen: set | None = None) -> TreeScan:
+    """All files under ``folder`` in sorted order, following links but entering each real folder once.
+
+    ``seen`` holds the (device, inode) keys of folders already read, or read on their own (the
+    other class folders): a link into one of them is skipped, not read twice or mixed in; it is
+    updated with every folder read. ``folder`` itself is always read. Pass one ``scan`` to several
+    calls to collect everything in one place.
+    """
+    scan = scan if scan is not None else TreeScan()
+    seen = seen if seen is not None else set()
+    root = Path(folder)
+    key = _folder_key(root)
+    if key is None:
+        return scan
+    seen.add(key)
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError:  # vanished or unreadable folder: nothing to read
+            continue
+        folders = []
+        for e in entries:
+            path = Path(e.path)
+            if is_hidden(e.name):
+                scan.hidden.append(path)
+            elif e.is_dir():  # follows links
+                sub = _folder_key(path)
+                if sub in seen:
+                    scan.repeated.append(path)
+                else:
+                    seen.add(sub)
+                    folders.append(path)
+            elif e.is_file():
+                scan.files.append(path)
+            elif e.is_symlink():
+                scan.broken.append(path)
+        stack.extend(reversed(folders))  # depth first, in name order
+    return scan
+
+
+def _folder_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class ImageFolderDataset(ImageFolder):
     """torchvision's ImageFolder with clear errors up front and bad images skipped, not fatal.
 
-    ``__getitem__`` takes an index or an ``(epoch, index)`` key and returns ``(tensor, label)``,
-    or ``(None, path)`` for a file that fails to decode. The augmentation seed is a function of
-    (seed, epoch, index); ``set_epoch`` sets the epoch plain indices use.
+    Class folders are the visible sub-folders of ``root``; files are found by
+    :func:`scan_image_tree` (hidden entries skipped, each real folder read once), with a warning
+    for everything left out. ``__getitem__`` takes an index or an ``(epoch, index)`` key and
+    returns ``(tensor, label)``, or ``(None, path)`` for a file that fails to decode. The
+    augmentation seed is a function of (seed, epoch, index); ``set_epoch`` sets the epoch plain
+    indices use.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, seed: int = 0) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist (expected {root}/<class name>/<images>)")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        if not classes:
-            raise DataError(f"{root} has no class sub-folders; expected one folder of images per class")
+        self._scan = TreeScan()
+        super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
+        self._scan.warn(root)
         exts = tuple(IMG_EXTENSIONS)
-        empty, others = [], []
-        for c in classes:
-            files = [f for f in (root / c).rglob("*") if f.is_file() and not f.name.startswith(".")]
-            if not any(f.suffix.lower() in exts for f in files):
-                empty.append(c)
-            others += [f for f in files if f.suffix.lower() not in exts]
-        if empty:
-            warnings.warn(f"{root}: class folder(s) {empty} hold no images and get no training samples", stacklevel=2)
+        others = [f for f in self._scan.files if f.suffix.lower() not in exts]
         if others:
             warnings.warn(
                 f"{root}: skipping {len(others)} file(s) that are not images ({', '.join(str(f) for f in others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); image extensions are {', '.join(exts)}",
                 stacklevel=2,
             )
-        super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
+        counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
+        empty = [c for c, n in zip(self.classes, counts, strict=True) if n == 0]
+        if empty and self.samples:
+            warnings.warn(f"{root}: class folder(s) {empty} hold no images and get no training samples", stacklevel=2)
         if not self.samples:
             raise DataError(f"{root} holds no images at all (extensions {', '.join(exts)})")
         self.seed, self.epoch = seed, 0
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        """The visible sub-folders of ``directory`` (links to folders included), sorted."""
+        entries = list(os.scandir(directory))
+        self._scan.hidden += [Path(e.path) for e in entries if is_hidden(e.name)]
+        classes = sorted(e.name for e in entries if not is_hidden(e.name) and e.is_dir())
+        if not classes:
+            raise DataError(f"{directory} has no class sub-folders; expected one folder of images per class")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(
+        self,
+        directory: str | os.PathLike,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """(path, label) of every image under each class folder; what was skipped goes to ``self._scan``."""
+        exts = tuple(IMG_EXTENSIONS)
+        folders = {c: Path(directory, c) for c in class_to_idx}
+        keys = {c: _folder_key(p) for c, p in folders.items()}
+        seen = {*keys.values(), _folder_key(Path(directory))}  # links into another class are not followed
+        first: dict[Any, str] = {}
+        samples = []
+        for c, label in class_to_idx.items():
+            if keys[c] in first:  # two class names for one real folder: its images get the first name only
+                self._scan.repeated.append(folders[c])
+                continue
+            first[keys[c]] = c
+            n = len(self._scan.files)
+            scan_image_tree(folders[c], self._scan, seen)
+            samples += [(str(f), label) for f in self._scan.files[n:] if f.suffix.lower() in exts]
+        return samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -96,7 +228,7 @@ class ImageFolderDataset(ImageFolder):
         path, target = self.samples[index]
         try:
             img = self.loader(path)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        except UnreadableImageError:
             return None, path
         if self.transform is None:
             return img, target

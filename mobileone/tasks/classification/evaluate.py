@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ...core.checkpoint import load_checkpoint
+from ...engine.task import NonFiniteOutputError, require_finite
 from .data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
 
 
@@ -32,6 +33,8 @@ def accuracy_counts(
     """``[images, top-1 correct, top-5 correct, unreadable images]`` as a float64 tensor (summable over ranks).
 
     ``loader`` yields ``(images, labels, bad_paths)`` as :func:`mobileone.data.collate_skip_bad` makes them.
+    NaN or infinite logits raise :class:`NonFiniteOutputError` instead of being counted (the argmax
+    of NaN logits is an arbitrary class).
     """
     device = torch.device(device)
     was_training = model.training
@@ -46,6 +49,7 @@ def accuracy_counts(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)
+        require_finite(logits)
         top1, top5 = topk_hits(logits, y)
         counts[0] += len(y)
         counts[1] += top1
@@ -91,7 +95,14 @@ def evaluate_checkpoint(
     model.to(dev)
     loader = DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate_skip_bad, pin_memory=dev.type == "cuda")
     t0 = time.perf_counter()
-    n, c1, c5, bad = accuracy_counts(model, loader, dev).tolist()
+    try:
+        n, c1, c5, bad = accuracy_counts(model, loader, dev).tolist()
+    except NonFiniteOutputError as e:
+        raise NonFiniteOutputError(f"checkpoint {checkpoint} gives NaN or infinite outputs on {root}, so it is not "
+                                   f"scored: its weights are broken (a diverged run?). Detail: {e}") from e  # fmt: skip
+    if n == 0:
+        raise DataError(f"none of the {int(bad)} images under {root} could be read; nothing was scored (see the "
+                        "warnings above)")  # fmt: skip
     return {
         "checkpoint": str(checkpoint),
         "data": str(root),
