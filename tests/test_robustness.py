@@ -37,6 +37,7 @@ from mobileone.tasks.classification.data import (
     ImageFolderDataset,
     UnreadableImageError,
     collate_skip_bad,
+    image_size,
     load_image,
     train_transform,
 )
@@ -621,9 +622,12 @@ def test_15_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write it
     img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     out = load_image(tmp_path / "phone.jpg")
-    assert out.size == (16, 32)
+    assert out.size == image_size(tmp_path / "phone.jpg") == (16, 32)
     top, bottom = np.asarray(out)[4, 8], np.asarray(out)[27, 8]
     assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0]  # red on top, blue below
+    # For annotations made on the stored pixels (boxes, masks), the orientation can be left alone:
+    assert load_image(tmp_path / "phone.jpg", upright=False).size == image_size(tmp_path / "phone.jpg", False)
+    assert image_size(tmp_path / "phone.jpg", upright=False) == (32, 16)
 
 
 # ----------------------------------------------------------------------------- 16. suffixes

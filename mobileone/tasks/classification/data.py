@@ -44,24 +44,25 @@ class UnreadableImageError(OSError):
     """An image file that cannot be decoded: empty, truncated, corrupt, not an image, or a decompression bomb."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any image PIL reads as upright 8-bit RGB: EXIF rotation applied; grayscale, RGBA/LA, palette,
-    CMYK and 16-bit converted.
+def load_image(path: str | os.PathLike, upright: bool = True) -> Image.Image:
+    """Open any image PIL reads as 8-bit RGB: grayscale, RGBA/LA, palette, CMYK and 16-bit converted.
 
-    Raises :class:`UnreadableImageError` naming the file for anything that does not decode,
-    including a decompression bomb (an image claiming more than ``PIL.Image.MAX_IMAGE_PIXELS``
-    x 2 pixels, which would take gigabytes of memory).
+    ``upright``: apply the EXIF orientation, as viewers do (phones store photos sideways and record
+    the rotation); annotations made on the pixels as stored (boxes, masks) need ``upright=False``
+    or the same rotation. Raises :class:`UnreadableImageError` naming the file for anything that
+    does not decode, including a decompression bomb (an image claiming more than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` x 2 pixels, which would take gigabytes of memory).
     """
     try:
         with Image.open(path) as img:
             img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
         raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    try:
-        # Phones store photos sideways and record the rotation in EXIF; viewers show them upright.
-        ImageOps.exif_transpose(img, in_place=True)
-    except Exception:  # a damaged EXIF block: the pixels are fine, use them as stored
-        pass
+    if upright:
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:  # a damaged EXIF block: the pixels are fine, use them as stored
+            pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and 32-bit grayscale: convert("RGB") would clip everything above 255 to white.
         a = np.asarray(img, dtype=np.float64)
@@ -75,6 +76,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def image_size(path: str | os.PathLike, upright: bool = True) -> tuple[int, int]:
+    """(width, height) of the image :func:`load_image` returns, from the file header (no pixels decoded)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            turned = upright and img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+    except Exception as e:
+        raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    return (h, w) if turned else (w, h)
 
 
 def is_hidden(name: str) -> bool:
