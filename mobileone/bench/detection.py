@@ -95,7 +95,7 @@ def _export_unfused(model: SSDLiteDetector, path: Path, nms: bool) -> None:
     onnx = require("onnx")
     example = torch.zeros(1, 3, model.config.img_size, model.config.img_size)
     with torch.no_grad():
-        to_onnx(RawDetector(model.eval()), path, example, output_names=RAW_OUTPUTS)
+        to_onnx(RawDetector(model.eval()).eval(), path, example, output_names=RAW_OUTPUTS)
     if nms:
         proto, c = onnx.load(str(path)), model.config
         add_nms(proto, int(model.anchors.shape[0]), c.num_classes, c.topk_candidates, c.nms_thresh, c.score_thresh,

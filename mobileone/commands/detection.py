@@ -75,14 +75,15 @@ def export(args: argparse.Namespace) -> int:
     from ..deploy.detection import export_detector
 
     model = _detector_for_export(args)
-    form = getattr(args, "detect_form", None)
+    form = args.detect_form
     forms = [form] if form else (["raw", "nms"] if args.format == "onnx" else ["raw"])
-    out = Path(args.out)
+    out, raw = Path(args.out), None
     try:
         for f in forms:
             path = out if len(forms) == 1 or f == "raw" else out.with_name(f"{out.stem}_nms{out.suffix or '.onnx'}")
-            report = export_detector(model, path, f, args.format, args.dynamic_batch,
-                                     getattr(args, "max_detections", None), not args.no_check)  # fmt: skip
+            report = export_detector(model, path, f, args.format, args.dynamic_batch, args.max_detections,
+                                     not args.no_check, from_raw=raw)  # fmt: skip
+            raw = report.path if f == "raw" else raw
             print(report.summary())
     except ImportError as e:
         print(f"mobileone export: {e}", file=sys.stderr)
@@ -141,8 +142,9 @@ def demo(args: argparse.Namespace) -> int:
     x = next(iter(loader))[0]
     with torch.no_grad():
         a, b = model(x), fmodel(x)
-    problems = [p for da, db in zip(a, b) for p in compare_detections(da, db, model.config.score_thresh,
-                                                                       model.config.nms_thresh)[0]]  # fmt: skip
+    c = model.config
+    problems = [p for da, db in zip(a, b)
+                for p in compare_detections(da, db, c.score_thresh, c.nms_thresh, c.max_detections)[0]]  # fmt: skip
     agree = not problems and abs(unfused["map"] - fused["map"]) < 1e-6
     lines = [
         f"SSDLite MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digit scenes (semi-synthetic: real "
@@ -154,11 +156,12 @@ def demo(args: argparse.Namespace) -> int:
         + ("the same (labels, IoU >= 0.99, scores within 1e-4)" if agree else f"DIFFERENT: {problems[:2]}"),
     ]
     # 4. Both ONNX forms of the fused detector, each checked in onnxruntime on val scenes.
-    files = {}
+    files: dict[str, Path] = {}
     try:
         for form in ("raw", "nms"):
-            files[form] = out / f"detector_{form}.onnx"
-            report = export_detector(model, files[form], form, check_inputs=x[:8])
+            report = export_detector(model, out / f"detector_{form}.onnx", form, check_inputs=x[:8],
+                                     from_raw=files.get("raw"))  # fmt: skip
+            files[form] = report.path
             lines.append(f"ONNX {form}: {files[form]}; {report.check}")
     except ImportError as e:
         lines.append(f"ONNX export skipped: {e}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import sys
 import warnings
@@ -195,11 +196,13 @@ def export_detector(
     max_detections: int | None = None,
     check: bool = True,
     check_inputs: Tensor | None = None,
+    from_raw: str | Path | None = None,
 ) -> DetectionExportReport:
     """Fuse ``model``, export it in ``form`` (``raw`` or ``nms``, ONNX only) and check the file.
 
     ``check_inputs`` are normalized images at the detector's size (default: real photographs);
-    raises :class:`ExportError` when the exported file disagrees with PyTorch.
+    raises :class:`ExportError` when the exported file disagrees with PyTorch. ``from_raw``: the
+    NMS form is built on this raw ONNX export of the same detector instead of exporting again.
     """
     out = Path(out)
     format = format or next((f for f, s in FORMATS.items() if out.suffix == s), "onnx")
@@ -223,11 +226,11 @@ def export_detector(
     report = DetectionExportReport(out, format, form, fused_now)
     with torch.inference_mode(False), torch.no_grad():
         if format == "onnx":
-            _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report)
+            _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw)
         elif format == "executorch":
             from .executorch import to_executorch
 
-            to_executorch(RawDetector(fused), out, example, dynamic_batch,
+            to_executorch(RawDetector(fused).eval(), out, example, dynamic_batch,
                           {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"],
                            "input_size": meta["input_size"]})  # fmt: skip
         else:
@@ -242,10 +245,11 @@ def export_detector(
     return report
 
 
-def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report) -> None:
+def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw) -> None:
     onnx = require("onnx")
-    to_onnx(RawDetector(fused), out, example, dynamic_batch, output_names=RAW_OUTPUTS)
-    proto = onnx.load(str(out))
+    if from_raw is None:
+        to_onnx(RawDetector(fused).eval(), out, example, dynamic_batch, output_names=RAW_OUTPUTS)
+    proto = onnx.load(str(from_raw or out))
     if form == "nms":
         c = fused.config
         kept = add_nms(proto, int(fused.anchors.shape[0]), c.num_classes, c.topk_candidates, c.nms_thresh,
@@ -261,7 +265,7 @@ def _export_coreml(fused: SSDLiteDetector, out: Path, example: Tensor, meta: dic
     ct = require("coremltools")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(RawDetector(fused), example)
+        traced = torch.jit.trace(RawDetector(fused).eval(), example)
         mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))],
                              outputs=[ct.TensorType(name=n) for n in RAW_OUTPUTS], convert_to="mlprogram")  # fmt: skip
     mlmodel.short_description = f"{meta['variant']} (fused SSDLite, raw outputs: {meta['outputs']})"
@@ -314,7 +318,7 @@ def check_onnx_nms(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch:
         got = {"boxes": torch.from_numpy(boxes[i, :n]), "scores": torch.from_numpy(scores[i, :n]),
                "labels": torch.from_numpy(labels[i, :n])}  # fmt: skip
         e = {k: v[:m] for k, v in e.items()}
-        problems, exempt = compare_detections(e, got, fused.config.score_thresh, fused.config.nms_thresh)
+        problems, exempt = compare_detections(e, got, fused.config.score_thresh, fused.config.nms_thresh, m)
         if problems:
             raise ExportError(f"onnxruntime NMS detections of image {i} differ from PyTorch's ({len(e['scores'])} "
                               f"vs {n}): {'; '.join(problems[:3])}; the file should not be deployed")  # fmt: skip
@@ -326,14 +330,19 @@ def check_onnx_nms(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch:
 
 
 def compare_detections(
-    expected: dict[str, Tensor], got: dict[str, Tensor], score_thresh: float, nms_thresh: float
+    expected: dict[str, Tensor],
+    got: dict[str, Tensor],
+    score_thresh: float,
+    nms_thresh: float,
+    max_detections: int | None = None,
 ) -> tuple[list[str], int]:
     """Match two detection sets one to one (same label, IoU >= 0.99, score within 1e-4).
 
     Detections left unmatched are allowed only where rounding may legitimately decide: a score
-    within the tolerance of the score threshold, of the last kept score (a tie at the cut-off),
-    or an IoU within 1e-3 of the NMS threshold with a higher-scoring detection of the same class.
-    Returns the problems (empty when the sets agree) and how many such borderline detections there were.
+    within the tolerance of the score threshold, of the last kept score when ``max_detections``
+    cut the list (a tie at the cut-off), or an IoU within 1e-3 of the NMS threshold with a
+    higher-scoring detection of the same class. Returns the problems (empty when the sets agree)
+    and how many such borderline detections there were.
     """
     used = torch.zeros(len(got["scores"]), dtype=torch.bool)
     unmatched_e = []
@@ -350,7 +359,8 @@ def compare_detections(
     unmatched_g = (~used).nonzero().flatten().tolist()
     problems, exempt = [], 0
     for side, dets, idx in (("PyTorch", expected, unmatched_e), ("onnxruntime", got, unmatched_g)):
-        last = float(dets["scores"].min()) if len(dets["scores"]) else 1.0
+        full = max_detections is not None and len(dets["scores"]) >= max_detections
+        last = float(dets["scores"].min()) if full else math.inf
         for j in idx:
             s = float(dets["scores"][j])
             if abs(s - score_thresh) <= SCORE_TOL or abs(s - last) <= SCORE_TOL or _near_nms(dets, j, nms_thresh):

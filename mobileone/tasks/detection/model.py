@@ -38,7 +38,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssdlite import SSDLiteHead, ssdlite320_mobilenet_v3_large
-from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou
 
 from ...core.checkpoint import (
     CheckpointError,
@@ -97,6 +97,8 @@ class DetectorConfig:
             raise ValueError(f"extra_channels must be 4 widths (SSDLite's extra blocks), got {self.extra_channels}")
         if self.backbone == "custom" and not self.arch:
             raise ValueError("backbone 'custom' needs arch (MobileOneConfig fields)")
+        if self.arch:  # one spelling (all fields, lists), so configs compare equal after a JSON round trip
+            self.arch = MobileOneConfig(**self.arch).to_dict()
 
     def mobileone_config(self) -> MobileOneConfig:
         if self.arch:
@@ -280,12 +282,20 @@ class SSDLiteDetector(nn.Module):
         return out["bbox_regression"], out["cls_logits"]
 
     def decode(self, codes: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Boxes (N, A, 4) clipped to the image and class scores (N, A, C) from the head's outputs."""
-        n, a = codes.shape[:2]
+        """Boxes (N, A, 4) clipped to the image and class scores (N, A, C) from the head's outputs.
+
+        ``BoxCoder.decode_single``'s arithmetic, broadcast over the batch without reshapes, so every
+        exporter sees a graph without shape computations.
+        """
         anchors = self.anchors.to(codes.dtype)
-        boxes = self.box_coder.decode_single(codes.reshape(-1, 4), anchors.repeat(n, 1)).reshape(n, a, 4)
-        s = self.config.img_size
-        return clip_boxes_to_image(boxes, (s, s)), F.softmax(logits, dim=-1)[..., 1:]
+        wx, wy, ww, wh = self.box_coder.weights
+        size = anchors[:, 2:] - anchors[:, :2]
+        center = anchors[:, :2] + 0.5 * size
+        scale = codes.new_tensor([wx, wy])
+        xy = codes[..., :2] / scale * size + center
+        wh_ = torch.exp((codes[..., 2:] / codes.new_tensor([ww, wh])).clamp(max=self.box_coder.bbox_xform_clip)) * size
+        boxes = torch.cat([xy - 0.5 * wh_, xy + 0.5 * wh_], dim=-1).clamp(0, self.config.img_size)
+        return boxes, F.softmax(logits, dim=-1)[..., 1:]
 
     def forward_raw(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Decoded boxes (N, A, 4) and class scores (N, A, C): the network without NMS (what exports)."""
