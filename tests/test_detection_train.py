@@ -1,0 +1,111 @@
+"""Training detectors: a handful of images are learnt to mAP near 1; a run through the engine writes what it
+should, resumes bit-exactly, and its checkpoints work with ``mobileone eval`` and ``export``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from mobileone.cli import main
+from mobileone.tasks import train
+from mobileone.tasks.detection.data import DetectionDataset, collate_detection, eval_transform, load_splits
+from mobileone.tasks.detection.task import DetectionTask, detection_metrics, predict_loader
+
+from .test_detection_data import make_scenes, tiny_dataset, write_coco
+from .test_detection_model import TINY_ARCH, tiny_detector
+
+
+def test_a_handful_of_images_is_learnt_to_map_near_one(tmp_path, one_thread):
+    root = write_coco(tmp_path / "d", {"train": make_scenes(4), "val": make_scenes(1)})
+    split, _ = load_splits(root)
+    resize = v2.Compose([v2.ToImage(), v2.Resize((64, 64)), v2.ToDtype(torch.float32, scale=True),
+                         v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+    x, targets, _ = collate_detection([DetectionDataset(split, resize, train=True)[i] for i in range(4)])
+    torch.manual_seed(0)
+    det = tiny_detector(num_classes=2, img_size=64, anchor_min_ratio=0.2)
+    opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0)
+    det.train()
+    for _ in range(250):
+        losses = det(x, targets)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    loader = DataLoader(DetectionDataset(split, eval_transform(64)), 4, collate_fn=collate_detection)
+    results, seen, _ = predict_loader(det, loader, torch.device("cpu"))
+    assert det.training  # predict_loader restores the mode
+    m = detection_metrics(split.records, split.classes, results, seen)
+    assert m["map_50"] > 99 and m["map"] > 85, m
+
+
+def _options(data, out, **kw):
+    return {"task": "detect", "data": str(data), "arch": TINY_ARCH, "img_size": 64, "batch_size": 2, "epochs": 2,
+            "workers": 0, "out": str(out), "progress": False, "anchor_min_ratio": 0.15, "max_detections": 50,
+            "deterministic": True, **kw}  # fmt: skip
+
+
+def test_a_run_writes_its_files_and_resumes_bit_exactly(tmp_path, monkeypatch, one_thread):
+    data = tiny_dataset(tmp_path / "data", train=6, val=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train(**_options(data, tmp_path / "full"))
+    run = tmp_path / "full"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(k in rows[-1] for k in ("map", "map_50", "map_75", "ema_map", "ema_map_50"))
+    assert summary["best"]["map"] == max(max(r["map"], r["ema_map"]) for r in rows)
+    for name in ("best.safetensors", "best_fused.safetensors", "last.safetensors", "predictions.png", "curves.png"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "best_fused.json").read_text())
+    assert meta["task"] == "detect" and meta["inference_mode"] and meta["class_names"] == ["red", "blue"]
+    assert meta["detector"]["img_size"] == 64 and meta["detector"]["max_detections"] == 50
+
+    calls = []
+
+    def stop_after_first_epoch(self, row):
+        calls.append(row["epoch"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DetectionTask, "epoch_line", stop_after_first_epoch)
+    with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
+        warnings.simplefilter("ignore")
+        train(**_options(data, tmp_path / "resumed"))
+    monkeypatch.undo()
+    assert calls == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(resume=str(tmp_path / "resumed"), workers=0)
+    a, b = load_file(run / "last.safetensors"), load_file(tmp_path / "resumed" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[-1]["map"] == rows[-1]["map"]
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--task", "detect", "--data", str(data), "--checkpoint", str(run / "best_fused.safetensors"),
+                 "--json", str(out), "--workers", "0"]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result) >= {"map", "map_50", "map_75", "per_class"} and set(result["per_class"]) == {"red", "blue"}
+    assert abs(result["map"] - summary["best"]["map"]) < 1e-6  # the engine's per-epoch mAP is the same protocol
+    assert main(["export", "--task", "detect", "--checkpoint", str(run / "best.safetensors"), "--format", "onnx",
+                 "--out", str(tmp_path / "det.onnx"), "--max-detections", "20"]) == 0  # fmt: skip
+    assert (tmp_path / "det.onnx").is_file() and (tmp_path / "det_nms.onnx").is_file()
+
+
+def test_detection_options_are_validated():
+    from mobileone.tasks import resolve_config
+
+    with pytest.raises(ValueError, match="--progressive changes the image size"):
+        resolve_config(task="detect", progressive=True)
+    with pytest.raises(ValueError, match="--augment randaugment is for classification"):
+        resolve_config(task="detect", augment="randaugment")
+    with pytest.raises(ValueError, match="--pretrained apply to MobileOne backbones"):
+        resolve_config(task="detect", variant="mnv3", pretrained="x.pth")
+    cfg = resolve_config(task="detect", data="somewhere")
+    assert cfg.img_size == 320 and cfg.weight_decay == 4e-5 and cfg.hflip == 0.5
+    builtin = resolve_config(task="detect")
+    assert builtin.img_size == 128 and builtin.hflip == 0 and builtin.anchor_min_ratio == 0.1
