@@ -48,6 +48,8 @@ _OPTIONAL = {
     "read_metadata": ("mobileone.deploy.export", "read_metadata"),
     "create_detector": ("mobileone.tasks.detection.model", "create_detector"),
     "load_detector": ("mobileone.tasks.detection.model", "load_detector"),
+    "create_segmenter": ("mobileone.tasks.segmentation.model", "create_segmenter"),
+    "load_segmenter": ("mobileone.tasks.segmentation.model", "load_segmenter"),
 }
 
 
@@ -73,12 +75,14 @@ __all__ = [
     "count_params",
     "create_detector",
     "create_model",
+    "create_segmenter",
     "export_model",
     "from_apple_layout",
     "init_branches",
     "list_models",
     "load_checkpoint",
     "load_detector",
+    "load_segmenter",
     "mobileone_mu0",
     "mobileone_mu1",
     "mobileone_mu2",

@@ -287,6 +287,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                       help="detect: only the form with NMS in the graph (ONNX)")  # fmt: skip
     p.add_argument("--max-detections", type=int, help="detect: detections kept per image in the NMS form "
                    "(default: the checkpoint's, 300)")  # fmt: skip
+    p.add_argument("--argmax", action="store_true",
+                   help="segment: also output labels, the per-pixel argmax (int64), beside the logits")  # fmt: skip
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -358,7 +360,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    "torchvision, timm, all, or names such as mobileone_s0,mobilenet_v3_large")  # fmt: skip
     p.add_argument("--runtimes", default="eager,onnxruntime",
                    help="comma list of eager, channels_last, compile, onnxruntime, executorch")  # fmt: skip
-    p.add_argument("--batch-sizes", default="1,32", help="latency at the smallest, throughput at the largest")
+    p.add_argument("--batch-sizes", default="1,32",
+                   help="latency at the smallest, throughput at the largest (segment: the smallest only)")  # fmt: skip
     p.add_argument("--img-size", type=int, help="default 224; detect 320")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_results", help="folder for results.md/.csv/.json, latency_vs_macs.png")
@@ -366,6 +369,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=30, help="at least this many timed runs (batch 1)")
     p.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds per measurement")
     p.add_argument("--no-studies", action="store_true", help="skip the 30-layer activation and skip/SE studies")
+    p.add_argument("--output-strides", default="16,8",
+                   help="segment: backbone output strides to time (the MobileNetV3 peers: 16 only)")  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,103 @@
+"""The built-in segmentation set: real digit scans pasted on crops of real photographs (semi-synthetic).
+
+Nothing is downloaded. The digits are scikit-learn's bundled scans (1,797 real 8x8 handwritten
+digits; the classification split keeps train and val scans apart here too), the backgrounds
+crops of matplotlib's sample photographs. Each scene is a ``size`` x ``size`` crop of a photo,
+dimmed, with 1-3 digits scaled to 35-60 % of the scene, side by side, tinted and alpha-blended onto it. The mask
+comes from the scan itself: pixels where the upscaled scan is above half its ink are the digit's
+class (``digit_0`` .. ``digit_9``), the faint rim between a quarter and half is ignore (255, like
+VOC's object boundaries), the rest background. So the pixels are real, their arrangement is
+synthetic: a set on which mIoU means something (the classes need the digit's shape, not its colour),
+small enough to train on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..classification.data import default_cache_dir, digits_split
+from .model import IGNORE_INDEX
+
+BUILTIN_CLASSES = ["background"] + [f"digit_{d}" for d in range(10)]
+PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
+
+
+def _photos() -> list[np.ndarray]:
+    from matplotlib.cbook import get_sample_data
+
+    return [np.asarray(Image.open(get_sample_data(name)).convert("RGB")) for name in PHOTOS]
+
+
+def make_scene(
+    rng: np.random.Generator, photos: list[np.ndarray], digits: np.ndarray, labels: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (H, W, 3) uint8 scene and its (H, W) uint8 mask from random digits of ``digits`` (N, 8, 8)."""
+    photo = photos[rng.integers(len(photos))]
+    h, w = photo.shape[:2]
+    side = int(rng.uniform(0.3, 1.0) * min(h, w))
+    y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crop = Image.fromarray(photo[y0 : y0 + side, x0 : x0 + side]).resize((size, size), Image.BILINEAR)
+    scene = np.asarray(crop, dtype=np.float32) * rng.uniform(0.35, 0.7)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    boxes: list[tuple[int, int, int]] = []
+    for _ in range(rng.integers(1, 4)):
+        i = rng.integers(len(digits))
+        s = int(rng.uniform(0.35, 0.6) * size)
+        for _try in range(10):  # digits side by side, not on top of each other
+            y, x = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
+            if all(y + s <= by or by + bs <= y or x + s <= bx or bx + bs <= x for by, bx, bs in boxes):
+                break
+        else:
+            continue
+        boxes.append((y, x, s))
+        ink = np.asarray(Image.fromarray(digits[i]).resize((s, s), Image.BICUBIC), dtype=np.float32) / 255.0
+        ink = np.clip(ink, 0.0, 1.0)
+        colour = rng.uniform(150, 255, size=3).astype(np.float32)
+        region = scene[y : y + s, x : x + s]
+        region[:] = region * (1 - ink[..., None]) + colour * ink[..., None]
+        sub = mask[y : y + s, x : x + s]
+        sub[ink > 0.25] = IGNORE_INDEX
+        sub[ink > 0.5] = 1 + int(labels[i])
+    return np.clip(scene + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def builtin_scenes(
+    root: str | os.PathLike | None = None, size: int = 64, n_train: int = 800, n_val: int = 160, seed: int = 0
+) -> Path:
+    """Write the scenes once in the ``masks`` layout (with ``classes.txt``) and return the folder.
+
+    The folder name records the settings, so other settings get their own copy. It is written to a
+    temporary folder and renamed into place, so concurrent first runs never see half of it.
+    """
+    name = f"digit_scenes_v2_{size}px_{n_train}_{n_val}_s{seed}"
+    root = Path(root) if root is not None else default_cache_dir() / name
+    if (root / "val" / "masks").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{name}."))
+    try:
+        xt, yt, xv, yv = digits_split()
+        photos = _photos()
+        rng = np.random.default_rng(seed)
+        for split, n, xs, ys in (("train", n_train, xt, yt), ("val", n_val, xv, yv)):
+            (tmp / split / "images").mkdir(parents=True)
+            (tmp / split / "masks").mkdir(parents=True)
+            for k in range(n):
+                scene, mask = make_scene(rng, photos, xs, ys, size)
+                Image.fromarray(scene).save(tmp / split / "images" / f"{k:05d}.png")
+                Image.fromarray(mask, "L").save(tmp / split / "masks" / f"{k:05d}.png")
+        (tmp / "classes.txt").write_text("\n".join(BUILTIN_CLASSES) + "\n")
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process won the race; its folder is identical
+            if not (root / "val" / "masks").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
