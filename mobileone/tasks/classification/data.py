@@ -190,6 +190,7 @@ class ImageFolderDataset(ImageFolder):
                 f"{', ...' if len(others) > 3 else ''}); image extensions are {', '.join(exts)}",
                 stacklevel=2,
             )
+        self._scan = TreeScan()  # the images are in self.samples: data workers need no second list of every file
         counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
         empty = [c for c, n in zip(self.classes, counts, strict=True) if n == 0]
         if empty and self.samples:
