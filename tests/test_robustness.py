@@ -216,6 +216,29 @@ def test_05_two_runs_cannot_share_an_out_folder(tmp_path, data):
         train(config(tmp_path / "other", data))
 
 
+@pytest.mark.slow  # a training subprocess: about 5-15 s on 2 busy cores
+def test_05_a_second_process_on_a_running_out_folder_stops(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "mobileone", *cli_train(data, out, "--epochs", "200")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        assert main(cli_train(data, out, "--epochs", "2")) == 2
+        assert f"in use by another run (process {first.pid} on host {socket.gethostname()}" in capsys.readouterr().err
+        assert main(["train", "--resume", str(out), "--workers", "0"]) == 2  # nor can it be resumed meanwhile
+        assert "in use by another run" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == first.pid  # a kill -9 leaves its lock ...
+    with pytest.warns(UserWarning, match=f"locked by process {first.pid}, which is no longer running"), RunDir(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()  # ... which the next run takes over
+
+
 # ----------------------------------------------------------------------------- 6. resume checks the classes
 
 
@@ -399,6 +422,18 @@ def test_10_truncated_train_state_falls_back_to_the_previous_one(tmp_path):
     run.previous_state_path.write_bytes(b"")
     with pytest.raises(RunDirError, match=r"train_state\.pt: .*train_state\.prev\.pt: "):
         run.load_state(torch.device("cpu"))
+
+
+def test_10_resume_from_a_truncated_train_state_redoes_one_epoch(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(out, data, epochs=2))
+    state = out / "train_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a copy or a sync cut it short
+    with pytest.warns(UserWarning, match=r"could not read train_state\.pt.*resuming from train_state\.prev\.pt"):
+        train(resolve_config(resume=str(out)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert torch.load(state, weights_only=True)["epoch"] == 2
 
 
 def test_10_disk_full_names_the_kept_file(tmp_path, data, monkeypatch, capsys):
