@@ -30,6 +30,10 @@ Whatever cannot be reproduced exactly this way falls back to the per-branch refe
 such as ``SyncBatchNorm`` (their statistics span processes). Forward hooks on the branch modules
 do not run on the fast path; switch it off (:func:`reference_mode`, :func:`set_fast_train`) where
 they are needed.
+
+Strided 1x1 convs whose weight gradient is taken on CPU run as unit-stride convs of the subsampled
+input (:func:`conv2d`), here and in the per-branch reference: PyTorch's own CPU kernel for their
+weight gradient is broken in the versions checked (2.12.1-2.15.0; docs/fast-train.md, section 6).
 """
 
 from __future__ import annotations
@@ -65,6 +69,40 @@ def reference_mode() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def hits_strided_1x1_bug(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
+    """Whether ``conv2d(x, weight)`` would take PyTorch's broken CPU weight gradient for strided 1x1 convs.
+
+    PyTorch's CPU weight gradient of a strided 1x1 conv (oneDNN's ``jit_1x1:avx2`` backward-weights
+    kernel, on CPUs without AVX-512, channels_last input, few input channels) writes out of bounds:
+    wrong gradients with 2 threads, heap corruption and aborts with 1 (docs/fast-train.md, section 6).
+    Seen in torch 2.12.1, 2.13.0 and 2.15.0, the newest release when checked; reproduced by
+    ``benchmarks/torch_conv_bug.py``. Which shapes it hits depends on the CPU, so every strided
+    1x1 conv on CPU whose weight gradient is taken counts.
+    """
+    return (
+        x.device.type == "cpu"
+        and weight.shape[-1] == weight.shape[-2] == 1
+        and stride > 1
+        and padding == 0
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+    )
+
+
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0, dilation: int = 1,
+    groups: int = 1,
+) -> Tensor:  # fmt: skip
+    """``F.conv2d`` (square int geometry) that avoids PyTorch's strided 1x1 bug (:func:`hits_strided_1x1_bug`).
+
+    A 1x1 conv without padding reads only every ``stride``-th row and column, so there it runs as
+    the unit-stride conv of that subsampled input: the same function, without the broken kernel.
+    """
+    if hits_strided_1x1_bug(x, weight, stride, padding):
+        x, stride = x[:, :, ::stride, ::stride], 1
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def plan(layer: MobileOneLayer, x: Tensor) -> str:
@@ -173,7 +211,7 @@ def _conv_bn_sum(x: Tensor, kernels: list[Tensor], bns: list[nn.BatchNorm2d], co
     """``sum_j BN_j(conv(x, kernels[j]))`` with one conv, one batch-norm and one reduction."""
     nb = len(kernels)
     weight = torch.stack(kernels, 1).flatten(0, 1) if nb > 1 else kernels[0]
-    z = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    z = conv2d(x, weight, None, conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups)
     z = _batch_norm(z, bns)
     return z.unflatten(1, (-1, nb)).sum(2) if nb > 1 else z
 
@@ -192,7 +230,7 @@ def _concat_sum(layer: MobileOneLayer, x: Tensor) -> Tensor:
         return _conv_bn_sum(x, kernels, bns, conv)
     out = _conv_bn_sum(x, kernels, bns, conv)
     if layer.rbr_scale is not None:
-        out = out + layer.rbr_scale.bn(layer.rbr_scale.conv(x))
+        out = out + layer.rbr_scale(x)
     if layer.rbr_skip is not None:
         out = out + layer.rbr_skip(x)
     return out
@@ -309,6 +347,14 @@ class _ConvMoments(torch.autograd.Function):
         return grad_x, grad_k, None
 
 
+def _conv_moments(x: Tensor, kernels: Tensor, conv: tuple) -> tuple[Tensor, Tensor]:
+    """:class:`_ConvMoments` of ``conv(x, kernels[j])``; strided 1x1 kernels run at unit stride (:func:`conv2d`)."""
+    stride, padding, dilation, groups = conv
+    if hits_strided_1x1_bug(x, kernels, stride, padding):
+        x, conv = x[:, :, ::stride, ::stride], (1, padding, dilation, groups)
+    return _ConvMoments.apply(x, kernels, conv)
+
+
 def _batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``z``, in float32 (float64 for float64 input).
 
@@ -409,7 +455,7 @@ def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Te
         else:
             extra = centre[k:]  # scale and skip: 1x1 kernels, (B - k, Cout, Cin / groups)
             depthwise = layer.groups == layer.in_channels == layer.out_channels
-            mu, var = _ConvMoments.apply(x, kernels[:k], conv)
+            mu, var = _conv_moments(x, kernels[:k], conv)
             mus, variances = [mu], [var]
             if len(extra) and layer.groups == 1:
                 mu, var = _covariance_stats(extra, *_Moments.apply(x_sub))
@@ -418,7 +464,7 @@ def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Te
                 w = extra[:, :, 0].to(mean_x.dtype)
                 mu, var = w * mean_x, w * w * var_x
             elif len(extra):  # other grouped convs: run the 1x1 branches for their statistics
-                mu, var = _ConvMoments.apply(x, extra[..., None, None], (s, 0, 1, layer.groups))
+                mu, var = _conv_moments(x, extra[..., None, None], (s, 0, 1, layer.groups))
             if len(extra):
                 mus.append(mu)
                 variances.append(var)
@@ -427,4 +473,4 @@ def _fold_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Te
         stacked = _StackedBN(torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns]), eps)
         weight, bias = fold_bn(kernels.flatten(0, 1).to(mu.dtype), mu.flatten(), var.flatten(), stacked)
         weight, bias = weight.unflatten(0, (len(bns), -1)).sum(0), bias.view(len(bns), -1).sum(0)
-    return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *conv)
+    return conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *conv)

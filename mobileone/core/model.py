@@ -46,6 +46,14 @@ class ConvBN(nn.Sequential):
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups, bias=False)
         self.bn = nn.BatchNorm2d(cout)
 
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        if _fast_train.hits_strided_1x1_bug(x, c.weight, c.stride[0], c.padding[0]):
+            # PyTorch's CPU weight gradient of strided 1x1 convs is broken: the same conv at unit stride
+            # (forward hooks on ``conv`` do not run there).
+            return self.bn(_fast_train.conv2d(x, c.weight, c.bias, c.stride[0], 0, c.dilation[0], c.groups))
+        return self.bn(c(x))
+
 
 class MobileOneLayer(nn.Module):
     """One MobileOne layer: ``act(se(sum of k conv branches + scale branch + skip branch))``.
