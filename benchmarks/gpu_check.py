@@ -410,9 +410,13 @@ def _recording_task(name: str) -> Any:
     return Recording()
 
 
-def _missing_dependency(e: ModuleNotFoundError) -> bool:
-    """A third-party package is not installed (rather than a broken import inside mobileone)."""
-    return bool(e.name) and not e.name.startswith("mobileone")
+def _missing_package(e: ImportError) -> str | None:
+    """The third-party package whose absence caused ``e`` (also when re-raised with advice), else None."""
+    while e is not None:
+        if isinstance(e, ModuleNotFoundError) and e.name and not e.name.startswith("mobileone"):
+            return e.name
+        e = e.__cause__ if isinstance(e.__cause__, ImportError) else None
+    return None
 
 
 def train_with_engine(ctx: Context, task_name: str, run_name: str, falls: bool, **options: Any) -> str:
@@ -428,9 +432,10 @@ def train_with_engine(ctx: Context, task_name: str, run_name: str, falls: bool, 
         cfg = resolve_config(**options)
         ctx.note(config={k: v for k, v in cfg.to_dict().items() if k in options or k in ("batch_size", "lr")})
         summary = fit(cfg, task)
-    except ModuleNotFoundError as e:
-        if _missing_dependency(e):
-            raise Skip(f"needs the package {e.name!r}, which is not installed (pip install 'mobileone[all]')") from e
+    except ImportError as e:
+        missing = _missing_package(e)
+        if missing:
+            raise Skip(f"needs the package {missing!r}, which is not installed: {e}") from e
         raise
     finally:  # the losses so far also when the run stopped (a NaN stop says at which step)
         losses = torch.stack(task.losses).cpu().tolist() if task.losses else []

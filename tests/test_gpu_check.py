@@ -168,3 +168,15 @@ def test_bad_arguments_are_refused():
         gpu_check.parse_args(["--models", "s9"])
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--budget-s", "-1"])
+
+
+def test_missing_packages_are_told_apart_from_broken_imports():
+    try:
+        try:
+            import not_a_package_anywhere  # noqa: F401
+        except ImportError as inner:
+            raise ImportError("not_a_package_anywhere is needed: pip install 'mobileone[detect]'") from inner
+    except ImportError as e:
+        assert gpu_check._missing_package(e) == "not_a_package_anywhere"  # a skip, with the advice
+    assert gpu_check._missing_package(ModuleNotFoundError("gone", name="mobileone.tasks.gone")) is None  # a failure
+    assert gpu_check._missing_package(ImportError("cannot import name 'x'")) is None
