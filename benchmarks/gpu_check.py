@@ -133,8 +133,8 @@ class Plan:
     lat_batches: tuple[int, ...] = (1, 64)
     lat_px: int = 224
     lat_warmup: int = 10
-    lat_iters: int = 30
-    lat_min_time: float = 0.5
+    lat_iters: int = 20
+    lat_min_time: float = 0.3
 
     @classmethod
     def make(cls, quick: bool, models: list[str] | None) -> Plan:
@@ -757,6 +757,9 @@ def _latency(ctx: Context, runtimes: tuple[str, ...]) -> str:
                         if not err < 1e-2:
                             raise CheckFailed(f"{name} in onnxruntime differs from eager PyTorch by {err:.2e}")
                     elif runtime == "compile":
+                        # Fresh caches: S0-S4 share MobileOne.forward, and past dynamo's recompile limit
+                        # it would silently run the later models eagerly.
+                        torch._dynamo.reset()
                         fn = functools.partial(torch.compile(model, dynamic=False), x)
                     else:
                         fn = functools.partial(model, x)
@@ -768,7 +771,7 @@ def _latency(ctx: Context, runtimes: tuple[str, ...]) -> str:
     ctx.note(rows=rows, left_out=left_out, notes=notes)
     if not rows:
         raise Skip("; ".join(notes.values()) or "no time was left to measure")
-    text = f"{len(rows)} latencies ({', '.join(r for r in runtimes if r not in notes)})"
+    text = f"{len(rows)} measured ({', '.join(r for r in runtimes if r not in notes)})"
     text += "".join(f"; {r}: {n}" for r, n in notes.items())
     return text + (f"; not measured in time: {left_out}" if left_out else "")
 
@@ -966,12 +969,14 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(report: dict[str, Any]) -> str:
     env, s = report["environment"], report["summary"]
-    where = env.get("gpu") or f"CPU ({env.get('cpu_threads', '?')} threads)"
+    where = env.get("gpu") or f"CPU ({env.get('cpu_threads', '?')} thread{'s' if env.get('cpu_threads') != 1 else ''})"
+    versions = [f"{name} {env[key]}" for name, key in (("CUDA", "torch_cuda"), ("cuDNN", "cudnn"), ("NCCL", "nccl"))
+                if env.get(key) is not None]  # fmt: skip
     lines = [
         "# mobileone GPU readiness check",
         "",
-        f"{where}; torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda')}, cuDNN {env.get('cudnn')}, NCCL "
-        f"{env.get('nccl')}); started {report['started']}; {report['elapsed_s']:.0f} s of a {report['budget_s']:g} s "
+        f"{where}; torch {env.get('torch', '?')}{' (' + ', '.join(versions) + ')' if versions else ''}; started "
+        f"{report['started']}; {report['elapsed_s']:.0f} s of a {report['budget_s']:g} s "
         f"budget{' (--quick)' if report['quick'] else ''}: {s['pass']} passed, {s['fail']} failed, "
         f"{s['skip']} skipped.",
         *(

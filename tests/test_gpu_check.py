@@ -33,20 +33,20 @@ def statuses(report: dict) -> dict[str, str]:
 
 
 def test_cpu_dry_run_passes(tmp_path):
-    # Everything but compiled training (test_compiled_training_dry_run): the engine in four precisions,
-    # the fast path against the reference, DDP under torchrun, detection, segmentation, the benchmarks.
+    # Everything but compilation (the tests below): the engine in four precisions, the fast path against
+    # the reference, DDP under torchrun, detection, segmentation, the benchmarks.
     out = tmp_path / "out"
-    argv = ["--device", "cpu", "--quick", "--out", str(out), "--budget-s", "600", "--skip", "train_*_compile"]
+    argv = ["--device", "cpu", "--quick", "--out", str(out), "--budget-s", "600", "--skip", "*_compile"]
     assert gpu_check.main(argv) == 0
     report = read(out)
     status = statuses(report)
     failed = {r["step"]: r["message"] for r in report["steps"] if r["status"] == "fail"}
     assert not failed
-    expected = {"environment", "equivalence_tiny", "ddp", "bench_train_step", "bench_latency", "bench_latency_compile"}
+    expected = {"environment", "equivalence_tiny", "ddp", "bench_train_step", "bench_latency"}
     expected |= {f"train_tiny_{m}" for m in ("fp32", "bf16", "fp16", "channels_last")}
     expected |= {f"train_{t}" for t in ("detect", "segment") if t in TASKS}
     assert {s for s, v in status.items() if v == "pass"} == expected
-    assert status["pinned_loader"] == "skip" and "train_tiny_compile" not in status
+    assert status["pinned_loader"] == "skip" and not [s for s in status if s.endswith("_compile")]
     assert report["summary"] == {"pass": len(expected), "fail": 0, "skip": 1}
     steps = {r["step"]: r for r in report["steps"]}
     losses = steps["train_tiny_fp32"]["details"]["losses"]
@@ -57,6 +57,17 @@ def test_cpu_dry_run_passes(tmp_path):
     md = (out / "gpu_check.md").read_text()
     assert "| train_tiny_bf16 | pass |" in md and "## Train step" in md and "## Inference latency" in md
     assert "## Targets" in md and "--quick" in md
+
+
+@pytest.mark.slow
+def test_compiled_latency_dry_run(tmp_path):
+    # In a child process, as on the GPU, with dynamo's aot_eager backend.
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--quick", "--out", str(out), "--budget-s", "600", "--only", "bench_latency_compile"]
+    assert gpu_check.main(argv) == 0
+    (env, step) = read(out)["steps"]
+    assert step["status"] == "pass", step["message"]
+    assert [(r["model"], r["runtime"]) for r in step["details"]["rows"]] == [("mobileone_s0", "compile")]
 
 
 @pytest.mark.slow
@@ -180,3 +191,19 @@ def test_missing_packages_are_told_apart_from_broken_imports():
         assert gpu_check._missing_package(e) == "not_a_package_anywhere"  # a skip, with the advice
     assert gpu_check._missing_package(ModuleNotFoundError("gone", name="mobileone.tasks.gone")) is None  # a failure
     assert gpu_check._missing_package(ImportError("cannot import name 'x'")) is None
+
+
+def test_the_gpu_plan_names_what_exists():
+    from mobileone.bench.peers import available_models
+
+    plan = gpu_check.Plan.make(False, None)
+    assert set(plan.lat_models) <= set(available_models())  # with timm installed, as make install does
+    names = [s.name for s in gpu_check.steps_for(plan)]
+    assert names[0] == "environment" and names[-1] == "bench_latency_compile"
+    for model in ("s0", "s1"):
+        assert f"equivalence_{model}" in names
+        assert {f"train_{model}_{mode}" for mode in gpu_check.TRAIN_MODES} <= set(names)
+    assert {"pinned_loader", "ddp", "train_detect", "train_segment", "bench_train_step", "bench_latency"} <= set(names)
+    launched = {s.name: s.launcher for s in gpu_check.steps_for(plan) if s.launcher}
+    assert launched == {"ddp": "torchrun", "train_s0_compile": "python", "train_s1_compile": "python",
+                        "bench_latency_compile": "python"}  # fmt: skip
