@@ -185,3 +185,14 @@ def test_builtin_scene_masks_come_from_the_scans():
     assert BUILTIN_CLASSES[5] == "digit_4" and len(BUILTIN_CLASSES) == 11
     on_digits = np.isin(mask, list(digit_classes))
     assert scene[on_digits].mean() > scene[mask == 0].mean() + 40  # bright ink on a dimmed photo
+
+
+def test_unreadable_files_come_back_as_counted_samples(tmp_path):
+    root = make_masks_dataset(tmp_path / "d")
+    samples, classes, _ = load_splits(root)
+    (root / "train" / "images" / "001.png").write_bytes(b"\x89PNG broken")
+    _mask(root, i=2).write_bytes(b"")
+    ds = SegmentationDataset(samples["train"], classes)
+    assert ds[1] == (None, str(root / "train" / "images" / "001.png")) and ds[2][0] is None
+    images, masks, bad = collate_masks([ds[0], ds[1], ds[2]])
+    assert images.shape == (1, 3, 32, 32) and len(bad) == 2

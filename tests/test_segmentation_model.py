@@ -163,3 +163,17 @@ def test_miou_matches_torchmetrics_on_a_fixture():
     with pytest.raises(ValueError, match=r"mask values \[7\]"):
         confusion_matrix(torch.zeros(2, 2), torch.full((2, 2), 7), 3)
     assert math.isnan(segmentation_scores(torch.zeros(2, 2, dtype=torch.long))["miou"])
+
+
+def test_the_peers_are_torchvision_models_key_for_key():
+    import torchvision.models.segmentation as tvs
+
+    torch.manual_seed(4)
+    theirs = tvs.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3).eval()
+    ours = lraspp_mnv3(num_classes=3).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: the same modules under the same names
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)["out"], theirs(x)["out"])
+    deeplab = tvs.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3, aux_loss=True)
+    create_segmenter("deeplabv3_mnv3", num_classes=3).load_state_dict(deeplab.state_dict())  # rates differ, not weights

@@ -155,3 +155,17 @@ def test_the_mobilenet_v3_peer_trains_with_the_same_command(tmp_path, capsys):
         assert main([*common, *bad, "--out", str(tmp_path / "y")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "coreml", pytest.param("executorch", marks=pytest.mark.slow)])
+def test_other_formats_convert_and_are_checked(overfit_run, tmp_path, fmt):
+    out, _ = overfit_run
+    model = load_segmenter(out / "best.safetensors")
+    report = export_segmenter(model, tmp_path / "seg", fmt, img_size=64, argmax=True)
+    meta = read_segmentation_metadata(report.path)
+    assert meta["task"] == "segment" and meta["class_names"] == model.class_names
+    if fmt == "coreml":  # predicts on macOS only: elsewhere the check is structural
+        assert report.check.startswith("structural") and "no batch norm" in report.check
+    else:
+        assert report.max_abs_diff <= report.tolerance and report.labels_agreement >= 99.9
+        assert len(report.sizes) == (2 if fmt == "torchscript" else 1)  # TorchScript takes any size

@@ -169,7 +169,7 @@ def export_segmenter(
         _EXPORTERS[format](wrapper, out, example, meta)
     report = SegmentationExportReport(out, format, fused_now)
     if format == "coreml":
-        report.check = _coreml_structure(out, fused)
+        report.check = _coreml_structure(out, wrapper, example)
         if sys.platform != "darwin" or not check:
             return report
     if not check:
@@ -250,9 +250,24 @@ def _coreml(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict
 _EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "executorch": _executorch, "coreml": _coreml}
 
 
-def _coreml_structure(path: Path, fused: nn.Module) -> str:
+def _convs_run(model: nn.Module, example: Tensor) -> int:
+    """How many convs an eval forward runs (the auxiliary head's are in the model, not in the graph)."""
+    ran: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: ran.add(id(m))) for m in model.modules() if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(ran)
+
+
+def _coreml_structure(path: Path, wrapper: nn.Module, example: Tensor) -> str:
     ops = coreml_op_counts(path)
-    convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
+    convs = _convs_run(wrapper, example)
     if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
         raise ExportError(f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
                           f"folded model has {convs} convs and none")  # fmt: skip
