@@ -109,3 +109,35 @@ def test_detection_options_are_validated():
     assert cfg.img_size == 320 and cfg.weight_decay == 4e-5 and cfg.hflip == 0.5
     builtin = resolve_config(task="detect")
     assert builtin.img_size == 128 and builtin.hflip == 0 and builtin.anchor_min_ratio == 0.1
+
+
+def test_latency_table_has_every_graph_and_post_processing(tmp_path, one_thread):
+    from mobileone.bench.detection import DetectionBenchConfig, detection_benchmark
+
+    cfg = DetectionBenchConfig(models=["ssdlite_mnv3"], runtimes=["eager"], img_size=64, num_classes=2, threads=1,
+                               warmup=0, iters=1, min_time=0.0, rounds=2, out=str(tmp_path))  # fmt: skip
+    result = detection_benchmark(cfg)
+    keys = {(r["fused"], r["nms"]) for r in result["rows"]}
+    assert keys == {(False, False), (False, True), (True, False), (True, True)}
+    assert all(r["median_ms"] > 0 and r["macs_fused"] > 0 for r in result["rows"])
+    table = (tmp_path / "detect_results.md").read_text()
+    assert "| ssdlite_mnv3 | unfused |" in table and "| ssdlite_mnv3 | fused |" in table and "eager + NMS ms" in table
+
+
+@pytest.mark.slow  # two training processes and a latency table: about a minute on 2 cores
+def test_the_seed_study_runs_on_a_tiny_setting(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "detection_seeds.py"
+    spec = importlib.util.spec_from_file_location("detection_seeds", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    data = tiny_dataset(tmp_path / "data", train=4, val=2)
+    result = study.main(["--out", str(tmp_path / "study"), "--data", str(data), "--img-size", "64", "--epochs", "1",
+                         "--steps-per-epoch", "1", "--seeds", "0", "1", "--variants", "mnv3", "--latency-size", "64",
+                         "--runtimes", "eager", "--iters", "1", "--rounds", "1"])  # fmt: skip
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("mnv3", 0), ("mnv3", 1)]
+    assert result["aggregate"][0]["runs"] == 2 and result["aggregate"][0]["map_std"] >= 0
+    text = (tmp_path / "study" / "results.md").read_text()
+    assert "| ssdlite_mnv3 | 2 |" in text and "SSDLite latency" in text

@@ -67,6 +67,7 @@ class Task(ABC):
     name: str  # the CLI's --task value
     metric: str  # the validation metric that picks best.* (higher is better)
     metric_names: tuple[str, ...]  # metrics logged every epoch (and again for the EMA weights, "ema_" + name)
+    min_batch: int = 1  # images per process and micro-batch the model needs in train mode (automatic batches keep it)
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
         """TrainConfig values this task sets unless the user does (after the recipe's)."""

@@ -65,7 +65,7 @@ def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # Everything that can fail on the user's input fails here, before a file is written.
     data = task.load_data(cfg, env)
-    per_epoch = _steps_per_epoch(cfg, len(data.train), env)
+    per_epoch = _steps_per_epoch(cfg, len(data.train), env, task.min_batch)
     model = task.build_model(cfg, data.classes)
     with run if env.main else contextlib.nullcontext():
         return _loop(cfg, task, env, run, data, model, per_epoch)
@@ -175,12 +175,15 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
     return {"run_dir": str(run.path), "best": best}
 
 
-def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env) -> int:
-    """Steps of an epoch; a batch the user did not set is lowered so that small data gets several steps."""
+def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env, min_batch: int = 1) -> int:
+    """Steps of an epoch; a batch the user did not set is lowered so that small data gets several steps,
+    but not below ``min_batch`` images per process and micro-batch (the task's ``min_batch``)."""
     unit = env.world * cfg.accum_steps
+    smallest = unit * min_batch
     if cfg.auto_batch and not cfg.resume and images < MIN_STEPS * cfg.batch_size:
-        sizes = range(max(unit, images // MIN_STEPS // unit * unit), 0, -unit)  # little left out of an epoch
-        fitting = next((b for b in sizes if images % b <= 0.1 * images), unit)
+        start = max(smallest, images // MIN_STEPS // unit * unit)
+        sizes = range(start, smallest - 1, -unit)  # little left out of an epoch
+        fitting = next((b for b in sizes if images % b <= 0.1 * images), smallest)
         if fitting < cfg.batch_size:
             warnings.warn(f"{images} training images give fewer than {MIN_STEPS} steps an epoch at the default "
                           f"batch {cfg.batch_size}; using batch {fitting} (--batch-size sets it)",

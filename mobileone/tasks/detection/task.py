@@ -104,6 +104,7 @@ class DetectionTask(Task):
     name = "detect"
     metric = "map"
     metric_names = ("map", "map_50", "map_75")
+    min_batch = 2  # BatchNorm over the 1x1 maps of the last extra block needs two images
 
     def __init__(self) -> None:
         self.builtin = False
@@ -113,6 +114,10 @@ class DetectionTask(Task):
         return {**DETECT_DEFAULTS, **(BUILTIN_DEFAULTS if builtin else {})}
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
+        if cfg.batch_size // cfg.accum_steps < self.min_batch:
+            raise ValueError(f"detection trains on at least {self.min_batch} images per micro-batch (BatchNorm over "
+                             f"the 1x1 maps of the last extra block); --batch-size {cfg.batch_size} with "
+                             f"--accum-steps {cfg.accum_steps} gives fewer")  # fmt: skip
         if cfg.progressive:
             raise ValueError("--progressive changes the image size, but a detector's default boxes are laid out for "
                              "one size (--img-size); detection trains at a fixed size")  # fmt: skip
@@ -151,6 +156,10 @@ class DetectionTask(Task):
         return collate_detection
 
     def loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
+        if len(images) < self.min_batch:
+            raise DataError(f"a micro-batch of {len(images)} image(s) reached the detector (unreadable images skipped, "
+                            f"or --batch-size split over processes and --accum-steps); it needs {self.min_batch}: "
+                            "raise --batch-size")  # fmt: skip
         losses = net(images, targets)
         return losses["bbox_regression"] + losses["classification"]
 
