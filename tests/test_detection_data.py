@@ -214,8 +214,8 @@ def test_malformed_annotations_name_the_file_and_entry(tmp_path, scenes, layout,
         load_splits(root)
 
 
-def _edit_json(root: Path, change) -> None:
-    path = root / "train" / "_annotations.coco.json"
+def _edit_json(root: Path, change, split: str = "train") -> None:
+    path = root / split / "_annotations.coco.json"
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
@@ -276,3 +276,19 @@ def test_eval_items_keep_the_file_size_for_scaling_back(tmp_path, scenes):
     _, val = load_splits(write_coco(tmp_path / "c", scenes))
     x, t = DetectionDataset(val, eval_transform(48))[0]
     assert x.shape == (3, 48, 48) and t == {"index": 0, "size": (64, 80)}
+
+
+def test_exif_rotated_photos_follow_the_size_the_annotation_was_made_on(tmp_path):
+    img, boxes, labels = scene(0)  # stored 80 x 64; EXIF orientation 6 shows it 64 wide and 80 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name, (w, h) in (("upright", (64, 80)), ("stored", (80, 64))):
+        root = tmp_path / name
+        items = [("a.jpg", img, [[1, 1, 20, 20]], [0])]
+        write_coco(root, {"train": items, "val": items})
+        for split in ("train", "val"):
+            Image.fromarray(img).save(root / split / "a.jpg", exif=exif)
+            _edit_json(root, lambda d, w=w, h=h: d["images"][0].update(width=w, height=h), split)
+        _, val = load_splits(root)
+        _, target = DetectionDataset(val, eval_transform(32))[0]
+        assert target["size"] == (h, w), name

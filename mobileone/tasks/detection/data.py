@@ -11,10 +11,12 @@ Three layouts, detected automatically (``--data-format`` forces one):
   ``<split>/labels`` (Roboflow), one ``class cx cy w h`` line per box (normalized; polygons become
   their bounding box), class names from ``data.yaml`` (``names``) or ``classes.txt``.
 
-Every split becomes a list of :class:`ImageRecord` (boxes xyxy in pixels of the image file,
-0-based labels). Bad annotations never reach a data-loader worker: boxes reaching outside the image
-are clipped, boxes of zero or negative area dropped, annotations of unknown categories skipped,
-each counted and reported once per split; images without boxes stay, as negatives; a malformed
+Every split becomes a list of :class:`ImageRecord` (boxes xyxy in pixels of the image as viewers
+show it, EXIF orientation applied, as Ultralytics, CVAT and Roboflow's auto-orient have it; a
+file whose recorded size is that of its pixels as stored is read as stored; 0-based labels).
+Bad annotations never reach a data-loader worker: boxes reaching outside the image are clipped,
+boxes of zero or negative area dropped, annotations of unknown categories skipped, each counted
+and reported once per split; images without boxes stay, as negatives; a malformed
 file stops with a message naming the file and the entry. Images that do not decode are skipped
 and counted by the training loop, as in classification. Crowd regions (COCO ``iscrowd``) and VOC
 ``difficult`` objects are not trained on and are ignored by the evaluation, as COCO's does.
@@ -39,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -47,7 +48,7 @@ from torchvision.transforms import v2
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from ...engine.task import DataError
-from ..classification.data import load_image
+from ..classification.data import image_size, load_image
 
 log = logging.getLogger("mobileone")
 FORMATS = ("coco", "voc", "yolo")
@@ -112,11 +113,11 @@ def _record(path: Path, width: int, height: int, boxes: list, labels: list, crow
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; (0, 0) when it does not open (the loop skips it as unreadable)."""
+    """(width, height) as viewers show the image (EXIF orientation applied), from the file header;
+    (0, 0) when it does not open (the training loop skips it as unreadable)."""
     try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return image_size(path)
+    except OSError:
         return 0, 0
 
 
@@ -509,7 +510,9 @@ class DetectionDataset(Dataset):
         r = self.records[index]
         try:
             img = load_image(r.path)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+            if img.size == (r.height, r.width) != (r.width, r.height):  # annotated on the pixels as stored
+                img = load_image(r.path, upright=False)
+        except (OSError, ValueError, SyntaxError):
             return None, r.path
         w, h = img.size
         if not self.train:

@@ -33,8 +33,9 @@ DETECT_DEFAULTS: dict[str, Any] = {"img_size": 320, "batch_size": 32, "base_lr":
 # The built-in digit scenes: small 128 px scenes, small digits (smaller default boxes), no flips
 # (digits are not mirror-symmetric).
 BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 128, "hflip": 0.0, "anchor_min_ratio": 0.1, "anchor_max_ratio": 0.6,
-                                    "epochs": 12, "batch_size": 32}  # fmt: skip
+                                    "epochs": 12, "batch_size": 32, "max_detections": 100}  # fmt: skip
 BUILTIN_ZOOM_OUT = 1.5  # SSD zooms out up to 4x; 1.5x keeps the 16 px digits visible at 128 px
+BUILTIN_TOPK = 100  # candidates per class before NMS: a 128 px scene holds at most four digits
 
 
 def detector_name(cfg: TrainConfig) -> str:
@@ -43,8 +44,9 @@ def detector_name(cfg: TrainConfig) -> str:
     )
 
 
-def build_detector_for(cfg: TrainConfig, classes: Sequence[str]) -> SSDLiteDetector:
-    """The detector a training config describes (variant or ``arch``, branch overrides, anchors, backbone weights)."""
+def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any) -> SSDLiteDetector:
+    """The detector a training config describes (variant or ``arch``, branch overrides, anchors, backbone weights);
+    ``options``: further :class:`DetectorConfig` fields."""
     arch = dict(cfg.arch) if cfg.arch else None
     if cfg.variant != PEER and (cfg.k is not None or not cfg.branches):
         config = MobileOneConfig(**arch) if arch else VARIANTS[resolve_variant(cfg.variant)]
@@ -56,7 +58,7 @@ def build_detector_for(cfg: TrainConfig, classes: Sequence[str]) -> SSDLiteDetec
         detector_name(cfg), len(classes), cfg.img_size, cfg.pretrained, arch=arch, init=cfg.init,
         freeze_stages=cfg.freeze_stages, class_names=list(classes), anchor_min_ratio=cfg.anchor_min_ratio,
         anchor_max_ratio=cfg.anchor_max_ratio, score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
-        max_detections=cfg.max_detections,
+        max_detections=cfg.max_detections, **options,
     )  # fmt: skip
 
 
@@ -146,7 +148,7 @@ class DetectionTask(Task):
         return TaskData(train_ds, val_ds, list(train_split.classes))
 
     def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
-        return build_detector_for(cfg, classes)
+        return build_detector_for(cfg, classes, **({"topk_candidates": BUILTIN_TOPK} if self.builtin else {}))
 
     def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
         zoom = BUILTIN_ZOOM_OUT if self.builtin else 4.0
