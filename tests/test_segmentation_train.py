@@ -157,7 +157,12 @@ def test_the_mobilenet_v3_peer_trains_with_the_same_command(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "coreml", pytest.param("executorch", marks=pytest.mark.slow)])
+SLOW = pytest.mark.slow  # converters that take 5-60 s on 2 cores
+
+
+@pytest.mark.parametrize(
+    "fmt", ["torchscript", pytest.param("coreml", marks=SLOW), pytest.param("executorch", marks=SLOW)]
+)
 def test_other_formats_convert_and_are_checked(overfit_run, tmp_path, fmt):
     out, _ = overfit_run
     model = load_segmenter(out / "best.safetensors")
