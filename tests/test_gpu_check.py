@@ -71,8 +71,6 @@ def test_compiled_latency_dry_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="fast_train's _Moments.forward (torch.sub(out=) then .view) fails AOT "
-                   "tracing under torch.compile: 'Cannot view a tensor with shape [C, N, HW]'")  # fmt: skip
 def test_compiled_training_dry_run(tmp_path, monkeypatch):
     # The dry run's train_tiny_compile step, here in this process: the engine's torch.compile with dynamo's
     # aot_eager backend (graph capture and AOT autograd, no inductor code generation).

@@ -260,9 +260,13 @@ class _Moments(torch.autograd.Function):
             centred = (rows - mean).t()
         else:
             mean = xf.mean((0, 2, 3))
-            centred = torch.empty(c, n, h * w, dtype=xf.dtype, device=x.device)
-            torch.sub(xf.reshape(n, c, h * w).transpose(0, 1), mean[:, None, None], out=centred)
-            centred = centred.view(c, -1)
+            rows_first = xf.reshape(n, c, h * w).transpose(0, 1)
+            if torch.compiler.is_compiling():  # traced, out= takes the transposed strides and .view fails
+                centred = (rows_first - mean[:, None, None]).reshape(c, -1)
+            else:  # eager: one pass into a buffer laid out as (C, N * H * W)
+                centred = torch.empty(c, n, h * w, dtype=xf.dtype, device=x.device)
+                torch.sub(rows_first, mean[:, None, None], out=centred)
+                centred = centred.view(c, -1)
         cov = torch.mm(centred, centred.t()).div_(centred.shape[1])
         ctx.save_for_backward(x if ctx.needs_input_grad[0] else None, mean)
         return mean, cov
