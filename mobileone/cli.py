@@ -209,7 +209,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
+    p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file (and OUT.confusion.png)")
+    p.add_argument("--confusion", metavar="PNG", help="save the confusion matrix as this PNG")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--data-format", choices=["auto", "coco", "voc", "yolo", "masks"],
                    help="detect / segment: annotation layout of --data (default: detected)")  # fmt: skip
 
@@ -229,12 +231,21 @@ def run_eval(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(r, f, indent=2)
         return 0
+    from .tasks.classification.evaluate import confusion_text, plot_confusion
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = evaluate_checkpoint(args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, args.workers,
                             args.device)  # fmt: skip
     print(f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'}) on {r['data']}: top-1 {r['top1']:.2f} %, "
           f"top-5 {r['top5']:.2f} %, {r['images']} images at {r['img_size']} px (crop {r['crop_pct']})")  # fmt: skip
+    print(confusion_text(r))
     if r["unreadable_images"]:
         print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
+    png = args.confusion or (str(Path(args.json).with_suffix(".confusion.png")) if args.json else None)
+    if png:
+        plot_confusion(r, png)
+        print(f"confusion matrix: {png}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

@@ -96,3 +96,26 @@ def test_cli_eval_writes_json(tmp_path, checkpoints, capsys):
     assert "top-1" in capsys.readouterr().out
     assert main(["eval", "--data", str(tmp_path / "nope"), "--checkpoint", str(checkpoints[0])]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_per_class_accuracy_and_confusion_matrix(tmp_path, checkpoints, capsys):
+    data = write_val(tmp_path / "val")
+    model = load_checkpoint(checkpoints[0]).eval()
+    ds = ImageFolderDataset(data, transform=eval_transform(16))
+    with torch.no_grad():
+        preds = model(torch.stack([ds[i][0] for i in range(len(ds))])).argmax(1)
+    labels = torch.tensor([t for _, t in ds.samples])
+    out = tmp_path / "result.json"
+    assert main(["eval", "--data", str(data), "--checkpoint", str(checkpoints[0]), "--json", str(out),
+                 "--workers", "0"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    for t, p in zip(labels.tolist(), preds.tolist(), strict=True):
+        expected[t, p] += 1
+    assert r["confusion"] == expected.tolist() and r["class_names"] == ["cat", "dog", "fox"]
+    for i, name in enumerate(r["class_names"]):
+        assert r["per_class"][name] == {"images": 4, "top1": pytest.approx(100.0 * int(expected[i, i]) / 4)}
+    assert r["top1"] == pytest.approx(100.0 * int(expected.trace()) / 12)
+    assert "confusion (rows: true class, columns: predicted)" in printed and "fox" in printed
+    assert (tmp_path / "result.confusion.png").read_bytes()[:4] == b"\x89PNG"

@@ -29,12 +29,14 @@ def accuracy_counts(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    confusion: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[images, top-1 correct, top-5 correct, unreadable images]`` as a float64 tensor (summable over ranks).
 
     ``loader`` yields ``(images, labels, bad_paths)`` as :func:`mobileone.data.collate_skip_bad` makes them.
     NaN or infinite logits raise :class:`NonFiniteOutputError` instead of being counted (the argmax
-    of NaN logits is an arbitrary class).
+    of NaN logits is an arbitrary class). ``confusion`` (classes x classes, rows the true class,
+    columns the top-1 prediction), when given, is added to.
     """
     device = torch.device(device)
     was_training = model.training
@@ -51,6 +53,9 @@ def accuracy_counts(
             logits = model(x)
         require_finite(logits)
         top1, top5 = topk_hits(logits, y)
+        if confusion is not None:
+            k = confusion.shape[0]
+            confusion += torch.bincount(y.cpu() * k + logits.argmax(1).cpu(), minlength=k * k).view(k, k)
         counts[0] += len(y)
         counts[1] += top1
         counts[2] += top5
@@ -95,8 +100,9 @@ def evaluate_checkpoint(
     model.to(dev)
     loader = DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate_skip_bad, pin_memory=dev.type == "cuda")
     t0 = time.perf_counter()
+    confusion = torch.zeros(model.num_classes, model.num_classes, dtype=torch.int64)
     try:
-        n, c1, c5, bad = accuracy_counts(model, loader, dev).tolist()
+        n, c1, c5, bad = accuracy_counts(model, loader, dev, confusion=confusion).tolist()
     except NonFiniteOutputError as e:
         raise NonFiniteOutputError(f"checkpoint {checkpoint} gives NaN or infinite outputs on {root}, so it is not "
                                    f"scored: its weights are broken (a diverged run?). Detail: {e}") from e  # fmt: skip
@@ -114,4 +120,58 @@ def evaluate_checkpoint(
         "img_size": size,
         "crop_pct": pct,
         "seconds": time.perf_counter() - t0,
+        **per_class_results(confusion, model.class_names or [str(i) for i in range(model.num_classes)]),
     }
+
+
+def per_class_results(confusion: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Per-class top-1 and the confusion matrix (rows: true class, columns: prediction) as plain data.
+
+    Classes without validation images are left out of ``per_class``; the matrix keeps every class.
+    """
+    images = confusion.sum(1)
+    per_class = {c: {"images": int(images[i]), "top1": 100.0 * int(confusion[i, i]) / int(images[i])}
+                 for i, c in enumerate(classes) if images[i] > 0}  # fmt: skip
+    return {"per_class": per_class, "class_names": list(classes), "confusion": confusion.tolist()}
+
+
+def confusion_text(result: dict[str, Any], max_classes: int = 12) -> str:
+    """Per-class top-1, and the confusion matrix when there are at most ``max_classes`` classes."""
+    lines = [f"{'class':<16} {'images':>6} {'top-1 %':>8}"]
+    lines += [f"{c[:16]:<16} {r['images']:>6} {r['top1']:>8.2f}" for c, r in result["per_class"].items()]
+    classes = result["class_names"]
+    if len(classes) <= max_classes:
+        width = max(5, *(len(c[:10]) + 1 for c in classes))
+        lines += ["", "confusion (rows: true class, columns: predicted):",
+                  " " * 16 + "".join(f"{c[:10]:>{width}}" for c in classes)]  # fmt: skip
+        lines += [f"{c[:16]:<16}" + "".join(f"{v:>{width}}" for v in row)
+                  for c, row in zip(classes, result["confusion"], strict=True)]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_confusion(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """The confusion matrix as a PNG, each row normalized to the class's images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = torch.tensor(result["confusion"], dtype=torch.float64)
+    rates = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
+    classes = result["class_names"]
+    side = min(20.0, 2.0 + 0.35 * len(classes))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, classes, fontsize=7)
+    if len(classes) <= 30:
+        for i in ticks:
+            for j in ticks:
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set(xlabel="predicted", ylabel="true class", title=f"top-1 {result['top1']:.2f} % on {result['images']} images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
