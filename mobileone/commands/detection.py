@@ -18,7 +18,7 @@ import torch
 
 from ..deploy.common import ExportError
 
-DEMO_EPOCHS, DEMO_IMG_SIZE = 10, 128
+DEMO_EPOCHS, DEMO_IMG_SIZE = 3, 96
 
 
 def _write_json(path: str | None, result: dict) -> None:

@@ -459,18 +459,21 @@ def train_transform(
     hflip: float = 0.5,
     zoom_out: float = 4.0,
     photometric: bool = True,
+    iou_crop: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """SSD's augmentation: photometric distortion, zoom-out (up to ``zoom_out`` x, filled with the mean),
-    IoU crop, horizontal flip, resize to ``img_size`` square; boxes that leave the image are dropped."""
+    IoU crop, horizontal flip, resize to ``img_size`` square; boxes that leave the image are dropped.
+    Each step can be left out (``zoom_out=1`` for none)."""
     fill = {tv_tensors.Image: tuple(round(255 * m) for m in mean), "others": 0}
     steps: list[Callable] = [v2.ToImage()]
     if photometric:
         steps.append(v2.RandomPhotometricDistort(p=0.5))
     if zoom_out > 1:
         steps.append(v2.RandomZoomOut(fill=fill, side_range=(1.0, zoom_out), p=0.5))
-    steps.append(v2.RandomIoUCrop())
+    if iou_crop:
+        steps.append(v2.RandomIoUCrop())
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     steps += [v2.Resize((img_size, img_size), antialias=True), v2.SanitizeBoundingBoxes(min_size=1.0),

@@ -16,11 +16,12 @@ from .model import SSDLiteDetector
 
 @torch.no_grad()
 def draw_predictions(
-    model: SSDLiteDetector, dataset: DetectionDataset, out: Path, count: int = 8, min_score: float = 0.3
+    model: SSDLiteDetector, dataset: DetectionDataset, out: Path, count: int = 8, min_score: float = 0.25
 ) -> Path | None:
     """Draw ground truth and detections scoring at least ``min_score`` on ``count`` evenly spaced images.
 
-    Returns the PNG written, or None when none of the chosen images could be read.
+    Tiles are at least 256 px, so small inputs stay readable. Returns the PNG written, or None when
+    none of the chosen images could be read.
     """
     was_training = model.training
     model.eval()
@@ -37,13 +38,14 @@ def draw_predictions(
                 continue
             w, h = img.size
             det = model(transform(img)[None])[0]
-            canvas = TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True)
-            scale = torch.tensor([size / w, size / h] * 2)
-            gt = torch.from_numpy(record.boxes) * scale
-            canvas = draw_bounding_boxes(canvas, gt, colors="lime", width=1)
+            side = max(size, 256)
+            canvas = TF.resize(TF.pil_to_tensor(img), [side, side], antialias=True)
+            gt = torch.from_numpy(record.boxes) * torch.tensor([side / w, side / h] * 2)
+            canvas = draw_bounding_boxes(canvas, gt, colors="lime", width=2)
             keep = det["scores"] >= min_score
             labels = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"][keep], det["scores"][keep])]
-            canvas = draw_bounding_boxes(canvas, det["boxes"][keep].float(), labels, colors="red", width=1)
+            boxes = det["boxes"][keep].float() * side / size
+            canvas = draw_bounding_boxes(canvas, boxes, labels, colors="red", width=2)
             tiles.append(canvas)
     finally:
         model.train(was_training)
