@@ -29,7 +29,7 @@ from ..tasks.segmentation.evaluate import evaluate_checkpoint
 from ..tasks.segmentation.model import create_segmenter, load_segmenter
 from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE
 
-DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 6, 64
+DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 8, 64
 
 
 def _write_json(path: str | None, result: dict) -> None:

@@ -34,8 +34,9 @@ from .model import IGNORE_INDEX, MNV3, Segmenter, create_segmenter, load_segment
 # Segmentation's own defaults (the recipe's are classification's): VOC-style 512 px crops, batch 16,
 # no label smoothing, lr 0.02 at batch 16 (base_lr per 256 images).
 SEGMENT_DEFAULTS: dict[str, Any] = {"img_size": 512, "batch_size": 16, "base_lr": 0.32, "label_smoothing": 0.0}
-# The built-in digit scenes: 64 px, 800 training scenes, 50 steps an epoch.
-BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 64, "epochs": 8, "batch_size": 16, "hflip": 0.0}
+# The built-in digit scenes: 64 px, 800 training scenes, 50 steps an epoch, peak LR 0.2 (LR-ASPP on S0,
+# 8 epochs, seed 0: 32.7 mIoU at LR 0.1, 38.3 at 0.2, 36.6 at 0.4).
+BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 64, "epochs": 8, "batch_size": 16, "hflip": 0.0, "base_lr": 3.2}
 BUILTIN_SCENE_SIZE = 64
 
 
