@@ -95,9 +95,6 @@ class SegmentationExportReport:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
-
 
 def segmentation_metadata(model: Segmenter, img_size: int, argmax: bool, dynamic: bool) -> dict[str, Any]:
     """Classes, preprocessing and the outputs' meaning, written into the exported file."""

@@ -22,7 +22,6 @@ BatchNorm left.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models._utils import IntermediateLayerGetter
@@ -473,8 +473,6 @@ def read_segmenter_info(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj: Any = load_file(path)
             info, sd = embedded_metadata(path), obj
         else:
@@ -505,13 +503,6 @@ def load_segmenter(path: str | os.PathLike) -> Segmenter:
     model.class_names = info.get("class_names")
     model.preprocess.update(info.get("preprocess") or {})
     return model.eval()
-
-
-def copy_fused(model: Segmenter) -> Segmenter:
-    """An eval-mode folded copy (the model itself when it is folded already)."""
-    if model.inference_mode:
-        return model.eval()
-    return _fold(copy.deepcopy(model))
 
 
 __all__ = ["ATROUS_RATES", "HEADS", "IGNORE_INDEX", "SEGMENTERS", "Segmenter", "SegmenterConfig",
