@@ -126,7 +126,7 @@ def _write_split(folder: Path, rng: np.random.Generator, photos, scans, labels, 
 
 
 def digit_scenes(
-    root: str | os.PathLike | None = None, train: int = 1600, val: int = 200, size: int = 96, seed: int = 0
+    root: str | os.PathLike | None = None, train: int = 2000, val: int = 200, size: int = 96, seed: int = 0
 ) -> Path:
     """Write the built-in scenes once (COCO layout) and return their folder; later calls reuse it.
 

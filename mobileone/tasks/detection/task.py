@@ -31,7 +31,7 @@ from .model import PEER, SSDLiteDetector, create_detector, load_detector, save_d
 DETECT_DEFAULTS: dict[str, Any] = {"img_size": 320, "batch_size": 32, "base_lr": 0.2, "weight_decay": 4e-5,
                                    "weight_decay_end": 4e-5}  # fmt: skip
 # The built-in digit scenes (96 px, digits of 20-40 px): default boxes from 0.15 to 0.8 of the
-# scene, no flips (digits are not mirror-symmetric), 3 epochs of 1,600 scenes in batches of 16 at
+# scene, no flips (digits are not mirror-symmetric), 3 epochs of 2,000 scenes in batches of 16 at
 # lr 0.05 with a short warm-up (what learnt the most in the demo's few minutes among the settings
 # tried), photometric distortion only (zoom-out and IoU crop slow a run this short down more than
 # they help it).
