@@ -108,7 +108,7 @@ def test_detection_options_are_validated():
     cfg = resolve_config(task="detect", data="somewhere")
     assert cfg.img_size == 320 and cfg.weight_decay == 4e-5 and cfg.hflip == 0.5
     builtin = resolve_config(task="detect")
-    assert builtin.img_size == 96 and builtin.hflip == 0 and builtin.anchor_min_ratio == 0.15 and builtin.batch_size == 16
+    assert (builtin.img_size, builtin.hflip, builtin.anchor_min_ratio, builtin.batch_size) == (96, 0, 0.15, 16)
 
 
 def test_latency_table_has_every_graph_and_post_processing(tmp_path, one_thread):
