@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..core.complexity import count_macs, count_params
-from ..deploy.common import package_version
-from ..deploy.detection import export_detector, fused_detector
-from ..deploy.onnx import onnx_session
+from ..deploy.common import package_version, require
+from ..deploy.detection import RAW_OUTPUTS, RawDetector, add_nms, export_detector, fused_detector
+from ..deploy.onnx import onnx_session, to_onnx
 from ..tasks.detection.model import SSDLiteDetector, create_detector, load_detector
 from .timing import time_calls
 
@@ -88,10 +88,6 @@ def _entries(name: str, model: SSDLiteDetector, cfg: DetectionBenchConfig, x: to
 
 
 def _export_unfused(model: SSDLiteDetector, path: Path, nms: bool) -> None:
-    from ..deploy.common import require
-    from ..deploy.detection import RAW_OUTPUTS, RawDetector, add_nms
-    from ..deploy.onnx import to_onnx
-
     onnx = require("onnx")
     example = torch.zeros(1, 3, model.config.img_size, model.config.img_size)
     with torch.no_grad():

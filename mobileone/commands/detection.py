@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
+from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, alternate_rounds, detection_benchmark
 from ..deploy.common import ExportError
+from ..deploy.detection import compare_detections, evaluate_onnx_detector, export_detector
+from ..deploy.onnx import onnx_session
+from ..tasks import resolve_config, train
+from ..tasks.detection.builtin import digit_scenes
+from ..tasks.detection.model import create_detector, load_detector
+from ..tasks.detection.task import evaluate_detector, val_loader
 
 DEMO_EPOCHS, DEMO_IMG_SIZE = 3, 96
 
@@ -35,13 +42,9 @@ def evaluate(args: argparse.Namespace) -> int:
     """``mobileone eval --task detect``: COCO mAP (and AP per class) of a checkpoint or an exported ONNX file."""
     fmt = getattr(args, "data_format", None) or "auto"
     if args.onnx:
-        from ..deploy.detection import evaluate_onnx_detector
-
         r = evaluate_onnx_detector(args.onnx, args.data, fmt)
         what = f"{r['onnx']} ({r['form']} form, onnxruntime)"
     else:
-        from ..tasks.detection.task import evaluate_detector
-
         r = evaluate_detector(args.checkpoint, args.data, fmt, args.batch_size, args.workers, args.device)
         what = f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'})"
     if args.img_size and args.img_size != r["img_size"]:
@@ -57,8 +60,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _detector_for_export(args: argparse.Namespace):
-    from ..tasks.detection.model import create_detector, load_detector
-
     if args.checkpoint:
         model = load_detector(args.checkpoint)
         if args.img_size and args.img_size != model.config.img_size:
@@ -72,8 +73,6 @@ def _detector_for_export(args: argparse.Namespace):
 
 def export(args: argparse.Namespace) -> int:
     """``mobileone export --task detect``: the fused detector, raw and/or with NMS in the graph, each checked."""
-    from ..deploy.detection import export_detector
-
     model = _detector_for_export(args)
     form = args.detect_form
     forms = [form] if form else (["raw", "nms"] if args.format == "onnx" else ["raw"])
@@ -96,8 +95,6 @@ def export(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """``mobileone bench --task detect``: SSDLite on MobileOne against the MobileNetV3 peer, fused or not, +/- NMS."""
-    from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, detection_benchmark
-
     models = list(DEFAULT_MODELS) if args.models == "default" else [m.strip() for m in args.models.split(",")]
     models = [m if m.startswith("ssdlite") else f"ssdlite_{m.removeprefix('mobileone_')}" for m in models]
     cfg = DetectionBenchConfig(models=models, runtimes=args.runtimes.split(","), img_size=args.img_size or 320,
@@ -115,14 +112,6 @@ def bench(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """Train SSDLite-S0 on the built-in digit scenes, evaluate unfused and fused, compare, export, time."""
-    from ..bench.detection import alternate_rounds
-    from ..deploy.detection import compare_detections, export_detector
-    from ..deploy.onnx import onnx_session
-    from ..tasks import resolve_config, train
-    from ..tasks.detection.builtin import digit_scenes
-    from ..tasks.detection.model import load_detector
-    from ..tasks.detection.task import evaluate_detector, val_loader
-
     out = Path(args.out or time.strftime("runs/demo-detect-%Y%m%d-%H%M%S"))
     epochs, img_size = args.epochs or DEMO_EPOCHS, args.img_size or DEMO_IMG_SIZE
     threads = args.threads or torch.get_num_threads()

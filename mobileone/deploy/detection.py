@@ -36,9 +36,13 @@ from torchvision.ops import box_iou
 
 from ..core.files import writable_folder
 from ..core.fusion import reparameterize_model
-from ..tasks.detection.model import SSDLiteDetector
+from ..tasks.detection.model import DetectorConfig, SSDLiteDetector, postprocess
+from ..tasks.detection.task import detection_metrics, val_loader
 from .common import ExportError, package_version, require
-from .onnx import onnx_session, set_onnx_metadata, to_onnx
+from .coreml import coreml_op_counts
+from .executorch import executorch_program, to_executorch
+from .export import sample_images
+from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata, to_onnx
 
 FORMS = ("raw", "nms")
 FORMATS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
@@ -228,8 +232,6 @@ def export_detector(
         if format == "onnx":
             _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw)
         elif format == "executorch":
-            from .executorch import to_executorch
-
             to_executorch(RawDetector(fused).eval(), out, example, dynamic_batch,
                           {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"],
                            "input_size": meta["input_size"]})  # fmt: skip
@@ -238,8 +240,6 @@ def export_detector(
     if not check:
         return report
     if check_inputs is None:
-        from .export import sample_images
-
         check_inputs = sample_images(4, size, meta["mean"], meta["std"])
     report.check = CHECKS[(format, form)](out, fused, check_inputs, dynamic_batch)
     return report
@@ -382,8 +382,6 @@ def _near_nms(dets: dict[str, Tensor], j: int, nms_thresh: float) -> bool:
 
 
 def check_executorch_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
-    from .executorch import executorch_program
-
     method = executorch_program(path).load_method("forward")
     batches = [x] if dynamic_batch else [x[i : i + 1] for i in range(len(x))]
     outs = [method.execute([b.contiguous()]) for b in batches]
@@ -392,8 +390,6 @@ def check_executorch_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_
 
 
 def check_coreml_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
-    from .coreml import coreml_op_counts
-
     ops = coreml_op_counts(path)
     convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
     if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
@@ -426,10 +422,6 @@ def evaluate_onnx_detector(path: str | Path, data: str | Path, data_format: str 
     The raw form's outputs go through the same post-processing as PyTorch's, with the settings
     stored in the file; the NMS form's detections are scored as they come out.
     """
-    from ..tasks.detection.model import DetectorConfig, postprocess
-    from ..tasks.detection.task import detection_metrics, val_loader
-    from .onnx import read_onnx_metadata
-
     meta = read_onnx_metadata(path)
     if meta.get("task") != "detect" or meta.get("form") not in FORMS:
         raise ExportError(f"{path} is not a detector exported by mobileone export --task detect")

@@ -25,6 +25,7 @@ from .builtin import digit_scenes
 from .data import DetectionDataset, collate_detection, eval_transform, load_splits, train_transform
 from .metrics import coco_detections, coco_ground_truth, coco_map
 from .model import PEER, SSDLiteDetector, create_detector, load_detector, save_detector
+from .visualize import draw_predictions
 
 # Every detection run: torchvision's SSDLite recipe where it applies (weight decay 4e-5, constant;
 # lr 0.15 at batch 192, i.e. 0.2 per 256 images), at 320 px.
@@ -199,8 +200,6 @@ class DetectionTask(Task):
         return load_detector(path)
 
     def finish(self, run_dir: Path, best: nn.Module, data: TaskData, cfg: TrainConfig) -> None:
-        from .visualize import draw_predictions
-
         draw_predictions(best, data.val, run_dir / "predictions.png")
 
     def epoch_line(self, row: dict[str, Any]) -> str:
