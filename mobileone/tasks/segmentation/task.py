@@ -103,10 +103,10 @@ class SegmentationTask(Task):
         if cfg.variant == MNV3:
             if cfg.output_stride != 16:
                 raise ValueError("--variant mnv3 (torchvision's MobileNetV3-Large) runs at --output-stride 16 only")
-            given = [n for n, v in (("--pretrained", cfg.pretrained), ("--arch", cfg.arch), ("--k", cfg.k),
-                                    ("--freeze-stages", cfg.freeze_stages)) if v]  # fmt: skip
-            if given or not cfg.branches:
-                raise ValueError(f"{', '.join(given) or '--no-branches'} apply to MobileOne backbones; --variant mnv3 "
+            backbone_only = [n for n, v in (("--pretrained", cfg.pretrained), ("--arch", cfg.arch), ("--k", cfg.k),
+                                            ("--freeze-stages", cfg.freeze_stages)) if v]  # fmt: skip
+            if backbone_only or not cfg.branches:
+                raise ValueError(f"{', '.join(backbone_only) or '--no-branches'} apply to MobileOne backbones; --variant mnv3 "
                                  "is the MobileNetV3-Large peer, built without weights")  # fmt: skip
 
     def load_data(self, cfg: TrainConfig, env: Env) -> TaskData:
