@@ -106,8 +106,9 @@ class SegmentationTask(Task):
             backbone_only = [n for n, v in (("--pretrained", cfg.pretrained), ("--arch", cfg.arch), ("--k", cfg.k),
                                             ("--freeze-stages", cfg.freeze_stages)) if v]  # fmt: skip
             if backbone_only or not cfg.branches:
-                raise ValueError(f"{', '.join(backbone_only) or '--no-branches'} apply to MobileOne backbones; --variant mnv3 "
-                                 "is the MobileNetV3-Large peer, built without weights")  # fmt: skip
+                named = ", ".join(backbone_only) or "--no-branches"
+                raise ValueError(f"{named} apply to MobileOne backbones; --variant mnv3 is the MobileNetV3-Large "
+                                 "peer, built without weights")  # fmt: skip
 
     def load_data(self, cfg: TrainConfig, env: Env) -> TaskData:
         root = Path(cfg.data) if cfg.data else builtin_scenes(size=BUILTIN_SCENE_SIZE)
