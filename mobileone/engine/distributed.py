@@ -86,10 +86,15 @@ class EpochSampler(DistributedSampler):
         return ((epoch, i) for i in super().__iter__())
 
 
+SMALL_VAL = 2000  # validation images per rank below which they are read in the training process
+
+
 def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, train: bool) -> DataLoader:
     """The training loader (shuffled per epoch, the same batches for any world size) or this rank's val shard."""
     per_rank = cfg.batch_size // env.world
     workers = cfg.workers if cfg.workers is not None else default_workers(env.world)
+    if not train and len(ds) // env.world < SMALL_VAL:
+        workers = 0  # read once and kept (trainer._KeptBatches): starting processes would cost more
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": env.device.type == "cuda", "collate_fn": collate,
                               "persistent_workers": workers > 0}  # fmt: skip
     if train:
