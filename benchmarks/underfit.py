@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 
 from mobileone import create_model, init_branches
-from mobileone.data import digits_split
+from mobileone.tasks.classification.data import digits_split
 
 # name: (model, init, {loop overrides}). init: torch (PyTorch defaults), unit-sum (branch BN scales
 # 1/sqrt(n)), identity (skip BN scale 1, other branches 0), pass (identity plus a skip BN shift so
