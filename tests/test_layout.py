@@ -180,3 +180,18 @@ def test_fusion_of_a_composite_model_with_a_user_defined_reparameterizable_head(
         reparameterize_model(fused)
     with pytest.raises(ValueError, match="reparameterize"):
         reparameterize_model(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_benchmark_scripts_import():
+    # The scripts behind the README's tables are not part of the package; importing them catches
+    # the import paths that a layout change leaves stale (their __main__ blocks do not run).
+    import importlib.util
+
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            del sys.modules[spec.name]
