@@ -180,6 +180,10 @@ def _read_file(path: Path) -> Any:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    kind = _not_a_checkpoint(path)
+    if kind:
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; give a .safetensors file or a PyTorch file "
+                              "(.pth, .pt, .pth.tar) holding a state dict")  # fmt: skip
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -190,6 +194,28 @@ def _read_file(path: Path) -> Any:
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+# File signatures of what users mistake for checkpoints.
+_SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image"}
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` is when it is plainly not a PyTorch file (zip archive or pickle): JSON, text, an image."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or a legacy pickle
+        return None
+    for magic, kind in _SIGNATURES.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.lstrip().startswith(("{", "[")):
+        return "a JSON file (the metadata beside a checkpoint?)"
+    return "a text file"
 
 
 def infer_config(sd: StateDict) -> tuple[MobileOneConfig, int, bool]:
