@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .commands import write_json
 from .core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from .core.complexity import count_layers, count_macs, count_params
 from .core.config import list_models, resolve_variant
@@ -227,9 +228,7 @@ def run_eval(args: argparse.Namespace) -> int:
         r = evaluate_onnx(args.onnx, args.data, args.batch_size)
         print(f"{r['model']} (onnxruntime) on {r['data']}: top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, "
               f"{r['images']} images")  # fmt: skip
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+        write_json(args.json, r)
         return 0
     from .tasks.classification.evaluate import confusion_text, plot_confusion
 
@@ -246,9 +245,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if png:
         plot_confusion(r, png)
         print(f"confusion matrix: {png}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    write_json(args.json, r)
     return 0
 
 

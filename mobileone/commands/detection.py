@@ -9,7 +9,6 @@ in onnxruntime, and latency unfused against fused.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,9 @@ from ..tasks import resolve_config, train
 from ..tasks.detection.builtin import digit_scenes
 from ..tasks.detection.model import create_detector, load_detector
 from ..tasks.detection.task import evaluate_detector, val_loader
+from . import write_json
 
 DEMO_EPOCHS, DEMO_IMG_SIZE = 3, 96
-
-
-def _write_json(path: str | None, result: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
 
 
 def _map_line(r: dict) -> str:
@@ -55,7 +49,7 @@ def evaluate(args: argparse.Namespace) -> int:
     print("AP per class: " + ", ".join(f"{k} {v:.1f}" for k, v in named.items()))
     if r["unreadable_images"]:
         print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
-    _write_json(args.json, r)
+    write_json(args.json, r)
     return 0
 
 
@@ -101,13 +95,13 @@ def bench(args: argparse.Namespace) -> int:
                                threads=args.threads, warmup=args.warmup, iters=args.iters, min_time=args.min_time,
                                out=args.out)  # fmt: skip
     try:
-        result = detection_benchmark(cfg)
+        detection_benchmark(cfg)
     except ImportError as e:
         print(f"mobileone bench: {e}", file=sys.stderr)
         return 2
     print((Path(args.out) / "detect_results.md").read_text())
     print(f"written: {args.out}/detect_results.md, detect_results.json")
-    return 0 if result["stable"] else 1
+    return 0  # a busy machine is said in the table, as the other benchmarks do
 
 
 def demo(args: argparse.Namespace) -> int:

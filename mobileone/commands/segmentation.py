@@ -10,7 +10,6 @@ latency unfused against fused, in about 3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -28,14 +27,9 @@ from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_
 from ..tasks.segmentation.evaluate import evaluate_checkpoint
 from ..tasks.segmentation.model import create_segmenter, load_segmenter
 from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE
+from . import write_json
 
 DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 8, 64
-
-
-def _write_json(path: str | None, result: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
 
 
 def _scores_line(r: dict) -> str:
@@ -63,7 +57,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"classes in neither masks nor predictions (left out of the mean): {absent}")
     if r["unreadable_images"]:
         print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
-    _write_json(args.json, r)
+    write_json(args.json, r)
     return 0
 
 
