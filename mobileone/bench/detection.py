@@ -12,7 +12,6 @@ threshold, the worst case for NMS; a trained detector keeps far fewer candidates
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from ..deploy.common import package_version, require
 from ..deploy.detection import RAW_OUTPUTS, RawDetector, add_nms, export_detector, fused_detector
 from ..deploy.onnx import onnx_session, to_onnx
 from ..tasks.detection.model import SSDLiteDetector, create_detector, load_detector
-from .timing import time_calls
+from .timing import cpu_name, time_calls
 
 DEFAULT_MODELS = ("ssdlite_s0", "ssdlite_s1", "ssdlite_mnv3")
 RUNTIMES = ("eager", "onnxruntime")
@@ -139,7 +138,7 @@ def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "config": asdict(cfg),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "versions": {"torch": torch.__version__, "onnxruntime": package_version("onnxruntime")},
         "stable": spread <= STABLE_ROUNDS,
         "max_round_spread": spread,

@@ -29,7 +29,7 @@ from ..deploy.export import export_model
 from .peers import BenchModel, resolve_models
 from .report import write_results
 from .studies import MicroStudy, activation_study, skip_se_study, spearman
-from .timing import RUNTIMES, compare_latency, measure_peak_gflops, time_model
+from .timing import RUNTIMES, compare_latency, cpu_name, measure_peak_gflops, time_model
 
 
 @dataclass
@@ -63,23 +63,13 @@ def versions() -> dict[str, str]:
     """Versions of torch and the runtimes, and the machine, recorded with every result."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "machine": _cpu_name()}
+    out = {"python": platform.python_version(), "machine": cpu_name()}
     for pkg in ("torch", "torchvision", "onnxruntime", "executorch", "timm", "numpy"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, progress: bool = True) -> dict[str, Any]:

@@ -12,7 +12,6 @@ at a fixed thread count (``bench.timing``).
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch
 from ..core.complexity import count_macs, count_params
 from ..deploy.segmentation import SegmentationOutputs
 from ..tasks.segmentation.model import MNV3, create_segmenter, parse_segmenter_name
-from .timing import RUNTIMES, time_model
+from .timing import RUNTIMES, cpu_name, time_model
 
 DEFAULT_MODELS = ("deeplabv3_s0", "lraspp_s0", "deeplabv3_mnv3", "lraspp_mnv3")
 
@@ -98,23 +97,13 @@ def run_segmentation_benchmark(cfg: SegmentationBenchConfig, progress: bool = Tr
                 shutil.rmtree(workdir, ignore_errors=True)
         rows.append(row)
     result = {"config": asdict(cfg), "rows": rows, "errors": errors, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": _machine(), "torch": torch.__version__}  # fmt: skip
+              "machine": cpu_name(), "torch": torch.__version__}  # fmt: skip
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2))
         (out / "results.md").write_text(segmentation_markdown(result))
     return result
-
-
-def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def segmentation_markdown(result: dict[str, Any]) -> str:

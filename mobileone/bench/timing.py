@@ -4,6 +4,7 @@ onnxruntime, ExecuTorch), and the machine's measured fp32 peak to compare agains
 from __future__ import annotations
 
 import copy
+import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,6 +18,18 @@ from torch import Tensor, nn
 from ..deploy.common import require
 from ..deploy.executorch import executorch_method, to_executorch
 from ..deploy.onnx import onnx_session, to_onnx
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), recorded with every timing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
 
 RUNTIMES = ("eager", "channels_last", "compile", "onnxruntime", "executorch")
 WIDE_SPREAD = 0.15  # (median - min) / min above this marks a noisy measurement
