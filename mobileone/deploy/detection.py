@@ -40,7 +40,7 @@ from ..tasks.detection.model import DetectorConfig, SSDLiteDetector, postprocess
 from ..tasks.detection.task import detection_metrics, val_loader
 from .common import ExportError, package_version, require
 from .coreml import coreml_op_counts
-from .executorch import executorch_program, to_executorch
+from .executorch import executorch_method, to_executorch
 from .export import sample_images
 from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata, to_onnx
 
@@ -382,7 +382,7 @@ def _near_nms(dets: dict[str, Tensor], j: int, nms_thresh: float) -> bool:
 
 
 def check_executorch_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
-    method = executorch_program(path).load_method("forward")
+    method = executorch_method(path)
     batches = [x] if dynamic_batch else [x[i : i + 1] for i in range(len(x))]
     outs = [method.execute([b.contiguous()]) for b in batches]
     got = [torch.cat([o[i] for o in outs]) for i in range(2)]

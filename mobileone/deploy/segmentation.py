@@ -38,7 +38,7 @@ from ..tasks.segmentation.model import Segmenter
 from . import torchscript
 from .common import INPUT_NAME, ExportError, package_version, require
 from .coreml import coreml_op_counts, read_coreml_metadata
-from .executorch import executorch_program, read_executorch_metadata, to_executorch
+from .executorch import executorch_method, read_executorch_metadata, to_executorch
 from .export import sample_images
 from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata, to_onnx
 
@@ -293,7 +293,7 @@ def _torchscript_runner(path: Path, wrapper: nn.Module):
 
 
 def _executorch_runner(path: Path, wrapper: nn.Module):
-    method = executorch_program(path).load_method("forward")
+    method = executorch_method(path)
 
     def run(x: Tensor) -> list[Tensor]:  # exported for batch 1
         outs = [method.execute([x[i : i + 1].contiguous()]) for i in range(len(x))]
