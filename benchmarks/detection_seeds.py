@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", help="a detection dataset folder (default: the built-in digit scenes)")
     p.add_argument("--epochs", type=int, help="default: the built-in data's")
-    p.add_argument("--img-size", type=int, help="training size (default: the built-in data's, 128)")
+    p.add_argument("--img-size", type=int, help="training size (default: the built-in data's, 96)")
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=0)

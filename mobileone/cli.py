@@ -122,7 +122,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("architecture and initialisation")
     g.add_argument("--k", type=int, help="conv branches per layer (paper ablation: 1)")
     g.add_argument("--no-branches", action="store_true", help="k = 1 and no scale/skip branches (paper ablation)")
-    g.add_argument("--init", choices=["torch", "unit-sum", "identity"], help="branch BN scales at the start")
+    g.add_argument("--init", choices=["torch", "unit-sum", "identity"],
+                   help="branch BN scales at the start (identity: skip layers, peers' residual blocks)")  # fmt: skip
     g = p.add_argument_group("augmentation")
     g.add_argument("--img-size", type=int, help="final training and evaluation size")
     g.add_argument("--progressive", action=argparse.BooleanOptionalAction, help="160 -> 192 -> 224 px style phases")

@@ -115,6 +115,17 @@ def test_mnv3_peer_is_torchvisions_ssdlite_and_fuses(one_thread):
         small.freeze_stages(2)
 
 
+@torch.no_grad()
+def test_identity_start_reaches_the_peer(one_thread):
+    """``init="identity"`` starts every residual block of the MobileNetV3 peer as the identity, as
+    MobileOne's layers start; torchvision's initialisation stays for ``init="torch"``."""
+    x = torch.randn(2, 16, 8, 8)  # the first residual block's input: 16 channels
+    for init, passes in (("identity", True), ("torch", False)):
+        trunk = create_detector("ssdlite_mnv3", 2, img_size=64, init=init).features.backbone
+        blocks = [m for m in trunk.modules() if getattr(m, "use_res_connect", False)]
+        assert len(blocks) == 10 and torch.equal(blocks[0].eval()(x), x) is passes
+
+
 def test_builders_and_bad_names():
     assert set(DETECTORS) == {"ssdlite_s0", "ssdlite_s1", "ssdlite_s2", "ssdlite_s3", "ssdlite_s4", "ssdlite_mnv3"}
     assert all(f.__doc__ and "Example:" in f.__doc__ and "Args:" in f.__doc__ for f in DETECTORS.values())

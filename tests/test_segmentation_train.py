@@ -14,6 +14,7 @@ from mobileone.tasks.segmentation.data import SegmentationDataset, load_splits
 from mobileone.tasks.segmentation.evaluate import evaluate_checkpoint
 from mobileone.tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from mobileone.tasks.segmentation.model import load_segmenter
+from mobileone.tasks.segmentation.task import build_segmenter
 
 from .segmentation_data import make_masks_dataset
 
@@ -155,6 +156,18 @@ def test_the_mobilenet_v3_peer_trains_with_the_same_command(tmp_path, capsys):
         assert main([*common, *bad, "--out", str(tmp_path / "y")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+@torch.no_grad()
+def test_identity_start_reaches_the_peers():
+    """The run's ``init`` gives the MobileNetV3 peers their identity start (every residual block passes
+    its input on), as MobileOne's layers get theirs; ``init="torch"`` keeps torchvision's."""
+    x = torch.randn(2, 16, 8, 8)  # the first residual block's input: 16 channels
+    for init, passes in (("identity", True), ("torch", False)):
+        cfg = resolve_config(task="segment", variant="mnv3", head="lraspp", init=init, img_size=32)
+        model = build_segmenter(cfg, ["background", "digit"])
+        blocks = [m for m in model.backbone.modules() if getattr(m, "use_res_connect", False)]
+        assert len(blocks) == 10 and torch.equal(blocks[0].eval()(x), x) is passes
 
 
 SLOW = pytest.mark.slow  # converters that take 5-60 s on 2 cores

@@ -52,6 +52,7 @@ from ...core.checkpoint import (
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from ...core.fusion import fold_bn
 from ...core.model import MobileOne, MobileOneLayer, init_branches
+from ..peer_init import zero_init_residuals
 
 PEER = "mnv3"  # the MobileNetV3-Large peer's backbone name
 EXTRA_CHANNELS = (512, 256, 256, 128)  # SSDLite's four extra blocks (torchvision, MobileNetV2 paper section 6.2)
@@ -381,11 +382,14 @@ def _mobileone_backbone(config: DetectorConfig, backbone_checkpoint: str | os.Pa
 
 def build_detector(config: DetectorConfig, backbone_checkpoint: str | os.PathLike | None = None,
                    init: str = "torch") -> SSDLiteDetector:  # fmt: skip
-    """The detector ``config`` describes; a MobileOne backbone loads ``backbone_checkpoint`` or starts with ``init``."""
+    """The detector ``config`` describes; a MobileOne backbone loads ``backbone_checkpoint`` or starts with ``init``
+    (``identity`` starts the peer's residual blocks as the identity too: ``mobileone.tasks.peer_init``)."""
     if config.backbone == PEER:
         if backbone_checkpoint is not None:
             raise ValueError("the MobileNetV3 peer is built without weights; backbone_checkpoint is for MobileOne")
         trunk: nn.Module = MobileNetV3Trunk()
+        if init == "identity":
+            zero_init_residuals(trunk)
         channels = trunk.channels
     else:
         trunk = _mobileone_backbone(config, backbone_checkpoint, init)
@@ -427,7 +431,8 @@ def create_detector(
         backbone_checkpoint: an unfused MobileOne classification checkpoint for the backbone
             (Apple's ``mobileone_s0_unfused.pth.tar``, timm, mmpretrain or ours); its head is dropped.
         arch: a custom MobileOne backbone (:class:`MobileOneConfig` or its fields) instead of a variant.
-        init: branch initialisation of a fresh MobileOne backbone (see ``mobileone.init_branches``).
+        init: branch initialisation of a fresh MobileOne backbone (see ``mobileone.init_branches``);
+            ``identity`` also starts the peer's residual blocks as the identity (zero last BN scale).
         freeze_stages: freeze the backbone's stem and first stages (0..5), BN statistics included.
         class_names: names of the classes, stored in checkpoints and exports.
         **options: :class:`DetectorConfig` fields: ``anchor_min_ratio`` (small objects need a smaller

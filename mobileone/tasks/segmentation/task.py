@@ -25,6 +25,7 @@ from ...core.model import init_branches
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env, all_reduce_sum
 from ...engine.task import DataError, Task, TaskData
+from ..peer_init import zero_init_residuals
 from .builtin import builtin_scenes
 from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform, voc_palette
 from .evaluate import confusion_over, predict
@@ -65,6 +66,8 @@ def build_segmenter(cfg: TrainConfig, classes: Sequence[str]) -> Segmenter:
               "backbone_checkpoint": cfg.pretrained, "class_names": list(classes)}  # fmt: skip
     if cfg.variant == MNV3:
         model = create_segmenter(f"{cfg.head}_{MNV3}", **common)
+        if cfg.init == "identity":
+            zero_init_residuals(model.backbone)
     else:
         arch = MobileOneConfig(**cfg.arch) if cfg.arch else VARIANTS[resolve_variant(cfg.variant)]
         if cfg.k is not None:
