@@ -159,15 +159,17 @@ def test_the_mobilenet_v3_peer_trains_with_the_same_command(tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_identity_start_reaches_the_peers():
+def test_the_peers_train_on_equal_terms():
     """The run's ``init`` gives the MobileNetV3 peers their identity start (every residual block passes
-    its input on), as MobileOne's layers get theirs; ``init="torch"`` keeps torchvision's."""
+    its input on), as MobileOne's layers get theirs; ``init="torch"`` keeps torchvision's. Their
+    BatchNorm statistics follow the weights as MobileOne's do (momentum 0.1, not torchvision's 0.01)."""
     x = torch.randn(2, 16, 8, 8)  # the first residual block's input: 16 channels
     for init, passes in (("identity", True), ("torch", False)):
         cfg = resolve_config(task="segment", variant="mnv3", head="lraspp", init=init, img_size=32)
         model = build_segmenter(cfg, ["background", "digit"])
         blocks = [m for m in model.backbone.modules() if getattr(m, "use_res_connect", False)]
         assert len(blocks) == 10 and torch.equal(blocks[0].eval()(x), x) is passes
+        assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
 
 SLOW = pytest.mark.slow  # converters that take 5-60 s on 2 cores
