@@ -206,7 +206,7 @@ class Segmenter(nn.Module):
 
 
 # The peer's BatchNorm: torchvision's eps, but the momentum of the MobileOne models and heads (0.1).
-# torchvision's 0.01 suits 600-epoch ImageNet runs; in short runs its running statistics lag behind
+# torchvision's 0.01 suits long ImageNet runs; in short runs its running statistics lag behind
 # the weights (LR-ASPP on MobileNetV3 scored 18.2 mIoU on the built-in scenes, 57.4 with the same
 # weights once the statistics were recomputed), which would compare statistics, not networks.
 PEER_NORM = partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
