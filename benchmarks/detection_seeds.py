@@ -30,10 +30,30 @@ from typing import Any
 
 def train_run(variant: str, seed: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One training run in its own process; its summary plus the wall time."""
-    cmd = [sys.executable, "-m", "mobileone", "train", "--task", "detect", "--variant", variant, "--seed", str(seed),
-           "--out", str(out), "--workers", str(args.workers), "--no-progress"]  # fmt: skip
-    for flag, value in (("--data", args.data), ("--epochs", args.epochs), ("--img-size", args.img_size),
-                        ("--steps-per-epoch", args.steps_per_epoch), ("--threads", args.threads)):  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobileone",
+        "train",
+        "--task",
+        "detect",
+        "--variant",
+        variant,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--workers",
+        str(args.workers),
+        "--no-progress",
+    ]
+    for flag, value in (
+        ("--data", args.data),
+        ("--epochs", args.epochs),
+        ("--img-size", args.img_size),
+        ("--steps-per-epoch", args.steps_per_epoch),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     t0 = time.perf_counter()
@@ -42,9 +62,18 @@ def train_run(variant: str, seed: int, out: Path, args: argparse.Namespace) -> d
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     best = summary["best"]
-    return {"variant": variant, "seed": seed, "map": best["map"], "map_50": best["map_50"], "map_75": best["map_75"],
-            "best_epoch": best["epoch"], "weights": best["weights"], "seconds": time.perf_counter() - t0,
-            "train_images_per_second": summary["train_images_per_second"], "command": " ".join(cmd[1:])}  # fmt: skip
+    return {
+        "variant": variant,
+        "seed": seed,
+        "map": best["map"],
+        "map_50": best["map_50"],
+        "map_75": best["map_75"],
+        "best_epoch": best["epoch"],
+        "weights": best["weights"],
+        "seconds": time.perf_counter() - t0,
+        "train_images_per_second": summary["train_images_per_second"],
+        "command": " ".join(cmd[1:]),
+    }
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,14 +106,23 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a in result["aggregate"]:
-        lines.append(f"| ssdlite_{a['variant']} | {a['runs']} | {a['map']:.2f} | {a['map_std']:.2f} | "
-                     f"{a['map_min']:.2f} - {a['map_max']:.2f} | {a['map_50']:.2f} | {a['map_50_std']:.2f} | "
-                     f"{a['seconds']:.0f} |")  # fmt: skip
-    lines += ["", "Per run:", "", "| detector | seed | mAP | mAP@0.5 | best epoch | weights | train s |",
-              "|---|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+        lines.append(
+            f"| ssdlite_{a['variant']} | {a['runs']} | {a['map']:.2f} | {a['map_std']:.2f} | "
+            f"{a['map_min']:.2f} - {a['map_max']:.2f} | {a['map_50']:.2f} | {a['map_50_std']:.2f} | "
+            f"{a['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per run:",
+        "",
+        "| detector | seed | mAP | mAP@0.5 | best epoch | weights | train s |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
     for r in result["runs"]:
-        lines.append(f"| ssdlite_{r['variant']} | {r['seed']} | {r['map']:.2f} | {r['map_50']:.2f} | "
-                     f"{r['best_epoch']} | {r['weights']} | {r['seconds']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| ssdlite_{r['variant']} | {r['seed']} | {r['map']:.2f} | {r['map_50']:.2f} | "
+            f"{r['best_epoch']} | {r['weights']} | {r['seconds']:.0f} |"
+        )
     if result.get("latency_md"):
         lines += ["", result["latency_md"]]
     return "\n".join(lines) + "\n"
@@ -113,18 +151,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant in args.variants:
             row = train_run(variant, seed, out / f"{variant}-seed{seed}", args)
             runs.append(row)
-            print(f"ssdlite_{variant} seed {seed}: mAP {row['map']:.2f}, mAP@0.5 {row['map_50']:.2f} "
-                  f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "config": vars(args), "runs": runs,
-                              "aggregate": aggregate(runs)}  # fmt: skip
+            print(
+                f"ssdlite_{variant} seed {seed}: mAP {row['map']:.2f}, mAP@0.5 {row['map_50']:.2f} "
+                f"({row['seconds']:.0f} s)",
+                flush=True,
+            )
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "config": vars(args),
+        "runs": runs,
+        "aggregate": aggregate(runs),
+    }
     if args.latency_size:
         from mobileone.bench.detection import DetectionBenchConfig, detection_benchmark
 
-        classes = len(json.loads((out / f"{args.variants[0]}-seed{args.seeds[0]}" / "best.json").read_text())
-                      ["class_names"])  # fmt: skip
-        bench = DetectionBenchConfig(models=[f"ssdlite_{v}" for v in args.variants], runtimes=args.runtimes.split(","),
-                                     img_size=args.latency_size, num_classes=classes, threads=args.threads,
-                                     iters=args.iters, rounds=args.rounds, out=str(out))  # fmt: skip
+        classes = len(
+            json.loads((out / f"{args.variants[0]}-seed{args.seeds[0]}" / "best.json").read_text())["class_names"]
+        )
+        bench = DetectionBenchConfig(
+            models=[f"ssdlite_{v}" for v in args.variants],
+            runtimes=args.runtimes.split(","),
+            img_size=args.latency_size,
+            num_classes=classes,
+            threads=args.threads,
+            iters=args.iters,
+            rounds=args.rounds,
+            out=str(out),
+        )
         latency = detection_benchmark(bench)
         result["latency"] = latency["rows"]
         result["latency_stable"] = latency["stable"]

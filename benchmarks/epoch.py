@@ -33,19 +33,44 @@ PARTS = ("data", "step", "ema", "eval", "save")
 
 
 def run_train(args: argparse.Namespace, data: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "mobileone", "train", "--data", str(data), "--variant", "s0", "--out", str(out),
-           "--epochs", "1", "--steps-per-epoch", str(args.steps), "--batch-size", str(args.batch_size),
-           "--img-size", str(args.img_size), "--workers", str(args.workers), "--threads", str(args.threads),
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobileone",
+        "train",
+        "--data",
+        str(data),
+        "--variant",
+        "s0",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--img-size",
+        str(args.img_size),
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"mobileone train failed:\n{done.stderr[-3000:]}")
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"name": "train (mobileone, S0 fast + EMA)", "process_seconds": wall,
-            **{p: row[f"{p}_seconds"] for p in PARTS}, "epoch": row["epoch_seconds"],
-            "images": args.steps * args.batch_size}  # fmt: skip
+    return {
+        "name": "train (mobileone, S0 fast + EMA)",
+        "process_seconds": wall,
+        **{p: row[f"{p}_seconds"] for p in PARTS},
+        "epoch": row["epoch_seconds"],
+        "images": args.steps * args.batch_size,
+    }
 
 
 PLAIN = r"""
@@ -92,8 +117,15 @@ print(json.dumps({**spent, "epoch": time.perf_counter() - t0}))
 
 
 def run_plain(args: argparse.Namespace, data: Path, model: str) -> dict:
-    cfg = {"data": str(data), "model": model, "img_size": args.img_size, "batch_size": args.batch_size,
-           "steps": args.steps, "workers": args.workers, "threads": args.threads}  # fmt: skip
+    cfg = {
+        "data": str(data),
+        "model": model,
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "workers": args.workers,
+        "threads": args.threads,
+    }
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(cfg)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -113,8 +145,14 @@ def profile_slowest(args: argparse.Namespace, data: Path, part: str) -> str:
 
     torch.set_num_threads(args.threads)
     task = get_task("classify")
-    cfg = resolve_config(data=str(data), variant="s0", img_size=args.img_size, batch_size=args.batch_size,
-                         workers=0, out=tempfile.mkdtemp())  # fmt: skip
+    cfg = resolve_config(
+        data=str(data),
+        variant="s0",
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        workers=0,
+        out=tempfile.mkdtemp(),
+    )
     env = Env(torch.device("cpu"))
     bundle = task.load_data(cfg, env)
     task.set_train_transform(bundle, cfg, cfg.img_size, 1.0)
@@ -174,8 +212,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mobileone_epoch_") as tmp:
         rows = [run_train(args, data, Path(tmp) / "run")]
     rows += [run_plain(args, data, m) for m in args.plain.split(",") if m]
-    print(f"\n{args.steps} steps x batch {args.batch_size} at {args.img_size} px, {args.workers} loader worker(s), "
-          f"{args.threads} threads, then one evaluation of {data}/val; seconds:\n")  # fmt: skip
+    print(
+        f"\n{args.steps} steps x batch {args.batch_size} at {args.img_size} px, {args.workers} loader worker(s), "
+        f"{args.threads} threads, then one evaluation of {data}/val; seconds:\n"
+    )
     print("| run | data wait | step | EMA | evaluation | checkpoints | epoch | process | train img/s | eval share |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -140,10 +140,30 @@ class Plan:
     def make(cls, quick: bool, models: list[str] | None) -> Plan:
         if not quick:
             return cls(models or ["s0", "s1"])
-        return cls(models or ["tiny"], train_px=32, train_batch=16, train_steps=12, train_lr=0.2, workers=0,
-                   eq_batch=4, eq_px=32, task_px=64, task_batch=4, task_steps=3, bench_batch=4, bench_px=32,
-                   bench_warmup=1, bench_steps=1, bench_formats=("channels_last",), lat_models=("mobileone_s0",),
-                   lat_batches=(1,), lat_px=32, lat_warmup=1, lat_iters=1, lat_min_time=0.0)  # fmt: skip
+        return cls(
+            models or ["tiny"],
+            train_px=32,
+            train_batch=16,
+            train_steps=12,
+            train_lr=0.2,
+            workers=0,
+            eq_batch=4,
+            eq_px=32,
+            task_px=64,
+            task_batch=4,
+            task_steps=3,
+            bench_batch=4,
+            bench_px=32,
+            bench_warmup=1,
+            bench_steps=1,
+            bench_formats=("channels_last",),
+            lat_models=("mobileone_s0",),
+            lat_batches=(1,),
+            lat_px=32,
+            lat_warmup=1,
+            lat_iters=1,
+            lat_min_time=0.0,
+        )
 
 
 def model_options(name: str) -> dict[str, Any]:
@@ -210,9 +230,15 @@ def _nccl_version() -> str | None:
 
 def step_environment(ctx: Context) -> str:
     d = ctx.details
-    d.update(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
-             cuda_available=torch.cuda.is_available(), nccl_available=dist.is_nccl_available(),
-             gloo_available=dist.is_gloo_available(), cpu_threads=torch.get_num_threads())  # fmt: skip
+    d.update(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda_available=torch.cuda.is_available(),
+        nccl_available=dist.is_nccl_available(),
+        gloo_available=dist.is_gloo_available(),
+        cpu_threads=torch.get_num_threads(),
+    )
     for name in ("torchvision", "timm", "onnxruntime"):
         try:
             d[name] = __import__(name).__version__
@@ -225,21 +251,33 @@ def step_environment(ctx: Context) -> str:
     if not ctx.cuda:
         return f"CPU, torch {torch.__version__}, {d['cpu_threads']} threads"
     if torch.version.cuda is None:
-        raise CheckFailed(f"torch {torch.__version__} is a CPU-only build; install a CUDA build (PyPI's Linux x86_64 "
-                          "wheels are: pip install torch, or make install)")  # fmt: skip
+        raise CheckFailed(
+            f"torch {torch.__version__} is a CPU-only build; install a CUDA build (PyPI's Linux x86_64 "
+            "wheels are: pip install torch, or make install)"
+        )
     if not torch.cuda.is_available():
-        raise CheckFailed(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check nvidia-smi, the "
-                          "driver and CUDA_VISIBLE_DEVICES")  # fmt: skip
+        raise CheckFailed(
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check nvidia-smi, the "
+            "driver and CUDA_VISIBLE_DEVICES"
+        )
     props = torch.cuda.get_device_properties(ctx.device)
-    d.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gib=props.total_memory / 2**30,
-             multiprocessors=props.multi_processor_count, gpus=torch.cuda.device_count(),
-             cudnn=torch.backends.cudnn.version(), bf16=bf16_supported(ctx.device),
-             nccl=_nccl_version())  # fmt: skip
+    d.update(
+        gpu=props.name,
+        capability=f"{props.major}.{props.minor}",
+        gpu_memory_gib=props.total_memory / 2**30,
+        multiprocessors=props.multi_processor_count,
+        gpus=torch.cuda.device_count(),
+        cudnn=torch.backends.cudnn.version(),
+        bf16=bf16_supported(ctx.device),
+        nccl=_nccl_version(),
+    )
     a = torch.randn(512, 512, device=ctx.device)
     if not torch.allclose((a @ a).cpu(), a.cpu().double().matmul(a.cpu().double()).float(), rtol=1e-2, atol=1e-1):
         raise CheckFailed("a 512 x 512 matrix product on the GPU differs from the CPU's")
-    return (f"{props.name} (sm {d['capability']}, {d['gpu_memory_gib']:.0f} GiB), torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}, cuDNN {d['cudnn']}, NCCL {d['nccl']}")  # fmt: skip
+    return (
+        f"{props.name} (sm {d['capability']}, {d['gpu_memory_gib']:.0f} GiB), torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, cuDNN {d['cudnn']}, NCCL {d['nccl']}"
+    )
 
 
 # --- the fast train path against the per-branch reference
@@ -296,9 +334,12 @@ def _errors(run: dict[str, Any], anchor: dict[str, Any]) -> dict[str, float]:
             f"num_batches_tracked differs: {run['batches tracked'][:5]} vs {anchor['batches tracked'][:5]}"
         )
     grads = (list(run["parameter gradients"].values()), list(anchor["parameter gradients"].values()))
-    pairs = {"outputs": (run["outputs"], anchor["outputs"]), "input gradients": (run["input gradients"],
-             anchor["input gradients"]), "parameter gradients": grads,
-             "running statistics": (run["running statistics"], anchor["running statistics"])}  # fmt: skip
+    pairs = {
+        "outputs": (run["outputs"], anchor["outputs"]),
+        "input gradients": (run["input gradients"], anchor["input gradients"]),
+        "parameter gradients": grads,
+        "running statistics": (run["running statistics"], anchor["running statistics"]),
+    }
     return {g: _rel(*pairs[g]) for g in GROUPS}
 
 
@@ -332,8 +373,10 @@ def step_equivalence(model_name: str) -> Callable[[Context], str]:
         torch.manual_seed(0)
         base = _randomize_bn(build_mobileone(model_name)).train()
         p = ctx.plan
-        inputs = [torch.randn(p.eq_batch, 3, p.eq_px, p.eq_px, generator=torch.Generator().manual_seed(10 + i)) * 1.5
-                  + 0.3 for i in range(2)]  # fmt: skip
+        inputs = [
+            torch.randn(p.eq_batch, 3, p.eq_px, p.eq_px, generator=torch.Generator().manual_seed(10 + i)) * 1.5 + 0.3
+            for i in range(2)
+        ]
 
         def both(dtype: torch.dtype, amp: torch.dtype | None = None, cl: bool = False) -> tuple[dict, dict]:
             fmt = torch.channels_last if cl else torch.contiguous_format
@@ -351,8 +394,10 @@ def step_equivalence(model_name: str) -> Callable[[Context], str]:
                 raise CheckFailed(f"float64: the fast path differs from the reference by {bad} (allowed 1e-6)")
             worst["float64"] = f"{max(errors.values()):.0e}"
             _, exact32 = both(torch.float32)
-            checks = [("float32", torch.float32, None, False, exact64, 5e-4, 4.0),
-                      ("float32 channels_last", torch.float32, None, True, exact64, 5e-4, 4.0)]  # fmt: skip
+            checks = [
+                ("float32", torch.float32, None, False, exact64, 5e-4, 4.0),
+                ("float32 channels_last", torch.float32, None, True, exact64, 5e-4, 4.0),
+            ]
             for amp, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
                 if amp is torch.bfloat16 and not bf16_supported(ctx.device):
                     ctx.note(**{f"{name} autocast": "skipped: the GPU has no native bf16"})
@@ -365,20 +410,26 @@ def step_equivalence(model_name: str) -> Callable[[Context], str]:
                 e_fast, e_ref = _errors(fast, anchor), _errors(ref, anchor)
                 ctx.note(**{label: {g: {"fast": e_fast[g], "reference": e_ref[g]} for g in GROUPS}})
                 if fast["statistic dtypes"] != ref["statistic dtypes"]:
-                    failures.append(f"{label}: running statistics became {fast['statistic dtypes']}, the reference "
-                                    f"keeps {ref['statistic dtypes']}")  # fmt: skip
+                    failures.append(
+                        f"{label}: running statistics became {fast['statistic dtypes']}, the reference "
+                        f"keeps {ref['statistic dtypes']}"
+                    )
                 for g in GROUPS:
                     allowed = max(floor, factor * e_ref[g])
                     if not e_fast[g] <= allowed:
-                        failures.append(f"{label} {g}: error {e_fast[g]:.2e} vs the reference's {e_ref[g]:.2e} "
-                                        f"(allowed {allowed:.1e})")  # fmt: skip
+                        failures.append(
+                            f"{label} {g}: error {e_fast[g]:.2e} vs the reference's {e_ref[g]:.2e} "
+                            f"(allowed {allowed:.1e})"
+                        )
                 worst[label] = f"{max(e_fast.values()):.0e} (ref {max(e_ref.values()):.0e})"
             for dtype, allowed in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
                 err = _fusion_error(base, inputs, ctx.device, dtype)
                 ctx.note(**{f"fused vs unfused {dtype}": err})
                 if not err < allowed:
-                    failures.append(f"eval mode {dtype}: the fused model differs from the unfused one by {err:.2e} "
-                                    f"(allowed {allowed:.0e})")  # fmt: skip
+                    failures.append(
+                        f"eval mode {dtype}: the fused model differs from the unfused one by {err:.2e} "
+                        f"(allowed {allowed:.0e})"
+                    )
                 worst[f"fused {str(dtype).removeprefix('torch.')}"] = f"{err:.0e}"
         if failures:
             raise CheckFailed("; ".join(failures))
@@ -426,8 +477,17 @@ def train_with_engine(ctx: Context, task_name: str, run_name: str, falls: bool, 
 
     task = _recording_task(task_name)
     out = ctx.work / run_name
-    options = {"task": task_name, "device": ctx.device.type, "out": str(out), "epochs": 1, "progress": False,
-               "workers": ctx.plan.workers, "seed": 0, "threads": 1 if ctx.quick else None, **options}  # fmt: skip
+    options = {
+        "task": task_name,
+        "device": ctx.device.type,
+        "out": str(out),
+        "epochs": 1,
+        "progress": False,
+        "workers": ctx.plan.workers,
+        "seed": 0,
+        "threads": 1 if ctx.quick else None,
+        **options,
+    }
     try:
         cfg = resolve_config(**options)
         ctx.note(config={k: v for k, v in cfg.to_dict().items() if k in options or k in ("batch_size", "lr")})
@@ -449,11 +509,15 @@ def train_with_engine(ctx: Context, task_name: str, run_name: str, falls: bool, 
     third = max(1, len(losses) // 3)
     first, last = float(np.mean(losses[:third])), float(np.mean(losses[-third:]))
     if falls and not last < FALL * first:
-        raise CheckFailed(f"the loss did not fall over {len(losses)} steps: mean of the first {third} {first:.4f}, "
-                          f"of the last {third} {last:.4f} (required: below {FALL} x the first)")  # fmt: skip
+        raise CheckFailed(
+            f"the loss did not fall over {len(losses)} steps: mean of the first {third} {first:.4f}, "
+            f"of the last {third} {last:.4f} (required: below {FALL} x the first)"
+        )
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in best.items() if k != "epoch")
-    return (f"{len(losses)} steps, loss {first:.3f} -> {last:.3f} (means of the first and last {third}); {metrics}; "
-            f"{summary['train_images_per_second']:.0f} img/s")  # fmt: skip
+    return (
+        f"{len(losses)} steps, loss {first:.3f} -> {last:.3f} (means of the first and last {third}); {metrics}; "
+        f"{summary['train_images_per_second']:.0f} img/s"
+    )
 
 
 def step_train(model_name: str, mode: str) -> Callable[[Context], str]:
@@ -462,10 +526,18 @@ def step_train(model_name: str, mode: str) -> Callable[[Context], str]:
             raise Skip("the GPU has no native bf16")
         p = ctx.plan
         return train_with_engine(
-            ctx, "classify", f"train_{model_name}_{mode}", True, data=str(colours(ctx)), img_size=p.train_px,
-            batch_size=p.train_batch, steps_per_epoch=p.train_steps, lr=p.train_lr, **model_options(model_name),
+            ctx,
+            "classify",
+            f"train_{model_name}_{mode}",
+            True,
+            data=str(colours(ctx)),
+            img_size=p.train_px,
+            batch_size=p.train_batch,
+            steps_per_epoch=p.train_steps,
+            lr=p.train_lr,
+            **model_options(model_name),
             **TRAIN_MODES[mode],
-        )  # fmt: skip
+        )
 
     return run
 
@@ -502,8 +574,17 @@ def step_task(task_name: str) -> Callable[[Context], str]:
         p = ctx.plan
         size = {"img_size": p.task_px} if p.task_px else {}
         ema = {"ema_decay": 0.0} if ctx.quick else {}  # one evaluation instead of two (the model's and the EMA's)
-        return train_with_engine(ctx, task_name, f"train_{task_name}", False, batch_size=p.task_batch,
-                                 steps_per_epoch=p.task_steps, **size, **ema, **model_options(p.models[0]))  # fmt: skip
+        return train_with_engine(
+            ctx,
+            task_name,
+            f"train_{task_name}",
+            False,
+            batch_size=p.task_batch,
+            steps_per_epoch=p.task_steps,
+            **size,
+            **ema,
+            **model_options(p.models[0]),
+        )
 
     return run
 
@@ -620,8 +701,10 @@ def _ddp_checks(ctx: Context, backend: str) -> str:
     ctx.note(plain_losses=plain_losses, **results)
     bad = {k: r["update_error"] for k, r in results.items() if not r["update_error"] < 1e-3}
     if bad:
-        raise CheckFailed(f"two steps changed the weights and BN statistics differently from two plain steps "
-                          f"(relative error of the changes, allowed 1e-3): {bad}")  # fmt: skip
+        raise CheckFailed(
+            f"two steps changed the weights and BN statistics differently from two plain steps "
+            f"(relative error of the changes, allowed 1e-3): {bad}"
+        )
     message = f"{backend}: two DDP steps = two plain steps ({', '.join(variants)})"
     if ctx.cuda:
         err = _sync_bn_function(ctx)
@@ -653,8 +736,10 @@ def step_bench_train_step(ctx: Context) -> str:
     if not bf16_supported(ctx.device):
         raise Skip("the GPU has no native bf16")
     peers = available_models()
-    builders = {"S0 fast": lambda: train_step.build("s0", "fast", ctx.device.type),
-                "S0 reference": lambda: train_step.build("s0", "reference", ctx.device.type)}  # fmt: skip
+    builders = {
+        "S0 fast": lambda: train_step.build("s0", "fast", ctx.device.type),
+        "S0 reference": lambda: train_step.build("s0", "reference", ctx.device.type),
+    }
     if "timm/mobileone_s0" in peers:
         builders["timm mobileone_s0"] = lambda: train_step.build("s0", "timm", ctx.device.type)
     builders["torchvision mobilenet_v2"] = lambda: peers["mobilenet_v2"].build().to(ctx.device)
@@ -665,10 +750,24 @@ def step_bench_train_step(ctx: Context) -> str:
                 left_out.append(f"{name} {fmt}")
                 continue
             torch.manual_seed(0)
-            r = train_step.measure_train_step(build(), p.bench_batch, p.bench_px, ctx.device.type, p.bench_warmup,
-                                              p.bench_steps, torch.bfloat16, fmt == "channels_last")  # fmt: skip
-            rows.append({"model": name, "memory_format": fmt, "images_per_s": r["images_per_s"],
-                         "peak_mib": r["peak_mb"] if ctx.cuda else None})  # fmt: skip
+            r = train_step.measure_train_step(
+                build(),
+                p.bench_batch,
+                p.bench_px,
+                ctx.device.type,
+                p.bench_warmup,
+                p.bench_steps,
+                torch.bfloat16,
+                fmt == "channels_last",
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "memory_format": fmt,
+                    "images_per_s": r["images_per_s"],
+                    "peak_mib": r["peak_mb"] if ctx.cuda else None,
+                }
+            )
             ctx.note(rows=rows, left_out=left_out)
             _free_memory(ctx)
     if not rows:
@@ -693,8 +792,10 @@ def _ort_runner(model: nn.Module, x: Tensor, ctx: Context, name: str) -> tuple[C
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=[provider])
     if provider not in session.get_providers():  # onnxruntime falls back to its CPU provider when CUDA fails to load
-        raise Skip(f"onnxruntime could not start its {provider} (got {session.get_providers()}); check that its "
-                   "CUDA and cuDNN versions match the installed ones")  # fmt: skip
+        raise Skip(
+            f"onnxruntime could not start its {provider} (got {session.get_providers()}); check that its "
+            "CUDA and cuDNN versions match the installed ones"
+        )
     binding = session.io_binding()
     index = ctx.device.index or 0
     binding.bind_input(session.get_inputs()[0].name, ctx.device.type, index, np.float32, list(x.shape), x.data_ptr())
@@ -788,14 +889,20 @@ def steps_for(plan: Plan) -> list[Step]:
     """Every step in the order it runs: the checks first, the benchmarks next, compilation last."""
     steps = [Step("environment", step_environment, 60, 0)]
     steps += [Step(f"equivalence_{m}", step_equivalence(m), 90) for m in plan.models]
-    steps += [Step(f"train_{m}_{mode}", step_train(m, mode), 90) for m in plan.models for mode in TRAIN_MODES
-              if mode != "compile"]  # fmt: skip
-    steps += [Step("pinned_loader", step_pinned_loader, 60),
-              Step("ddp", step_ddp, 120, 20, launcher="torchrun"),
-              Step("train_detect", step_task("detect"), 120, 10),
-              Step("train_segment", step_task("segment"), 120, 10),
-              Step("bench_train_step", step_bench_train_step, 90, 15),
-              Step("bench_latency", step_bench_latency, 90, 15)]  # fmt: skip
+    steps += [
+        Step(f"train_{m}_{mode}", step_train(m, mode), 90)
+        for m in plan.models
+        for mode in TRAIN_MODES
+        if mode != "compile"
+    ]
+    steps += [
+        Step("pinned_loader", step_pinned_loader, 60),
+        Step("ddp", step_ddp, 120, 20, launcher="torchrun"),
+        Step("train_detect", step_task("detect"), 120, 10),
+        Step("train_segment", step_task("segment"), 120, 10),
+        Step("bench_train_step", step_bench_train_step, 90, 15),
+        Step("bench_latency", step_bench_latency, 90, 15),
+    ]
     steps += [Step(f"train_{m}_compile", step_train(m, "compile"), 120, 30, launcher="python") for m in plan.models]
     steps.append(Step("bench_latency_compile", step_bench_latency_compile, 120, 30, launcher="python"))
     return steps
@@ -807,8 +914,18 @@ def steps_for(plan: Plan) -> list[Step]:
 def is_cuda_error(e: BaseException) -> bool:
     """An error that leaves the CUDA context unusable for the rest of the process."""
     text = f"{type(e).__name__}: {e}"
-    return any(s in text for s in ("CUDA error", "AcceleratorError", "device-side assert", "CUBLAS_STATUS",
-                                   "cuDNN error", "CUDNN_STATUS", "illegal memory access"))  # fmt: skip
+    return any(
+        s in text
+        for s in (
+            "CUDA error",
+            "AcceleratorError",
+            "device-side assert",
+            "CUBLAS_STATUS",
+            "cuDNN error",
+            "CUDNN_STATUS",
+            "illegal memory access",
+        )
+    )
 
 
 def run_here(step: Step, ctx: Context) -> dict[str, Any]:
@@ -866,9 +983,12 @@ class Runner:
         if env is not None and env["status"] == "fail" and self.device.type == "cuda":
             record = {"step": step.name, "status": "skip", "message": "no usable CUDA device (see environment)"}
         elif left < step.min_s:
-            record = {"step": step.name, "status": "skip",
-                      "message": f"the budget (--budget-s {self.args.budget_s:g}) has {max(0, left):.0f} s left; "
-                                 f"this step needs at least {step.min_s:g} s"}  # fmt: skip
+            record = {
+                "step": step.name,
+                "status": "skip",
+                "message": f"the budget (--budget-s {self.args.budget_s:g}) has {max(0, left):.0f} s left; "
+                f"this step needs at least {step.min_s:g} s",
+            }
         else:
             cap = max(1.0, min(step.cap_s, left))
             if step.launcher is None and not (self.isolate_all and step.name != "environment"):
@@ -881,8 +1001,12 @@ class Runner:
         record.setdefault("details", {})
         self.records.append(record)
         self.write()
-        print(f"[{time.monotonic() - self.start:6.1f} s] {record['status']:4}  {step.name:28} "
-              f"{record['seconds']:6.1f} s  {record['message'][:300]}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[{time.monotonic() - self.start:6.1f} s] {record['status']:4}  {step.name:28} "
+            f"{record['seconds']:6.1f} s  {record['message'][:300]}",
+            file=sys.stderr,
+            flush=True,
+        )
         return record
 
     def run_child(self, step: Step, cap: float) -> dict[str, Any]:
@@ -892,17 +1016,32 @@ class Runner:
         prefix = [sys.executable]
         if step.launcher == "torchrun":
             prefix += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=1"]
-        cmd = [*prefix, str(Path(__file__).resolve()), "--step", step.name, "--result", str(result),
-               "--work", str(self.work), "--device", self.args.device, "--out", str(self.out),
-               "--time-s", f"{cap:.1f}"]  # fmt: skip
-        cmd += (["--quick"] if self.args.quick else []) + (["--models", ",".join(self.args.models)]
-                                                             if self.args.models else [])  # fmt: skip
+        cmd = [
+            *prefix,
+            str(Path(__file__).resolve()),
+            "--step",
+            step.name,
+            "--result",
+            str(result),
+            "--work",
+            str(self.work),
+            "--device",
+            self.args.device,
+            "--out",
+            str(self.out),
+            "--time-s",
+            f"{cap:.1f}",
+        ]
+        cmd += (["--quick"] if self.args.quick else []) + (
+            ["--models", ",".join(self.args.models)] if self.args.models else []
+        )
         if self.device.type == "cuda":
             with contextlib.suppress(Exception):  # the context may be broken by an earlier CUDA error
                 torch.cuda.empty_cache()
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             output, _ = proc.communicate(timeout=cap)
             timed_out = False
@@ -917,11 +1056,15 @@ class Runner:
             record = json.loads(result.read_text())
         record["seconds"] = seconds
         if timed_out:
-            record.update(status="fail", message=f"stopped at its cap of {cap:.0f} s (not finished: slow or hung); "
-                                                 "what it measured so far is in details")  # fmt: skip
+            record.update(
+                status="fail",
+                message=f"stopped at its cap of {cap:.0f} s (not finished: slow or hung); "
+                "what it measured so far is in details",
+            )
         elif record.get("status") not in ("pass", "fail", "skip"):
-            record.update(status="fail", message=f"the child process exited with code {proc.returncode} without "
-                                                 "a result")  # fmt: skip
+            record.update(
+                status="fail", message=f"the child process exited with code {proc.returncode} without a result"
+            )
         if record["status"] == "fail":
             record.setdefault("details", {})["child_output"] = (output or "")[-4000:]
         return record
@@ -931,10 +1074,18 @@ class Runner:
 
     def write(self) -> None:
         env = next((r["details"] for r in self.records if r["step"] == "environment"), {})
-        report = {"started": self.started_at, "device": self.args.device, "quick": self.args.quick,
-                  "budget_s": self.args.budget_s, "elapsed_s": round(time.monotonic() - self.start, 1),
-                  "plan": self.plan.__dict__, "environment": env, "summary": self.summary(), "steps": self.records,
-                  "targets": targets(self.records)}  # fmt: skip
+        report = {
+            "started": self.started_at,
+            "device": self.args.device,
+            "quick": self.args.quick,
+            "budget_s": self.args.budget_s,
+            "elapsed_s": round(time.monotonic() - self.start, 1),
+            "plan": self.plan.__dict__,
+            "environment": env,
+            "summary": self.summary(),
+            "steps": self.records,
+            "targets": targets(self.records),
+        }
         text = json.dumps(report, indent=2, default=str)
         atomic_write(self.out / "gpu_check.json", lambda tmp: Path(tmp).write_text(text))
         md = markdown(report)
@@ -952,26 +1103,40 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if fast is None or ref is None:
             continue
         speedup = fast["images_per_s"] / ref["images_per_s"]
-        out.append({"target": f"S0 fast >= {TARGET_SPEEDUP}x the reference ({fmt})", "value": f"{speedup:.2f}x",
-                    "met": speedup >= TARGET_SPEEDUP})  # fmt: skip
+        out.append(
+            {
+                "target": f"S0 fast >= {TARGET_SPEEDUP}x the reference ({fmt})",
+                "value": f"{speedup:.2f}x",
+                "met": speedup >= TARGET_SPEEDUP,
+            }
+        )
         if timm_ is not None:
             ratio = fast["images_per_s"] / timm_["images_per_s"]
-            out.append({"target": f"S0 fast faster than timm mobileone_s0 ({fmt})", "value": f"{ratio:.2f}x",
-                        "met": ratio > 1})  # fmt: skip
+            out.append(
+                {"target": f"S0 fast faster than timm mobileone_s0 ({fmt})", "value": f"{ratio:.2f}x", "met": ratio > 1}
+            )
         peers = [r for r in (ref, timm_) if r is not None]
         if fast["peak_mib"] is not None and all(r["peak_mib"] is not None for r in peers):
             values = " / ".join(f"{r['peak_mib']:.0f}" for r in (fast, *peers))
             met = all(fast["peak_mib"] < r["peak_mib"] for r in peers)
-            out.append({"target": f"S0 fast peak memory below the reference and timm ({fmt})",
-                        "value": f"{values} MiB", "met": met})  # fmt: skip
+            out.append(
+                {
+                    "target": f"S0 fast peak memory below the reference and timm ({fmt})",
+                    "value": f"{values} MiB",
+                    "met": met,
+                }
+            )
     return out
 
 
 def markdown(report: dict[str, Any]) -> str:
     env, s = report["environment"], report["summary"]
     where = env.get("gpu") or f"CPU ({env.get('cpu_threads', '?')} thread{'s' if env.get('cpu_threads') != 1 else ''})"
-    versions = [f"{name} {env[key]}" for name, key in (("CUDA", "torch_cuda"), ("cuDNN", "cudnn"), ("NCCL", "nccl"))
-                if env.get(key) is not None]  # fmt: skip
+    versions = [
+        f"{name} {env[key]}"
+        for name, key in (("CUDA", "torch_cuda"), ("cuDNN", "cudnn"), ("NCCL", "nccl"))
+        if env.get(key) is not None
+    ]
     lines = [
         "# mobileone GPU readiness check",
         "",
@@ -996,27 +1161,40 @@ def markdown(report: dict[str, Any]) -> str:
     rows = (bench or {}).get("details", {}).get("rows", [])
     if rows:
         plan = report["plan"]
-        lines += ["", f"## Train step: bf16, batch {plan['bench_batch']} x {plan['bench_px']} px, SGD", "",
-                  "| model | memory format | images/s | vs S0 reference | peak memory (MiB) |",
-                  "|---|---|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Train step: bf16, batch {plan['bench_batch']} x {plan['bench_px']} px, SGD",
+            "",
+            "| model | memory format | images/s | vs S0 reference | peak memory (MiB) |",
+            "|---|---|---:|---:|---:|",
+        ]
         for r in rows:
-            ref = next((q for q in rows if q["model"] == "S0 reference" and q["memory_format"] == r["memory_format"]),
-                       None)  # fmt: skip
+            ref = next(
+                (q for q in rows if q["model"] == "S0 reference" and q["memory_format"] == r["memory_format"]), None
+            )
             vs = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-"
             mem = f"{r['peak_mib']:,.0f}" if r["peak_mib"] is not None else "-"
             lines.append(f"| {r['model']} | {r['memory_format']} | {r['images_per_s']:,.0f} | {vs} | {mem} |")
     if report["targets"]:
         lines += ["", "## Targets (reported, not checked)", "", "| target | value | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]
-    latency = [row for r in report["steps"] if r["step"].startswith("bench_latency")
-               for row in r.get("details", {}).get("rows", [])]  # fmt: skip
+    latency = [
+        row
+        for r in report["steps"]
+        if r["step"].startswith("bench_latency")
+        for row in r.get("details", {}).get("rows", [])
+    ]
     if latency:
         runtimes = list(dict.fromkeys(row["runtime"] for row in latency))
         cells = {(row["model"], row["batch"], row["runtime"]): row["median_ms"] for row in latency}
         keys = list(dict.fromkeys((row["model"], row["batch"]) for row in latency))
-        lines += ["", f"## Inference latency: fp32, {report['plan']['lat_px']} px, median ms", "",
-                  "| model | batch | " + " | ".join(runtimes) + " |",
-                  "|---|---:|" + "---:|" * len(runtimes)]  # fmt: skip
+        lines += [
+            "",
+            f"## Inference latency: fp32, {report['plan']['lat_px']} px, median ms",
+            "",
+            "| model | batch | " + " | ".join(runtimes) + " |",
+            "|---|---:|" + "---:|" * len(runtimes),
+        ]
         for model, batch in keys:
             values = [f"{cells[model, batch, rt]:.3f}" if (model, batch, rt) in cells else "-" for rt in runtimes]
             lines.append(f"| {model} | {batch} | " + " | ".join(values) + " |")
@@ -1098,8 +1276,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     s = runner.summary()
-    print(f"{s['pass']} passed, {s['fail']} failed, {s['skip']} skipped; {runner.out / 'gpu_check.md'}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"{s['pass']} passed, {s['fail']} failed, {s['skip']} skipped; {runner.out / 'gpu_check.md'}", file=sys.stderr
+    )
     return 1 if s["fail"] else 0
 
 

@@ -56,8 +56,16 @@ def search(tolerance: float = 0.02) -> dict[str, list[dict]]:
             p_err = params / (PAPER[name].params_m * 1e6) - 1
             m_err = macs / (PAPER[name].macs_m * 1e6) - 1
             if abs(p_err) < tolerance and abs(m_err) < tolerance:
-                found[name].append({"widths": widths, "stem": stem, "params": params, "macs": macs,
-                                    "params_err": p_err, "macs_err": m_err})  # fmt: skip
+                found[name].append(
+                    {
+                        "widths": widths,
+                        "stem": stem,
+                        "params": params,
+                        "macs": macs,
+                        "params_err": p_err,
+                        "macs_err": m_err,
+                    }
+                )
     for rows in found.values():
         rows.sort(key=lambda r: abs(r["params_err"]) + abs(r["macs_err"]))
     return found

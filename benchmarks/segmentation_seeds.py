@@ -36,11 +36,33 @@ MODELS = ("deeplabv3_s0", "lraspp_s0", "deeplabv3_mnv3", "lraspp_mnv3")
 def train_run(model: str, seed: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One training run in its own process; its summary plus the wall time."""
     head, variant = model.split("_", 1)
-    cmd = [sys.executable, "-m", "mobileone", "train", "--task", "segment", "--variant", variant, "--head", head,
-           "--seed", str(seed), "--out", str(out), "--workers", str(args.workers), "--no-progress"]  # fmt: skip
-    for flag, value in (("--data", args.data), ("--epochs", args.epochs), ("--img-size", args.img_size),
-                        ("--batch-size", args.batch_size), ("--steps-per-epoch", args.steps_per_epoch),
-                        ("--threads", args.threads)):  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobileone",
+        "train",
+        "--task",
+        "segment",
+        "--variant",
+        variant,
+        "--head",
+        head,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--workers",
+        str(args.workers),
+        "--no-progress",
+    ]
+    for flag, value in (
+        ("--data", args.data),
+        ("--epochs", args.epochs),
+        ("--img-size", args.img_size),
+        ("--batch-size", args.batch_size),
+        ("--steps-per-epoch", args.steps_per_epoch),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     t0 = time.perf_counter()
@@ -49,10 +71,17 @@ def train_run(model: str, seed: int, out: Path, args: argparse.Namespace) -> dic
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     best = summary["best"]
-    return {"model": model, "seed": seed, "miou": best["miou"], "pixel_acc": best["pixel_acc"],
-            "best_epoch": best["epoch"], "weights": best["weights"], "seconds": time.perf_counter() - t0,
-            "train_images_per_second": summary["train_images_per_second"],
-            "command": " ".join(["mobileone", *cmd[3:]])}  # fmt: skip
+    return {
+        "model": model,
+        "seed": seed,
+        "miou": best["miou"],
+        "pixel_acc": best["pixel_acc"],
+        "best_epoch": best["epoch"],
+        "weights": best["weights"],
+        "seconds": time.perf_counter() - t0,
+        "train_images_per_second": summary["train_images_per_second"],
+        "command": " ".join(["mobileone", *cmd[3:]]),
+    }
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,14 +116,23 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a in result["aggregate"]:
-        lines.append(f"| {a['model']} | {a['runs']} | {a['miou']:.2f} | {a['miou_std']:.2f} | {a['miou_min']:.2f}-"
-                     f"{a['miou_max']:.2f} | {a['pixel_acc']:.2f} | {a['pixel_acc_std']:.2f} | "
-                     f"{a['seconds']:.0f} |")  # fmt: skip
-    lines += ["", "Runs:", "", "| model | seed | mIoU | pixel acc | best epoch | weights | command |",
-              "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {a['model']} | {a['runs']} | {a['miou']:.2f} | {a['miou_std']:.2f} | {a['miou_min']:.2f}-"
+            f"{a['miou_max']:.2f} | {a['pixel_acc']:.2f} | {a['pixel_acc_std']:.2f} | "
+            f"{a['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Runs:",
+        "",
+        "| model | seed | mIoU | pixel acc | best epoch | weights | command |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in result["runs"]:
-        lines.append(f"| {r['model']} | {r['seed']} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['best_epoch']} | "
-                     f"{r['weights']} | `{r['command']}` |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['best_epoch']} | "
+            f"{r['weights']} | `{r['command']}` |"
+        )
     if result.get("latency"):
         lines += ["", segmentation_markdown(result["latency"]).replace("# Segmentation latency", "## Latency, fused")]
     return "\n".join(lines) + "\n"
@@ -143,12 +181,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r["model"] in args.models and r["seed"] in args.seeds]
     latency = None
     if not args.no_latency:
-        cfg = SegmentationBenchConfig(models=list(args.models), output_strides=[16], runtimes=list(args.runtimes),
-                                      img_size=args.latency_size, threads=args.latency_threads, unfused=False,
-                                      iters=args.iters)  # fmt: skip
+        cfg = SegmentationBenchConfig(
+            models=list(args.models),
+            output_strides=[16],
+            runtimes=list(args.runtimes),
+            img_size=args.latency_size,
+            threads=args.latency_threads,
+            unfused=False,
+            iters=args.iters,
+        )
         latency = run_segmentation_benchmark(cfg)
-    result = {"config": vars(args), "runs": rows, "aggregate": aggregate(rows),
-              "latency": latency, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    result = {
+        "config": vars(args),
+        "runs": rows,
+        "aggregate": aggregate(rows),
+        "latency": latency,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(markdown(result))
     print((out / "results.md").read_text())

@@ -40,8 +40,9 @@ def cases() -> list[dict]:
             continue
         groups = cin if groups == 0 else groups
         cout = cin if groups == cin else cout
-        out.append({"n": n, "cin": cin, "size": size, "cout": cout, "ks": ks, "stride": stride, "groups": groups,
-                    "fmt": fmt})  # fmt: skip
+        out.append(
+            {"n": n, "cin": cin, "size": size, "cout": cout, "ks": ks, "stride": stride, "groups": groups, "fmt": fmt}
+        )
     return out
 
 

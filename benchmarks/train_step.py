@@ -132,9 +132,27 @@ def worker(args: argparse.Namespace) -> dict:
 def run_one(model: str, impl: str, config: str, args: argparse.Namespace) -> dict:
     batch, px = parse_config(config)
     steps = max(1, args.steps // 2) if px >= 160 and args.device == "cpu" and args.halve_large else args.steps
-    cmd = [sys.executable, __file__, "--worker", "--models", model, "--impls", impl, "--configs", config,
-           "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--device", args.device, "--amp", args.amp]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--models",
+        model,
+        "--impls",
+        impl,
+        "--configs",
+        config,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}/{impl}/{config} failed:\n{proc.stderr[-2000:]}")
@@ -149,9 +167,17 @@ def print_table(rows: list[dict], device: str) -> None:
     for r in rows:
         base = ref[r["model"], r["config"]]
         m = f"{r['peak_mb']:,.0f}" + ("" if device == "cuda" else f" ({r['growth_mb']:,.0f})")
-        cells = [r["model"], r["impl"], r["config"], r["steps"], f"{r['images_per_s']:.1f}",
-                 f"{r['images_per_s'] / base['images_per_s']:.2f}x", f"{r['images_per_cpu_s']:.1f}",
-                 f"{r['images_per_cpu_s'] / base['images_per_cpu_s']:.2f}x", m]  # fmt: skip
+        cells = [
+            r["model"],
+            r["impl"],
+            r["config"],
+            r["steps"],
+            f"{r['images_per_s']:.1f}",
+            f"{r['images_per_s'] / base['images_per_s']:.2f}x",
+            f"{r['images_per_cpu_s']:.1f}",
+            f"{r['images_per_cpu_s'] / base['images_per_cpu_s']:.2f}x",
+            m,
+        ]
         print("| " + " | ".join(map(str, cells)) + " |")
 
 

@@ -177,8 +177,10 @@ def main() -> None:
         return
     names = args.only.split(",")
     teacher, results = None, []
-    print(f"digits, {len(data[0])} train / {len(data[2])} val images at {args.img_size} px, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {args.threads} thread(s)")  # fmt: skip
+    print(
+        f"digits, {len(data[0])} train / {len(data[2])} val images at {args.img_size} px, "
+        f"{args.epochs} epochs, batch {args.batch_size}, {args.threads} thread(s)"
+    )
     for name in names:
         if ROWS[name][2].get("distill") and teacher is None:
             teacher = run("mnv2", data, args.epochs, args.batch_size, None)["model"].eval()

@@ -40,8 +40,10 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 def _describe_checkpoint(path: str) -> list[tuple[str, object, object]]:
     """(name, train-time model, fused model) for a checkpoint file, after saying what it holds."""
     ckpt = read_checkpoint(path)
-    print(f"{path}: {ckpt.layout} layout, {'fused' if ckpt.fused else 'unfused'}, {ckpt.num_classes} classes, "
-          f"variant {ckpt.variant or 'custom'}; config {json.dumps(ckpt.config.to_dict())}")  # fmt: skip
+    print(
+        f"{path}: {ckpt.layout} layout, {'fused' if ckpt.fused else 'unfused'}, {ckpt.num_classes} classes, "
+        f"variant {ckpt.variant or 'custom'}; config {json.dumps(ckpt.config.to_dict())}"
+    )
     train = MobileOne(ckpt.config, ckpt.num_classes)
     return [(ckpt.variant or Path(path).name, train, MobileOne(ckpt.config, ckpt.num_classes, inference_mode=True))]
 
@@ -52,30 +54,39 @@ def run_info(args: argparse.Namespace) -> int:
     else:
         names = [resolve_variant(v) for v in args.variants] or list_models()
         models = [
-            (n, create_model(n, num_classes=args.num_classes),
-             create_model(n, num_classes=args.num_classes, inference_mode=True))
+            (
+                n,
+                create_model(n, num_classes=args.num_classes),
+                create_model(n, num_classes=args.num_classes, inference_mode=True),
+            )
             for n in names
-        ]  # fmt: skip
+        ]
     rows = []
     for name, train, fused in models:
-        rows.append({
-            "variant": name,
-            "params_train": count_params(train),
-            "params_fused": count_params(fused),
-            "macs_train": count_macs(train, args.img_size),
-            "macs_fused": count_macs(fused, args.img_size),
-            "layers": count_layers(fused),
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "params_train": count_params(train),
+                "params_fused": count_params(fused),
+                "macs_train": count_macs(train, args.img_size),
+                "macs_fused": count_macs(fused, args.img_size),
+                "layers": count_layers(fused),
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"MobileOne at {args.img_size}x{args.img_size}, {fused.num_classes} classes "
-          "(layers: weight layers of the fused net, convs + head)")  # fmt: skip
+    print(
+        f"MobileOne at {args.img_size}x{args.img_size}, {fused.num_classes} classes "
+        "(layers: weight layers of the fused net, convs + head)"
+    )
     print("| variant | params train-time | params fused | MACs train-time | MACs fused | layers |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['params_train']:,} | {r['params_fused']:,} | "
-              f"{r['macs_train'] / 1e6:,.1f} M | {r['macs_fused'] / 1e6:,.1f} M | {r['layers']} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['params_train']:,} | {r['params_fused']:,} | "
+            f"{r['macs_train'] / 1e6:,.1f} M | {r['macs_fused'] / 1e6:,.1f} M | {r['layers']} |"
+        )
     return 0
 
 
@@ -88,17 +99,27 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--task", choices=TASKS, help="classify (default), detect (SSDLite), segment (DeepLabV3, LR-ASPP)")
-    g.add_argument("--data", help="the task's data folder (classify: train/ and val/ with one sub-folder per class); "
-                   "default: the task's built-in data")  # fmt: skip
+    g.add_argument(
+        "--data",
+        help="the task's data folder (classify: train/ and val/ with one sub-folder per class); "
+        "default: the task's built-in data",
+    )
     g.add_argument("--variant", help="s0..s4, mu0..mu2 (default s0); detect / segment also mnv3, the MobileNetV3 peer")
-    g.add_argument("--arch", type=json.loads, help='custom MobileOneConfig as JSON, e.g. \'{"widths": [8,16,32,64], '
-                   '"stem_width": 8, "blocks": [1,1,1,1], "k": 2}\'')  # fmt: skip
+    g.add_argument(
+        "--arch",
+        type=json.loads,
+        help='custom MobileOneConfig as JSON, e.g. \'{"widths": [8,16,32,64], '
+        '"stem_width": 8, "blocks": [1,1,1,1], "k": 2}\'',
+    )
     g.add_argument(
         "--recipe", choices=["short", "imagenet", "finetune"], help="default: finetune with --pretrained, else short"
     )
     g.add_argument("--out", help="run directory (default runs/mobileone)")
-    g.add_argument("--pretrained", help="fine-tune from this checkpoint (any layout load_checkpoint reads); new head. "
-                   "detect / segment: a classification checkpoint of the backbone (e.g. Apple's)")  # fmt: skip
+    g.add_argument(
+        "--pretrained",
+        help="fine-tune from this checkpoint (any layout load_checkpoint reads); new head. "
+        "detect / segment: a classification checkpoint of the backbone (e.g. Apple's)",
+    )
     g.add_argument("--freeze-stages", type=int, help="freeze the stem and the first N-1 stages, BN included (0..5)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed epoch")
     g.add_argument("--strict-images", action="store_true", default=None, help="stop on an unreadable image")
@@ -122,8 +143,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("architecture and initialisation")
     g.add_argument("--k", type=int, help="conv branches per layer (paper ablation: 1)")
     g.add_argument("--no-branches", action="store_true", help="k = 1 and no scale/skip branches (paper ablation)")
-    g.add_argument("--init", choices=["torch", "unit-sum", "identity"],
-                   help="branch BN scales at the start (identity: skip layers, peers' residual blocks)")  # fmt: skip
+    g.add_argument(
+        "--init",
+        choices=["torch", "unit-sum", "identity"],
+        help="branch BN scales at the start (identity: skip layers, peers' residual blocks)",
+    )
     g = p.add_argument_group("augmentation")
     g.add_argument("--img-size", type=int, help="final training and evaluation size")
     g.add_argument("--progressive", action=argparse.BooleanOptionalAction, help="160 -> 192 -> 224 px style phases")
@@ -133,8 +157,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--hflip", type=float, help="horizontal flip probability")
     g.add_argument("--crop-pct", type=float, help="evaluation crop ratio (default 0.875)")
     g = p.add_argument_group("detection and segmentation")
-    g.add_argument("--data-format", choices=["auto", "coco", "voc", "yolo", "masks"],
-                   help="annotation layout (default: detected)")  # fmt: skip
+    g.add_argument(
+        "--data-format", choices=["auto", "coco", "voc", "yolo", "masks"], help="annotation layout (default: detected)"
+    )
     g.add_argument("--anchor-min-ratio", type=float, help="detect: smallest default box / image size (default 0.2)")
     g.add_argument("--anchor-max-ratio", type=float, help="detect: largest default box / image size (default 0.95)")
     g.add_argument("--score-thresh", type=float, help="detect: lowest score kept for evaluation (default 0.001)")
@@ -186,15 +211,23 @@ def run_train(args: argparse.Namespace) -> int:
         return 3
     except KeyboardInterrupt:
         if RunDir(cfg.out).has_state():
-            print(f"\nmobileone train: interrupted. {cfg.out} keeps its last completed epoch; continue with:\n"
-                  f"  mobileone train --resume {cfg.out}", file=sys.stderr)  # fmt: skip
+            print(
+                f"\nmobileone train: interrupted. {cfg.out} keeps its last completed epoch; continue with:\n"
+                f"  mobileone train --resume {cfg.out}",
+                file=sys.stderr,
+            )
         else:
-            print("\nmobileone train: interrupted before the first epoch was complete; nothing to resume. Start "
-                  "again with the same command", file=sys.stderr)  # fmt: skip
+            print(
+                "\nmobileone train: interrupted before the first epoch was complete; nothing to resume. Start "
+                "again with the same command",
+                file=sys.stderr,
+            )
         return 130
     except DiskFullError as e:
-        print(f"mobileone train: error: {e}. Free some space, then continue with: mobileone train --resume {cfg.out}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"mobileone train: error: {e}. Free some space, then continue with: mobileone train --resume {cfg.out}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -214,8 +247,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file (and OUT.confusion.png)")
     p.add_argument("--confusion", metavar="PNG", help="save the confusion matrix as this PNG")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--data-format", choices=["auto", "coco", "voc", "yolo", "masks"],
-                   help="detect / segment: annotation layout of --data (default: detected)")  # fmt: skip
+    p.add_argument(
+        "--data-format",
+        choices=["auto", "coco", "voc", "yolo", "masks"],
+        help="detect / segment: annotation layout of --data (default: detected)",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -227,18 +263,23 @@ def run_eval(args: argparse.Namespace) -> int:
         from .deploy.evaluate_onnx import evaluate_onnx
 
         r = evaluate_onnx(args.onnx, args.data, args.batch_size)
-        print(f"{r['model']} (onnxruntime) on {r['data']}: top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, "
-              f"{r['images']} images")  # fmt: skip
+        print(
+            f"{r['model']} (onnxruntime) on {r['data']}: top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, "
+            f"{r['images']} images"
+        )
         write_json(args.json, r)
         return 0
     from .tasks.classification.evaluate import confusion_text, plot_confusion
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = evaluate_checkpoint(args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, args.workers,
-                            args.device)  # fmt: skip
-    print(f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'}) on {r['data']}: top-1 {r['top1']:.2f} %, "
-          f"top-5 {r['top5']:.2f} %, {r['images']} images at {r['img_size']} px (crop {r['crop_pct']})")  # fmt: skip
+    r = evaluate_checkpoint(
+        args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, args.workers, args.device
+    )
+    print(
+        f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'}) on {r['data']}: top-1 {r['top1']:.2f} %, "
+        f"top-5 {r['top5']:.2f} %, {r['images']} images at {r['img_size']} px (crop {r['crop_pct']})"
+    )
     print(confusion_text(r))
     if r["unreadable_images"]:
         print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
@@ -252,8 +293,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train on built-in data, evaluate, fuse, compare, export (a few minutes on a CPU)")
-    p.add_argument("--task", choices=TASKS, default="classify",
-                   help="classify: S0 on the digits; detect / segment: on scenes built from the digits")  # fmt: skip
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="classify",
+        help="classify: S0 on the digits; detect / segment: on scenes built from the digits",
+    )
     p.add_argument("--out", help="run directory (default runs/demo-<date>-<time>)")
     p.add_argument("--epochs", type=int, help="default: the task demo's")
     p.add_argument("--img-size", type=int, help="default: the task demo's")
@@ -290,14 +335,30 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, help="check tolerance: atol + rtol * max |output| (defaults per format)")
     p.add_argument("--rtol", type=float)
     form = p.add_mutually_exclusive_group()
-    form.add_argument("--raw", dest="detect_form", action="store_const", const="raw",
-                      help="detect: only the raw form (boxes and class scores, no NMS); default: both")  # fmt: skip
-    form.add_argument("--nms", dest="detect_form", action="store_const", const="nms",
-                      help="detect: only the form with NMS in the graph (ONNX)")  # fmt: skip
-    p.add_argument("--max-detections", type=int, help="detect: detections kept per image in the NMS form "
-                   "(default: the checkpoint's, 300)")  # fmt: skip
-    p.add_argument("--argmax", action="store_true",
-                   help="segment: also output labels, the per-pixel argmax (int64), beside the logits")  # fmt: skip
+    form.add_argument(
+        "--raw",
+        dest="detect_form",
+        action="store_const",
+        const="raw",
+        help="detect: only the raw form (boxes and class scores, no NMS); default: both",
+    )
+    form.add_argument(
+        "--nms",
+        dest="detect_form",
+        action="store_const",
+        const="nms",
+        help="detect: only the form with NMS in the graph (ONNX)",
+    )
+    p.add_argument(
+        "--max-detections",
+        type=int,
+        help="detect: detections kept per image in the NMS form (default: the checkpoint's, 300)",
+    )
+    p.add_argument(
+        "--argmax",
+        action="store_true",
+        help="segment: also output labels, the per-pixel argmax (int64), beside the logits",
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -310,8 +371,16 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         model = create_model(args.variant, num_classes=args.num_classes or 1000, inference_mode=True)
     try:
-        report = export_model(model, args.out, args.format, args.img_size, args.dynamic_batch, not args.no_check,
-                              rtol=args.rtol, atol=args.atol)  # fmt: skip
+        report = export_model(
+            model,
+            args.out,
+            args.format,
+            args.img_size,
+            args.dynamic_batch,
+            not args.no_check,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
     except ImportError as e:
         print(f"mobileone export: {e}", file=sys.stderr)
         return 2
@@ -331,8 +400,11 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-calib", type=int, default=300, help="calibration images (default 300)")
     p.add_argument("--method", default="minmax-avg", choices=["minmax", "minmax-avg", "entropy", "percentile"])
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
-    p.add_argument("--keep-float", default="first3",
-                   help="float layers: none, or +-joined first, firstN, last, depthwise (default first3)")  # fmt: skip
+    p.add_argument(
+        "--keep-float",
+        default="first3",
+        help="float layers: none, or +-joined first, firstN, last, depthwise (default first3)",
+    )
     p.add_argument("--reduce-range", action="store_true", help="7-bit weights (old x86 int8 kernels saturate)")
     p.add_argument("--eval-data", help="also report fp32 and INT8 top-1 on this folder (its val/ if present)")
     p.add_argument("--study", action="store_true", help="compare all calibration settings on --eval-data")
@@ -351,26 +423,47 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 2
     print(f"INT8 ({settings.label()}, {args.num_calib} calibration images): {int8}  (fp32 export: {fp32})")
     if args.study:
-        rows = quantization_study(fp32, args.calib_data, args.eval_data or args.calib_data, num_calib=args.num_calib,
-                                  out_dir=Path(args.out).parent / "study")  # fmt: skip
+        rows = quantization_study(
+            fp32,
+            args.calib_data,
+            args.eval_data or args.calib_data,
+            num_calib=args.num_calib,
+            out_dir=Path(args.out).parent / "study",
+        )
         print(study_table(rows))
     elif args.eval_data:
         a, b = evaluate_onnx(fp32, args.eval_data), evaluate_onnx(int8, args.eval_data)
-        print(f"top-1 on {b['images']} images: fp32 {a['top1']:.2f} %, INT8 {b['top1']:.2f} % "
-              f"(drop {a['top1'] - b['top1']:.2f} points)")  # fmt: skip
+        print(
+            f"top-1 on {b['images']} images: fp32 {a['top1']:.2f} %, INT8 {b['top1']:.2f} % "
+            f"(drop {a['top1'] - b['top1']:.2f} points)"
+        )
     return 0
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency of MobileOne and peers per runtime, with the paper's analyses")
-    p.add_argument("--task", choices=TASKS, default="classify",
-                   help="detect / segment: task models at 320 / 512 px against MobileNetV3 peers")  # fmt: skip
-    p.add_argument("--models", default="default", help="comma list of models or groups: default, mobileone, unfused, "
-                   "torchvision, timm, all, or names such as mobileone_s0,mobilenet_v3_large")  # fmt: skip
-    p.add_argument("--runtimes", default="eager,onnxruntime",
-                   help="comma list of eager, channels_last, compile, onnxruntime, executorch")  # fmt: skip
-    p.add_argument("--batch-sizes", default="1,32",
-                   help="latency at the smallest, throughput at the largest (segment: the smallest only)")  # fmt: skip
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="classify",
+        help="detect / segment: task models at 320 / 512 px against MobileNetV3 peers",
+    )
+    p.add_argument(
+        "--models",
+        default="default",
+        help="comma list of models or groups: default, mobileone, unfused, "
+        "torchvision, timm, all, or names such as mobileone_s0,mobilenet_v3_large",
+    )
+    p.add_argument(
+        "--runtimes",
+        default="eager,onnxruntime",
+        help="comma list of eager, channels_last, compile, onnxruntime, executorch",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default="1,32",
+        help="latency at the smallest, throughput at the largest (segment: the smallest only)",
+    )
     p.add_argument("--img-size", type=int, help="default 224; detect 320")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_results", help="folder for results.md/.csv/.json, latency_vs_macs.png")
@@ -378,8 +471,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=30, help="at least this many timed runs (batch 1)")
     p.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds per measurement")
     p.add_argument("--no-studies", action="store_true", help="skip the 30-layer activation and skip/SE studies")
-    p.add_argument("--output-strides", default="16,8",
-                   help="segment: backbone output strides to time (the MobileNetV3 peers: 16 only)")  # fmt: skip
+    p.add_argument(
+        "--output-strides",
+        default="16,8",
+        help="segment: backbone output strides to time (the MobileNetV3 peers: 16 only)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -388,10 +484,17 @@ def run_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_benchmark
 
     cfg = BenchConfig(
-        models=args.models.split(","), runtimes=args.runtimes.split(","),
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], img_size=args.img_size or 224, threads=args.threads,
-        out=args.out, warmup=args.warmup, iters=args.iters, min_time=args.min_time, studies=not args.no_studies,
-    )  # fmt: skip
+        models=args.models.split(","),
+        runtimes=args.runtimes.split(","),
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        img_size=args.img_size or 224,
+        threads=args.threads,
+        out=args.out,
+        warmup=args.warmup,
+        iters=args.iters,
+        min_time=args.min_time,
+        studies=not args.no_studies,
+    )
     try:
         result = run_benchmark(cfg)
     except ImportError as e:

@@ -25,8 +25,15 @@ def scene(rng: np.random.Generator, h: int, w: int, classes: int = 4, grid: int 
     return img, mask
 
 
-def make_masks_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32, classes_txt: bool = True,
-                       val_sizes: tuple[tuple[int, int], ...] = (), grid: int = 1) -> Path:  # fmt: skip
+def make_masks_dataset(
+    root: Path,
+    n_train: int = 8,
+    n_val: int = 4,
+    size: int = 32,
+    classes_txt: bool = True,
+    val_sizes: tuple[tuple[int, int], ...] = (),
+    grid: int = 1,
+) -> Path:
     """The ``masks`` layout; ``val_sizes`` adds validation images of other sizes (full-resolution evaluation)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("val", n_val)):

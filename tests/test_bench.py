@@ -76,8 +76,18 @@ def test_benchmark_end_to_end_writes_all_outputs(tmp_path):
         BenchModel("tiny_k3", "MobileOne (fused)", _tiny(3)),
         BenchModel("tiny_unfused", "MobileOne (train-time graph)", _tiny(2), deployed=False),
     ]
-    cfg = BenchConfig(runtimes=["eager", "onnxruntime"], batch_sizes=[1, 2], img_size=32, threads=1, out=str(tmp_path),
-                      warmup=1, iters=2, min_time=0.0, micro=MicroStudy(2, 8, 8), peak_size=256)  # fmt: skip
+    cfg = BenchConfig(
+        runtimes=["eager", "onnxruntime"],
+        batch_sizes=[1, 2],
+        img_size=32,
+        threads=1,
+        out=str(tmp_path),
+        warmup=1,
+        iters=2,
+        min_time=0.0,
+        micro=MicroStudy(2, 8, 8),
+        peak_size=256,
+    )
     result = run_benchmark(cfg, models, progress=False)
     assert not result["errors"] and result["peak_gflops"] > 0
     assert {"torch", "onnxruntime", "machine"} <= set(result["versions"])
@@ -112,9 +122,28 @@ def test_model_groups_and_bad_names():
 
 
 def test_cli_bench_runs(tmp_path, capsys):
-    argv = ["bench", "--models", "mobileone_s0,mobilenet_v3_small", "--runtimes", "eager", "--batch-sizes", "1,2",
-            "--img-size", "32", "--threads", "1", "--warmup", "1", "--iters", "2", "--min-time", "0",
-            "--no-studies", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "bench",
+        "--models",
+        "mobileone_s0,mobilenet_v3_small",
+        "--runtimes",
+        "eager",
+        "--batch-sizes",
+        "1,2",
+        "--img-size",
+        "32",
+        "--threads",
+        "1",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--min-time",
+        "0",
+        "--no-studies",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| mobileone_s0 | eager |" in out and "| mobilenet_v3_small | eager |" in out

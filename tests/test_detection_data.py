@@ -61,10 +61,20 @@ def write_coco(root: Path, splits: dict[str, list], folder_names=("train", "val"
             Image.fromarray(img).save(d / name)
             images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
             for b, lab in zip(boxes, labels):
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": lab + 1,
-                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0})  # fmt: skip
-        data = {"images": images, "annotations": anns,
-                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]}  # fmt: skip
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i + 1,
+                        "category_id": lab + 1,
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "iscrowd": 0,
+                    }
+                )
+        data = {
+            "images": images,
+            "annotations": anns,
+            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
+        }
         if extra:
             extra(split, data)
         (d / "_annotations.coco.json").write_text(json.dumps(data))
@@ -104,8 +114,11 @@ def write_yolo(root: Path, splits: dict[str, list], roboflow: bool = False) -> P
         for name, img, boxes, labels in items:
             Image.fromarray(img).save(images / name)
             h, w = img.shape[:2]
-            lines = [f"{lab} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
-                     f"{(b[3] - b[1]) / h:.6f}" for b, lab in zip(boxes, labels)]  # fmt: skip
+            lines = [
+                f"{lab} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+                f"{(b[3] - b[1]) / h:.6f}"
+                for b, lab in zip(boxes, labels)
+            ]
             (labels_dir / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
     (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {c}\n" for i, c in enumerate(CLASSES)))
     return root
@@ -191,22 +204,40 @@ def test_bad_boxes_are_clipped_dropped_and_counted(tmp_path, scenes):
 @pytest.mark.parametrize(
     "layout, spoil, match",
     [
-        ("coco", lambda r: (r / "train" / "_annotations.coco.json").write_text("{not json"),
-         r"_annotations.coco.json: not valid JSON"),
-        ("coco", lambda r: _edit_json(r, lambda d: d["annotations"][1].update(bbox=[1, 2, "x", 4])),
-         r"annotations\[1\] \(id 2\): each bbox value must be a finite number"),
+        (
+            "coco",
+            lambda r: (r / "train" / "_annotations.coco.json").write_text("{not json"),
+            r"_annotations.coco.json: not valid JSON",
+        ),
+        (
+            "coco",
+            lambda r: _edit_json(r, lambda d: d["annotations"][1].update(bbox=[1, 2, "x", 4])),
+            r"annotations\[1\] \(id 2\): each bbox value must be a finite number",
+        ),
         ("coco", lambda r: _edit_json(r, lambda d: d.pop("categories")), r"the 'categories' list is missing"),
-        ("voc", lambda r: (r / "Annotations" / "img001.xml").write_text("<annotation><object>"),
-         r"img001.xml: malformed XML"),
-        ("voc", lambda r: _edit_xml(r, r"<xmax>\d+</xmax>", ""),
-         r"img000.xml: object 0 \(red\) <bndbox> has no <xmax>"),
-        ("yolo", lambda r: (r / "labels" / "train" / "img002.txt").write_text("0 0.5 0.5 0.1\n"),
-         r"img002.txt:1: expected 'class cx cy w h' \(5 values\)"),
-        ("yolo", lambda r: (r / "labels" / "train" / "img002.txt").write_text("1 0.5 0.5 0.1 0.1\nzero 1 1 1 1\n"),
-         r"img002.txt:2: expected numbers"),
+        (
+            "voc",
+            lambda r: (r / "Annotations" / "img001.xml").write_text("<annotation><object>"),
+            r"img001.xml: malformed XML",
+        ),
+        (
+            "voc",
+            lambda r: _edit_xml(r, r"<xmax>\d+</xmax>", ""),
+            r"img000.xml: object 0 \(red\) <bndbox> has no <xmax>",
+        ),
+        (
+            "yolo",
+            lambda r: (r / "labels" / "train" / "img002.txt").write_text("0 0.5 0.5 0.1\n"),
+            r"img002.txt:1: expected 'class cx cy w h' \(5 values\)",
+        ),
+        (
+            "yolo",
+            lambda r: (r / "labels" / "train" / "img002.txt").write_text("1 0.5 0.5 0.1 0.1\nzero 1 1 1 1\n"),
+            r"img002.txt:2: expected numbers",
+        ),
         ("yolo", lambda r: (r / "data.yaml").write_text("names: [a, b\n"), r"data.yaml: malformed YAML"),
     ],
-)  # fmt: skip
+)
 def test_malformed_annotations_name_the_file_and_entry(tmp_path, scenes, layout, spoil, match):
     root = {"coco": write_coco, "voc": write_voc, "yolo": write_yolo}[layout](tmp_path / layout, scenes)
     spoil(root)
@@ -244,8 +275,11 @@ def test_train_and_val_with_different_class_lists_are_refused(tmp_path, scenes):
     voc = write_voc(tmp_path / "v", scenes)
     (voc / "classes.txt").unlink()
     xml = voc / "Annotations" / f"{Path(scenes['val'][0][0]).stem}.xml"
-    xml.write_text(xml.read_text().replace("<name>red</name>", "<name>green</name>").replace(
-        "<name>blue</name>", "<name>green</name>"))  # fmt: skip
+    xml.write_text(
+        xml.read_text()
+        .replace("<name>red</name>", "<name>green</name>")
+        .replace("<name>blue</name>", "<name>green</name>")
+    )
     with pytest.raises(DataError, match=r"the val split has \['green'\]"):
         load_splits(voc)
 

@@ -73,8 +73,11 @@ def test_checks_catch_a_detector_that_differs(exported):
 
 
 def test_compare_detections_matches_sets_and_allows_only_threshold_ties():
-    d = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 5, 5]]),
-         "scores": torch.tensor([0.9, 0.5, 0.3]), "labels": torch.tensor([0, 1, 0])}  # fmt: skip
+    d = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 5, 5]]),
+        "scores": torch.tensor([0.9, 0.5, 0.3]),
+        "labels": torch.tensor([0, 1, 0]),
+    }
     shuffled = {k: v[[2, 0, 1]] for k, v in d.items()}
     assert compare_detections(d, shuffled, 0.001, 0.5) == ([], 0)
     missing = {k: v[:2] for k, v in d.items()}
@@ -83,8 +86,11 @@ def test_compare_detections_matches_sets_and_allows_only_threshold_ties():
     assert compare_detections(d, missing, 0.001, 0.5, max_detections=3) == ([], 1)  # a tie at the cut-off
     assert compare_detections(d, {**d, "labels": torch.tensor([0, 0, 0])}, 0.001, 0.5)[0]
     assert compare_detections(d, {**d, "scores": d["scores"] + torch.tensor([0, 1e-3, 0])}, 0.001, 0.5)[0]
-    at_threshold = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.00105]),
-                    "labels": torch.tensor([0])}  # fmt: skip
+    at_threshold = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10]]),
+        "scores": torch.tensor([0.00105]),
+        "labels": torch.tensor([0]),
+    }
     assert compare_detections(at_threshold, {k: v[:0] for k, v in at_threshold.items()}, 0.001, 0.5) == ([], 1)
 
 

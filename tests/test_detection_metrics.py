@@ -41,8 +41,14 @@ def _fixture(seed: int = 0):
             det_boxes.append([x0, y0, x0 + rng.uniform(5, 30), y0 + rng.uniform(5, 30)])
             det_labels.append(int(rng.integers(0, 4)))
         k = len(det_boxes)
-        results.append((i, torch.tensor(np.asarray(det_boxes, np.float32).reshape(-1, 4)), torch.rand(k),
-                        torch.tensor(det_labels, dtype=torch.long)))  # fmt: skip
+        results.append(
+            (
+                i,
+                torch.tensor(np.asarray(det_boxes, np.float32).reshape(-1, 4)),
+                torch.rand(k),
+                torch.tensor(det_labels, dtype=torch.long),
+            )
+        )
     return records, results
 
 

@@ -24,8 +24,14 @@ from .test_detection_model import TINY_ARCH, tiny_detector
 def test_a_handful_of_images_is_learnt_to_map_near_one(tmp_path, one_thread):
     root = write_coco(tmp_path / "d", {"train": make_scenes(4), "val": make_scenes(1)})
     split, _ = load_splits(root)
-    resize = v2.Compose([v2.ToImage(), v2.Resize((64, 64)), v2.ToDtype(torch.float32, scale=True),
-                         v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+    resize = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((64, 64)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     x, targets, _ = collate_detection([DetectionDataset(split, resize, train=True)[i] for i in range(4)])
     torch.manual_seed(0)
     det = tiny_detector(num_classes=2, img_size=64, anchor_min_ratio=0.2)
@@ -44,9 +50,21 @@ def test_a_handful_of_images_is_learnt_to_map_near_one(tmp_path, one_thread):
 
 
 def _options(data, out, **kw):
-    return {"task": "detect", "data": str(data), "arch": TINY_ARCH, "img_size": 64, "batch_size": 2, "epochs": 2,
-            "workers": 0, "out": str(out), "progress": False, "anchor_min_ratio": 0.15, "max_detections": 50,
-            "deterministic": True, **kw}  # fmt: skip
+    return {
+        "task": "detect",
+        "data": str(data),
+        "arch": TINY_ARCH,
+        "img_size": 64,
+        "batch_size": 2,
+        "epochs": 2,
+        "workers": 0,
+        "out": str(out),
+        "progress": False,
+        "anchor_min_ratio": 0.15,
+        "max_detections": 50,
+        "deterministic": True,
+        **kw,
+    }
 
 
 def test_a_run_writes_its_files_and_resumes_bit_exactly(tmp_path, monkeypatch, one_thread):
@@ -86,13 +104,45 @@ def test_a_run_writes_its_files_and_resumes_bit_exactly(tmp_path, monkeypatch, o
     assert resumed[-1]["map"] == rows[-1]["map"]
 
     out = tmp_path / "eval.json"
-    assert main(["eval", "--task", "detect", "--data", str(data), "--checkpoint", str(run / "best_fused.safetensors"),
-                 "--json", str(out), "--workers", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "detect",
+                "--data",
+                str(data),
+                "--checkpoint",
+                str(run / "best_fused.safetensors"),
+                "--json",
+                str(out),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert set(result) >= {"map", "map_50", "map_75", "per_class"} and set(result["per_class"]) == {"red", "blue"}
     assert abs(result["map"] - summary["best"]["map"]) < 1e-6  # the engine's per-epoch mAP is the same protocol
-    assert main(["export", "--task", "detect", "--checkpoint", str(run / "best.safetensors"), "--format", "onnx",
-                 "--out", str(tmp_path / "det.onnx"), "--max-detections", "20"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "--task",
+                "detect",
+                "--checkpoint",
+                str(run / "best.safetensors"),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "det.onnx"),
+                "--max-detections",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "det.onnx").is_file() and (tmp_path / "det_nms.onnx").is_file()
 
 
@@ -114,8 +164,18 @@ def test_detection_options_are_validated():
 def test_latency_table_has_every_graph_and_post_processing(tmp_path, one_thread):
     from mobileone.bench.detection import DetectionBenchConfig, detection_benchmark
 
-    cfg = DetectionBenchConfig(models=["ssdlite_mnv3"], runtimes=["eager"], img_size=64, num_classes=2, threads=1,
-                               warmup=0, iters=1, min_time=0.0, rounds=2, out=str(tmp_path))  # fmt: skip
+    cfg = DetectionBenchConfig(
+        models=["ssdlite_mnv3"],
+        runtimes=["eager"],
+        img_size=64,
+        num_classes=2,
+        threads=1,
+        warmup=0,
+        iters=1,
+        min_time=0.0,
+        rounds=2,
+        out=str(tmp_path),
+    )
     result = detection_benchmark(cfg)
     keys = {(r["fused"], r["nms"]) for r in result["rows"]}
     assert keys == {(False, False), (False, True), (True, False), (True, True)}
@@ -134,9 +194,33 @@ def test_the_seed_study_runs_on_a_tiny_setting(tmp_path):
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     data = tiny_dataset(tmp_path / "data", train=4, val=2)
-    result = study.main(["--out", str(tmp_path / "study"), "--data", str(data), "--img-size", "64", "--epochs", "1",
-                         "--steps-per-epoch", "1", "--seeds", "0", "1", "--variants", "mnv3", "--latency-size", "64",
-                         "--runtimes", "eager", "--iters", "1", "--rounds", "1"])  # fmt: skip
+    result = study.main(
+        [
+            "--out",
+            str(tmp_path / "study"),
+            "--data",
+            str(data),
+            "--img-size",
+            "64",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+            "--seeds",
+            "0",
+            "1",
+            "--variants",
+            "mnv3",
+            "--latency-size",
+            "64",
+            "--runtimes",
+            "eager",
+            "--iters",
+            "1",
+            "--rounds",
+            "1",
+        ]
+    )
     assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("mnv3", 0), ("mnv3", 1)]
     assert result["aggregate"][0]["runs"] == 2 and result["aggregate"][0]["map_std"] >= 0
     text = (tmp_path / "study" / "results.md").read_text()

@@ -44,8 +44,18 @@ def test_validation_batches_are_kept_when_they_fit():
 
 def test_metrics_break_the_epoch_down(tmp_path):
     data = make_data(tmp_path / "data", n_train=8, n_val=4)
-    train(resolve_config(data=str(data), arch=TINY, out=str(tmp_path / "run"), epochs=1, batch_size=8,
-                         img_size=16, workers=0, progress=False))  # fmt: skip
+    train(
+        resolve_config(
+            data=str(data),
+            arch=TINY,
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=8,
+            img_size=16,
+            workers=0,
+            progress=False,
+        )
+    )
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     parts = [row[f"{p}_seconds"] for p in ("data", "step", "ema", "eval", "save")]
     assert all(p >= 0 for p in parts) and row["step_seconds"] > 0

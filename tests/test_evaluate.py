@@ -106,8 +106,10 @@ def test_per_class_accuracy_and_confusion_matrix(tmp_path, checkpoints, capsys):
         preds = model(torch.stack([ds[i][0] for i in range(len(ds))])).argmax(1)
     labels = torch.tensor([t for _, t in ds.samples])
     out = tmp_path / "result.json"
-    assert main(["eval", "--data", str(data), "--checkpoint", str(checkpoints[0]), "--json", str(out),
-                 "--workers", "0"]) == 0  # fmt: skip
+    assert (
+        main(["eval", "--data", str(data), "--checkpoint", str(checkpoints[0]), "--json", str(out), "--workers", "0"])
+        == 0
+    )
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
     expected = torch.zeros(3, 3, dtype=torch.int64)

@@ -55,8 +55,11 @@ def test_onnx_graph_is_the_fused_one_and_takes_any_batch(trained, tmp_path):
     report = export_model(trained, tmp_path / "m.onnx", dynamic_batch=True)
     ops = [n.op_type for n in onnx.load(str(report.path)).graph.node]
     layers = sum(isinstance(m, MobileOneLayer) for m in trained.modules())
-    se_convs = 2 * sum(isinstance(m.se, nn.Module) and not isinstance(m.se, nn.Identity)
-                       for m in trained.modules() if isinstance(m, MobileOneLayer))  # fmt: skip
+    se_convs = 2 * sum(
+        isinstance(m.se, nn.Module) and not isinstance(m.se, nn.Identity)
+        for m in trained.modules()
+        if isinstance(m, MobileOneLayer)
+    )
     assert "BatchNormalization" not in ops
     assert ops.count("Conv") == layers + se_convs  # one conv per layer: no branches left
     x = sample_images(3, 32)

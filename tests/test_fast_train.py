@@ -375,9 +375,17 @@ def test_patch_covariance_where_it_pays():
 # ---- issue 14: PyTorch's CPU weight gradient of strided 1x1 convs (docs/fast-train.md, "A PyTorch bug") ----
 
 ISSUE_14_LAYER = {
-    "in_channels": 2, "out_channels": 4, "kernel_size": 3, "stride": 2, "dilation": 1, "groups": 1, "k": 3,
-    "use_se": True, "scale_branch": True, "skip": False,
-}  # fmt: skip
+    "in_channels": 2,
+    "out_channels": 4,
+    "kernel_size": 3,
+    "stride": 2,
+    "dilation": 1,
+    "groups": 1,
+    "k": 3,
+    "use_se": True,
+    "scale_branch": True,
+    "skip": False,
+}
 FORMATS = [torch.contiguous_format, torch.channels_last]
 # The issue's input, and one whose weight gradient the broken kernel gets wrong more often with 2 threads.
 STRESS_SHAPES = [(3, 2, 6, 6), (3, 2, 8, 8)]

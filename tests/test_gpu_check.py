@@ -53,7 +53,11 @@ def test_cpu_dry_run_passes(tmp_path):
     assert len(losses) == gpu_check.Plan.make(True, None).train_steps and losses[-1] < losses[0]
     assert {r["runtime"] for r in steps["bench_latency"]["details"]["rows"]} == {"eager", "onnxruntime"}
     assert {r["model"] for r in steps["bench_train_step"]["details"]["rows"]} == {
-        "S0 fast", "S0 reference", "timm mobileone_s0", "torchvision mobilenet_v2"}  # fmt: skip
+        "S0 fast",
+        "S0 reference",
+        "timm mobileone_s0",
+        "torchvision mobilenet_v2",
+    }
     md = (out / "gpu_check.md").read_text()
     assert "| train_tiny_bf16 | pass |" in md and "## Train step" in md and "## Inference latency" in md
     assert "## Targets" in md and "--quick" in md
@@ -161,9 +165,17 @@ def test_targets_and_tables():
         "S0 fast faster than timm mobileone_s0": ("0.94x", False),
         "S0 fast peak memory below the reference and timm": ("9000 / 15000 / 14000 MiB", True),
     }
-    report = {"environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.13.0"}, "summary": {"pass": 2, "fail": 0,
-              "skip": 0}, "started": "now", "elapsed_s": 3.0, "budget_s": 280.0, "quick": False, "steps": records,
-              "targets": gpu_check.targets(records), "plan": gpu_check.Plan.make(False, None).__dict__}  # fmt: skip
+    report = {
+        "environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.13.0"},
+        "summary": {"pass": 2, "fail": 0, "skip": 0},
+        "started": "now",
+        "elapsed_s": 3.0,
+        "budget_s": 280.0,
+        "quick": False,
+        "steps": records,
+        "targets": gpu_check.targets(records),
+        "plan": gpu_check.Plan.make(False, None).__dict__,
+    }
     md = gpu_check.markdown(report)
     assert md.startswith("# mobileone GPU readiness check\n\nNVIDIA H100 80GB HBM3;")
     assert "| S0 fast | channels_last | 3,200 | 1.60x | 9,000 |" in md
@@ -203,5 +215,9 @@ def test_the_gpu_plan_names_what_exists():
         assert {f"train_{model}_{mode}" for mode in gpu_check.TRAIN_MODES} <= set(names)
     assert {"pinned_loader", "ddp", "train_detect", "train_segment", "bench_train_step", "bench_latency"} <= set(names)
     launched = {s.name: s.launcher for s in gpu_check.steps_for(plan) if s.launcher}
-    assert launched == {"ddp": "torchrun", "train_s0_compile": "python", "train_s1_compile": "python",
-                        "bench_latency_compile": "python"}  # fmt: skip
+    assert launched == {
+        "ddp": "torchrun",
+        "train_s0_compile": "python",
+        "train_s1_compile": "python",
+        "bench_latency_compile": "python",
+    }

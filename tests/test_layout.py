@@ -157,8 +157,9 @@ class Composite(nn.Module):
         super().__init__()
         self.backbone = create_model(
             MobileOneConfig(widths=(8, 16, 16, 16), stem_width=8, blocks=(1, 1, 1, 1), k=2),
-            features_only=True, out_indices=(3,),
-        )  # fmt: skip
+            features_only=True,
+            out_indices=(3,),
+        )
         self.head = nn.Sequential(RepConvBN(16), nn.ReLU(), nn.Conv2d(16, 3, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

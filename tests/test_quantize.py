@@ -52,8 +52,19 @@ def quantized(tmp_path_factory):
     model = _train_on_digits()
     ckpt = save_checkpoint(model, tmp / "run" / "best.safetensors")
     out = tmp / "int8.onnx"
-    argv = ["quantize", "--checkpoint", str(ckpt), "--calib-data", str(data), "--out", str(out), "--num-calib", "200",
-            "--eval-data", str(data)]  # fmt: skip
+    argv = [
+        "quantize",
+        "--checkpoint",
+        str(ckpt),
+        "--calib-data",
+        str(data),
+        "--out",
+        str(out),
+        "--num-calib",
+        "200",
+        "--eval-data",
+        str(data),
+    ]
     return {"data": data, "model": model, "int8": out, "fp32": tmp / "int8.fp32.onnx", "argv": argv, "tmp": tmp}
 
 

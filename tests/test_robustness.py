@@ -63,14 +63,40 @@ def make_data(root: Path, classes=("red", "green", "blue"), n_train: int = 8, n_
 
 
 def config(out: Path, data: Path, **kw):
-    opts = {"data": str(data), "arch": TINY, "out": str(out), "epochs": 1, "batch_size": 8, "img_size": 16,
-            "workers": 0, "progress": False, "ema_decay": 0.0, **kw}  # fmt: skip
+    opts = {
+        "data": str(data),
+        "arch": TINY,
+        "out": str(out),
+        "epochs": 1,
+        "batch_size": 8,
+        "img_size": 16,
+        "workers": 0,
+        "progress": False,
+        "ema_decay": 0.0,
+        **kw,
+    }
     return resolve_config(**opts)
 
 
 def cli_train(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--arch", json.dumps(TINY), "--out", str(out), "--batch-size", "8",
-            "--img-size", "16", "--workers", "0", "--no-progress", "--no-ema", *extra]  # fmt: skip
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--arch",
+        json.dumps(TINY),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--img-size",
+        "16",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--no-ema",
+        *extra,
+    ]
 
 
 def finite(path: Path) -> bool:
@@ -220,8 +246,13 @@ def test_05_two_runs_cannot_share_an_out_folder(tmp_path, data):
 def test_05_a_second_process_on_a_running_out_folder_stops(tmp_path, data, capsys):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-m", "mobileone", *cli_train(data, out, "--epochs", "200")], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mobileone", *cli_train(data, out, "--epochs", "200")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not (out / "metrics.jsonl").exists():
@@ -285,7 +316,12 @@ def test_07_hidden_entries_and_link_loops_are_skipped(tmp_path):
         ds = ImageFolderDataset(root)
     assert ds.classes == ["a", "b", "c"]
     assert sorted((Path(p).relative_to(root).as_posix(), t) for p, t in ds.samples) == [
-        ("a/0.png", 0), ("a/1.png", 0), ("b/0.png", 1), ("b/1.png", 1), ("c/0.png", 2)]  # fmt: skip
+        ("a/0.png", 0),
+        ("a/1.png", 0),
+        ("b/0.png", 1),
+        ("b/1.png", 1),
+        ("c/0.png", 2),
+    ]
     text = " ".join(str(w.message) for w in record)
     assert "skipped 4 hidden entries" in text and ".ipynb_checkpoints" in text and "__MACOSX" in text
     assert "skipped 3 links to folders that were already read" in text and "a_again" in text
@@ -332,15 +368,21 @@ def apple_file(tmp_path: Path, model) -> Path:
     [
         ([1, 2, 3], "holds a JSON list, not an object"),
         ("{not json", "is not readable JSON"),
-        ({"config": {**TINY, "wings": 2}, "num_classes": 3, "inference_mode": False},
-         r"unknown config key\(s\) \['wings'\]"),
-        ({"config": create_model("s0").config.to_dict(), "num_classes": 1000, "inference_mode": False},
-         "describes another model than the file's tensors"),
-        ({"config": {**TINY, "blocks": [1, 1, 1, 1]}, "num_classes": 3, "inference_mode": True},
-         "describes another model"),
+        (
+            {"config": {**TINY, "wings": 2}, "num_classes": 3, "inference_mode": False},
+            r"unknown config key\(s\) \['wings'\]",
+        ),
+        (
+            {"config": create_model("s0").config.to_dict(), "num_classes": 1000, "inference_mode": False},
+            "describes another model than the file's tensors",
+        ),
+        (
+            {"config": {**TINY, "blocks": [1, 1, 1, 1]}, "num_classes": 3, "inference_mode": True},
+            "describes another model",
+        ),
         ({"config": {**TINY, "k": -1}, "num_classes": 3, "inference_mode": False}, "has an invalid config"),
     ],
-)  # fmt: skip
+)
 def test_09_unusable_metadata_falls_back_to_the_tensors(tmp_path, tiny, sidecar, complaint):
     path = apple_file(tmp_path, tiny)
     json_path = tmp_path / "model.json"
@@ -540,8 +582,10 @@ def test_11_bad_arguments_name_the_valid_range(tmp_path, data, capsys, flags, me
 
 
 def test_11_bad_sizes_and_model_arguments(tmp_path, tiny, capsys):
-    assert main(["export", "--variant", "s0", "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
-                 "--img-size", "0"]) == 2  # fmt: skip
+    assert (
+        main(["export", "--variant", "s0", "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--img-size", "0"])
+        == 2
+    )
     assert "img_size must be an integer in 16..4096 (pixels), got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"num_classes must be an int >= 0 \(0 removes the head\), got -1"):
         tiny.reset_classifier(-1)
@@ -636,8 +680,14 @@ def test_14_sigint_to_the_process_group_prints_no_traceback(tmp_path, data):
     argv = cli_train(data, out, "--epochs", "1000")
     argv[argv.index("--workers") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mobileone", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mobileone", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "train_state.pt").exists():
         time.sleep(0.05)

@@ -27,8 +27,19 @@ def _threads(one_thread):
 
 
 def config(out, data, **kw):
-    opts = {"task": "segment", "data": str(data), "arch": TINY, "out": str(out), "epochs": 2, "batch_size": 4,
-            "img_size": 32, "workers": 0, "progress": False, "ema_decay": 0.0, **kw}  # fmt: skip
+    opts = {
+        "task": "segment",
+        "data": str(data),
+        "arch": TINY,
+        "out": str(out),
+        "epochs": 2,
+        "batch_size": 4,
+        "img_size": 32,
+        "workers": 0,
+        "progress": False,
+        "ema_decay": 0.0,
+        **kw,
+    }
     return resolve_config(**opts)
 
 
@@ -73,8 +84,23 @@ def test_eval_command_scores_full_resolution_images_of_any_size(overfit_run, han
     out, summary = overfit_run
     data = make_masks_dataset(tmp_path / "mixed", n_train=1, n_val=2, size=64, val_sizes=((48, 80), (72, 40)))
     report = tmp_path / "eval.json"
-    rc = main(["eval", "--task", "segment", "--data", str(data), "--checkpoint", str(out / "best.safetensors"),
-               "--json", str(report), "--workers", "0", "--batch-size", "3"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--task",
+            "segment",
+            "--data",
+            str(data),
+            "--checkpoint",
+            str(out / "best.safetensors"),
+            "--json",
+            str(report),
+            "--workers",
+            "0",
+            "--batch-size",
+            "3",
+        ]
+    )
     r = json.loads(report.read_text())
     assert rc == 0 and r["images"] == 4 and {"miou", "pixel_acc", "per_class_iou"} <= set(r)
     # The same numbers, image by image at each image's own size, with the model called directly.
@@ -107,8 +133,21 @@ def test_onnx_export_matches_pytorch_at_other_sizes(overfit_run, handful, tmp_pa
     )
     onnx_scores = evaluate_onnx_segmenter(tmp_path / "seg.onnx", handful)
     assert onnx_scores["miou"] == pytest.approx(summary["best"]["miou"], abs=0.05)
-    rc = main(["export", "--task", "segment", "--checkpoint", str(out / "best_fused.safetensors"), "--format", "onnx",
-               "--out", str(tmp_path / "cli.onnx"), "--img-size", "48"])  # fmt: skip
+    rc = main(
+        [
+            "export",
+            "--task",
+            "segment",
+            "--checkpoint",
+            str(out / "best_fused.safetensors"),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "cli.onnx"),
+            "--img-size",
+            "48",
+        ]
+    )
     assert rc == 0 and read_segmentation_metadata(tmp_path / "cli.onnx")["outputs"] == ["logits: (N, classes, H, W)"]
 
 
@@ -140,8 +179,22 @@ def test_resume_after_an_interruption_is_bit_exact(tmp_path, monkeypatch):
 
 def test_the_mobilenet_v3_peer_trains_with_the_same_command(tmp_path, capsys):
     data = make_masks_dataset(tmp_path / "d", n_train=4, n_val=1)
-    common = ["train", "--task", "segment", "--data", str(data), "--img-size", "32", "--batch-size", "4",
-              "--epochs", "1", "--workers", "0", "--no-progress"]  # fmt: skip
+    common = [
+        "train",
+        "--task",
+        "segment",
+        "--data",
+        str(data),
+        "--img-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert main([*common, "--variant", "mnv3", "--head", "lraspp", "--out", str(tmp_path / "mnv3")]) == 0
     peer = load_segmenter(tmp_path / "mnv3" / "best_fused.safetensors")
     assert peer.config.backbone == "mnv3" and peer.config.head == "lraspp" and peer.inference_mode

@@ -54,8 +54,17 @@ def data(tmp_path_factory) -> Path:
 
 
 def config(out: Path, data: Path, **kw):
-    opts = {"data": str(data), "arch": TINY, "out": str(out), "epochs": 2, "batch_size": 8, "img_size": 16,
-            "workers": 0, "progress": False, **kw}  # fmt: skip
+    opts = {
+        "data": str(data),
+        "arch": TINY,
+        "out": str(out),
+        "epochs": 2,
+        "batch_size": 8,
+        "img_size": 16,
+        "workers": 0,
+        "progress": False,
+        **kw,
+    }
     return resolve_config(**opts)
 
 
@@ -87,7 +96,13 @@ def test_weight_decay_and_ema_schedules():
 def test_progressive_size_and_strength_follow_the_paper_phases():
     # mmpretrain's 300-epoch schedule: 160 px until epoch 37, 192 until 112, then 224.
     assert [image_size_at(e, 300, 224, True) for e in (0, 36, 37, 111, 112, 299)] == [
-        (160, 0.3), (160, 0.3), (192, 0.7), (192, 0.7), (224, 1.0), (224, 1.0)]  # fmt: skip
+        (160, 0.3),
+        (160, 0.3),
+        (192, 0.7),
+        (192, 0.7),
+        (224, 1.0),
+        (224, 1.0),
+    ]
     # Proportional for short runs: 10 epochs -> 1 / 3 / 6 epochs per phase.
     assert [image_size_at(e, 10, 224, True)[0] for e in range(10)] == [160] + [192] * 3 + [224] * 6
     assert image_size_at(0, 10, 32, True) == (24, 0.3)
@@ -100,7 +115,12 @@ def test_recipes_and_overrides(tmp_path):
     assert short.batch_size == 64 and resolve_config(data="/x").batch_size == 128
     imagenet = resolve_config("imagenet", data="/imagenet", variant="s2")
     assert (imagenet.epochs, imagenet.init, imagenet.img_size, imagenet.progressive, imagenet.augment) == (
-        300, "torch", 224, True, "randaugment")  # fmt: skip
+        300,
+        "torch",
+        224,
+        True,
+        "randaugment",
+    )
     assert resolve_config("imagenet", data="/x", variant="s1").augment == "none"
     assert resolve_config("imagenet", data="/x", variant="s0").progressive is False
     assert peak_lr(imagenet) == pytest.approx(0.1) and peak_lr(resolve_config(batch_size=1024)) == pytest.approx(0.4)
@@ -289,8 +309,25 @@ def test_dataset_layout_errors(tmp_path):
 
 
 def _cli(tmp_path: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "mobileone", "train", "--data", str(data), "--arch", json.dumps(TINY), "--out", str(out),
-            "--batch-size", "8", "--img-size", "16", "--workers", "0", "--deterministic", *extra]  # fmt: skip
+    return [
+        "-m",
+        "mobileone",
+        "train",
+        "--data",
+        str(data),
+        "--arch",
+        json.dumps(TINY),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--img-size",
+        "16",
+        "--workers",
+        "0",
+        "--deterministic",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -304,12 +341,21 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow  # subprocesses: about 10-20 s each on 2 cores
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
     epochs = "6"
-    full = subprocess.run([sys.executable, *_cli(tmp_path, data, tmp_path / "full", "--epochs", epochs)],
-                          env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    full = subprocess.run(
+        [sys.executable, *_cli(tmp_path, data, tmp_path / "full", "--epochs", epochs)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert full.returncode == 0, full.stderr
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, *_cli(tmp_path, data, run, "--epochs", epochs)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, *_cli(tmp_path, data, run, "--epochs", epochs)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -319,8 +365,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics.read_text().splitlines()) < int(epochs), "the run should have been killed mid-way"
-    resumed = subprocess.run([sys.executable, "-m", "mobileone", "train", "--resume", str(run), "--workers", "0"],
-                             env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mobileone", "train", "--resume", str(run), "--workers", "0"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     done = int(re.search(rf"resuming {re.escape(str(run))} after epoch (\d+)", resumed.stdout).group(1))
     assert 2 <= done < int(epochs)
@@ -339,8 +390,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, data):
     weights by 0.5-1.1, so 1e-3 tells the two apart.
     """
     steps = ("--epochs", "1", "--steps-per-epoch", "3", "--lr", "0.05")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *_cli(tmp_path, data, tmp_path / "ddp", *steps)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *_cli(tmp_path, data, tmp_path / "ddp", *steps),
+    ]
     ddp = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("epoch 1/1") == 1  # only rank 0 prints and writes

@@ -9,7 +9,21 @@ from .studies import ConvNet30, MicroStudy, activation_study, skip_se_study, spe
 from .timing import RUNTIMES, latency_stats, measure_peak_gflops, time_calls, time_model
 
 __all__ = [
-    "RUNTIMES", "BenchConfig", "BenchModel", "ConvNet30", "MicroStudy", "activation_study", "available_models",
-    "correlations", "deployment_report", "latency_stats", "measure_peak_gflops", "resolve_models", "run_benchmark",
-    "skip_se_study", "spearman", "time_calls", "time_model",
-]  # fmt: skip
+    "RUNTIMES",
+    "BenchConfig",
+    "BenchModel",
+    "ConvNet30",
+    "MicroStudy",
+    "activation_study",
+    "available_models",
+    "correlations",
+    "deployment_report",
+    "latency_stats",
+    "measure_peak_gflops",
+    "resolve_models",
+    "run_benchmark",
+    "skip_se_study",
+    "spearman",
+    "time_calls",
+    "time_model",
+]

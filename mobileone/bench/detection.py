@@ -93,8 +93,15 @@ def _export_unfused(model: SSDLiteDetector, path: Path, nms: bool) -> None:
         to_onnx(RawDetector(model.eval()).eval(), path, example, output_names=RAW_OUTPUTS)
     if nms:
         proto, c = onnx.load(str(path)), model.config
-        add_nms(proto, int(model.anchors.shape[0]), c.num_classes, c.topk_candidates, c.nms_thresh, c.score_thresh,
-                c.max_detections)  # fmt: skip
+        add_nms(
+            proto,
+            int(model.anchors.shape[0]),
+            c.num_classes,
+            c.topk_candidates,
+            c.nms_thresh,
+            c.score_thresh,
+            c.max_detections,
+        )
         onnx.save(proto, str(path))
 
 
@@ -124,16 +131,28 @@ def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
             model = _detector(name, cfg)
             fused, _ = fused_detector(model)
             sizes[name] = {
-                "params_unfused": count_params(model), "params_fused": count_params(fused),
-                "macs_unfused": count_macs(model, cfg.img_size), "macs_fused": count_macs(fused, cfg.img_size),
+                "params_unfused": count_params(model),
+                "params_fused": count_params(fused),
+                "macs_unfused": count_macs(model, cfg.img_size),
+                "macs_fused": count_macs(fused, cfg.img_size),
                 "trained": name in cfg.checkpoints,
-            }  # fmt: skip
+            }
             with torch.no_grad():
                 runners.update(_entries(name, model, cfg, x, Path(tmp)))
         medians, minima = alternate_rounds(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
-    rows = [{"model": k[0], "fused": k[1], "nms": k[2], "runtime": k[3], "median_ms": float(np.median(v)),
-             "min_ms": minima[k], "round_spread": max(v) / min(v) - 1, **sizes[k[0]]}
-            for k, v in medians.items()]  # fmt: skip
+    rows = [
+        {
+            "model": k[0],
+            "fused": k[1],
+            "nms": k[2],
+            "runtime": k[3],
+            "median_ms": float(np.median(v)),
+            "min_ms": minima[k],
+            "round_spread": max(v) / min(v) - 1,
+            **sizes[k[0]],
+        }
+        for k, v in medians.items()
+    ]
     spread = max(r["round_spread"] for r in rows)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -162,10 +181,14 @@ def results_markdown(result: dict[str, Any]) -> str:
         f"classes; median of {cfg['rounds']} alternating rounds (each >= {cfg['iters']} runs and {cfg['min_time']} s)."
         f" torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}. "
         + ("Some detectors are trained checkpoints. " if trained else "Random weights (NMS: worst case). ")
-        + ("" if result["stable"] else f"UNSTABLE: round medians differed by up to "
-           f"{100 * result['max_round_spread']:.0f} %; rerun on a quiet machine."),
+        + (
+            ""
+            if result["stable"]
+            else f"UNSTABLE: round medians differed by up to "
+            f"{100 * result['max_round_spread']:.0f} %; rerun on a quiet machine."
+        ),
         "",
-    ]  # fmt: skip
+    ]
     runtimes = [r for r in RUNTIMES if r in cfg["runtimes"]]
     head = " | ".join(f"{rt} {'+ NMS' if nms else 'raw'} ms" for rt in runtimes for nms in (False, True))
     lines += [f"| detector | graph | params M | MACs M | {head} |", "|---|---|---:|---:|" + "---:|" * 2 * len(runtimes)]
@@ -176,6 +199,7 @@ def results_markdown(result: dict[str, Any]) -> str:
             params = any_row["params_fused" if fused else "params_unfused"] / 1e6
             macs = any_row["macs_fused" if fused else "macs_unfused"] / 1e6
             cells = [f"{index[(name, fused, nms, rt)]['median_ms']:.2f}" for rt in runtimes for nms in (False, True)]
-            lines.append(f"| {name} | {'fused' if fused else 'unfused'} | {params:.2f} | {macs:.0f} | "
-                         f"{' | '.join(cells)} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {'fused' if fused else 'unfused'} | {params:.2f} | {macs:.0f} | {' | '.join(cells)} |"
+            )
     return "\n".join(lines) + "\n"

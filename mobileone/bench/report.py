@@ -107,9 +107,13 @@ def paper_table(result: dict[str, Any]) -> list[str]:
     if not by_model:
         return []
     where = f"here batch {b}, {result['config']['img_size']} px, {result['threads']} threads"
-    lines = ["", f"Next to the paper's CPU column (Xeon Gold 5118, batch 1, 224 px; {where}):", "",
-             "| model | " + " | ".join(f"{rt} ms" for rt in runtimes) + " | paper CPU ms |",
-             "|---|" + "---:|" * (len(runtimes) + 1)]  # fmt: skip
+    lines = [
+        "",
+        f"Next to the paper's CPU column (Xeon Gold 5118, batch 1, 224 px; {where}):",
+        "",
+        "| model | " + " | ".join(f"{rt} ms" for rt in runtimes) + " | paper CPU ms |",
+        "|---|" + "---:|" * (len(runtimes) + 1),
+    ]
     for model, lat in by_model.items():
         cells = " | ".join(f"{lat[rt]:.2f}" if rt in lat else "n/a" for rt in runtimes)
         lines.append(f"| {model} | {cells} | {PAPER[model].cpu_ms:.2f} |")

@@ -187,10 +187,14 @@ def deployment_report(model: nn.Module, out_dir: str | Path, img_size: int = 224
     where = f"batch 1 at {img_size} px, {threads} threads, median of 3 alternating rounds"
     if stable:
         speedup = ms["unfused"] / ms["fused"]
-        timing = (f"PyTorch unfused {ms['unfused']:.1f} ms, fused {ms['fused']:.1f} ms ({speedup:.1f}x faster); "
-                  f"onnxruntime fused {ms['onnxruntime']:.2f} ms")  # fmt: skip
+        timing = (
+            f"PyTorch unfused {ms['unfused']:.1f} ms, fused {ms['fused']:.1f} ms ({speedup:.1f}x faster); "
+            f"onnxruntime fused {ms['onnxruntime']:.2f} ms"
+        )
     else:
-        timing = (f"not measured reliably, the machine was busy (round medians up to {100 * spread:.0f} % apart): "
-                  f"roughly unfused {ms['unfused']:.0f} ms, fused {ms['fused']:.0f} ms, onnxruntime fused "
-                  f"{ms['onnxruntime']:.0f} ms; rerun on a quiet machine, or see `mobileone bench`")  # fmt: skip
+        timing = (
+            f"not measured reliably, the machine was busy (round medians up to {100 * spread:.0f} % apart): "
+            f"roughly unfused {ms['unfused']:.0f} ms, fused {ms['fused']:.0f} ms, onnxruntime fused "
+            f"{ms['onnxruntime']:.0f} ms; rerun on a quiet machine, or see `mobileone bench`"
+        )
     return [*report.summary().splitlines(), f"latency ({where}): {timing}"]

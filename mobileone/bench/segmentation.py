@@ -80,15 +80,21 @@ def run_segmentation_benchmark(cfg: SegmentationBenchConfig, progress: bool = Tr
             warnings.simplefilter("ignore")
             model = create_segmenter(name, num_classes=cfg.num_classes, output_stride=os_, inference_mode=fused)
         wrapped = SegmentationOutputs(model.eval()).eval()
-        row: dict[str, Any] = {"model": name, "output_stride": os_, "fused": fused, "params": count_params(model),
-                               "macs": count_macs(wrapped, cfg.img_size)}  # fmt: skip
+        row: dict[str, Any] = {
+            "model": name,
+            "output_stride": os_,
+            "fused": fused,
+            "params": count_params(model),
+            "macs": count_macs(wrapped, cfg.img_size),
+        }
         for runtime in cfg.runtimes:
             if progress:
                 print(f"bench: {name} OS{os_} {'fused' if fused else 'unfused'} / {runtime}", flush=True)
             workdir = Path(tempfile.mkdtemp(prefix="mobileone_segbench_"))
             try:
-                stats = time_model(wrapped, runtime, cfg.batch, cfg.img_size, cfg.threads, cfg.warmup, cfg.iters,
-                                   cfg.min_time, workdir)  # fmt: skip
+                stats = time_model(
+                    wrapped, runtime, cfg.batch, cfg.img_size, cfg.threads, cfg.warmup, cfg.iters, cfg.min_time, workdir
+                )
                 row[runtime] = stats
             except Exception as e:  # one failing runtime (an export) must not stop the run
                 row[runtime] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
@@ -96,8 +102,14 @@ def run_segmentation_benchmark(cfg: SegmentationBenchConfig, progress: bool = Tr
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
         rows.append(row)
-    result = {"config": asdict(cfg), "rows": rows, "errors": errors, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": cpu_name(), "torch": torch.__version__}  # fmt: skip
+    result = {
+        "config": asdict(cfg),
+        "rows": rows,
+        "errors": errors,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": cpu_name(),
+        "torch": torch.__version__,
+    }
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -125,16 +137,31 @@ def segmentation_markdown(result: dict[str, Any]) -> str:
         for rt in runtimes:
             s = r.get(rt, {})
             cells.append(f"failed: {s['error'][:60]}" if "error" in s else f"{s['median_ms']:.1f} ({s['min_ms']:.1f})")
-        lines.append(f"| {r['model']} | {r['output_stride']} | {'fused' if r['fused'] else 'unfused'} | "
-                     f"{r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | " + " | ".join(cells) + " |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['output_stride']} | {'fused' if r['fused'] else 'unfused'} | "
+            f"{r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | " + " | ".join(cells) + " |"
+        )
     speedups = []
     for r in result["rows"]:
-        twin = next((u for u in result["rows"] if u["model"] == r["model"] and u["output_stride"] == r["output_stride"]
-                     and not u["fused"]), None) if r["fused"] else None  # fmt: skip
+        twin = (
+            next(
+                (
+                    u
+                    for u in result["rows"]
+                    if u["model"] == r["model"] and u["output_stride"] == r["output_stride"] and not u["fused"]
+                ),
+                None,
+            )
+            if r["fused"]
+            else None
+        )
         if twin is None:
             continue
-        parts = [f"{rt} {twin[rt]['median_ms'] / r[rt]['median_ms']:.2f}x" for rt in runtimes
-                 if "median_ms" in r.get(rt, {}) and "median_ms" in twin.get(rt, {})]  # fmt: skip
+        parts = [
+            f"{rt} {twin[rt]['median_ms'] / r[rt]['median_ms']:.2f}x"
+            for rt in runtimes
+            if "median_ms" in r.get(rt, {}) and "median_ms" in twin.get(rt, {})
+        ]
         if parts:
             speedups.append(f"- {r['model']} OS{r['output_stride']}: fused vs unfused {', '.join(parts)}")
     if speedups:

@@ -44,8 +44,10 @@ def demo(args: argparse.Namespace) -> int:
     agree = diff < 1e-3 and abs(unfused["top1"] - fused["top1"]) < 1e-9
     # 4. Size and speed, train-time graph against fused graph.
     size = img_size
-    rows = [("params", count_params(model), count_params(fmodel)),
-            (f"MACs at {size} px", count_macs(model, size), count_macs(fmodel, size))]  # fmt: skip
+    rows = [
+        ("params", count_params(model), count_params(fmodel)),
+        (f"MACs at {size} px", count_macs(model, size), count_macs(fmodel, size)),
+    ]
     threads = args.threads or torch.get_num_threads()
     lines = [
         f"MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digits ({len(val)} val images, {size} px), "

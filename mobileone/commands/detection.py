@@ -42,8 +42,11 @@ def evaluate(args: argparse.Namespace) -> int:
         r = evaluate_detector(args.checkpoint, args.data, fmt, args.batch_size, args.workers, args.device)
         what = f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'})"
     if args.img_size and args.img_size != r["img_size"]:
-        print(f"mobileone eval: --img-size {args.img_size} ignored: the detector's default boxes are laid out for "
-              f"{r['img_size']} px", file=sys.stderr)  # fmt: skip
+        print(
+            f"mobileone eval: --img-size {args.img_size} ignored: the detector's default boxes are laid out for "
+            f"{r['img_size']} px",
+            file=sys.stderr,
+        )
     print(f"{what} on {r['data']}: {_map_line(r)}; {r['images']} images at {r['img_size']} px")
     named = {k: v for k, v in r["per_class"].items() if v is not None}
     print("AP per class: " + ", ".join(f"{k} {v:.1f}" for k, v in named.items()))
@@ -57,8 +60,10 @@ def _detector_for_export(args: argparse.Namespace):
     if args.checkpoint:
         model = load_detector(args.checkpoint)
         if args.img_size and args.img_size != model.config.img_size:
-            raise ValueError(f"{args.checkpoint} was trained at {model.config.img_size} px and its default boxes are "
-                             f"laid out for it; --img-size {args.img_size} cannot change that")  # fmt: skip
+            raise ValueError(
+                f"{args.checkpoint} was trained at {model.config.img_size} px and its default boxes are "
+                f"laid out for it; --img-size {args.img_size} cannot change that"
+            )
         return model
     name = args.variant if args.variant.startswith("ssdlite") else f"ssdlite_{args.variant}"
     torch.manual_seed(0)
@@ -74,8 +79,9 @@ def export(args: argparse.Namespace) -> int:
     try:
         for f in forms:
             path = out if len(forms) == 1 or f == "raw" else out.with_name(f"{out.stem}_nms{out.suffix or '.onnx'}")
-            report = export_detector(model, path, f, args.format, args.dynamic_batch, args.max_detections,
-                                     not args.no_check, from_raw=raw)  # fmt: skip
+            report = export_detector(
+                model, path, f, args.format, args.dynamic_batch, args.max_detections, not args.no_check, from_raw=raw
+            )
             raw = report.path if f == "raw" else raw
             print(report.summary())
     except ImportError as e:
@@ -91,9 +97,16 @@ def bench(args: argparse.Namespace) -> int:
     """``mobileone bench --task detect``: SSDLite on MobileOne against the MobileNetV3 peer, fused or not, +/- NMS."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [m.strip() for m in args.models.split(",")]
     models = [m if m.startswith("ssdlite") else f"ssdlite_{m.removeprefix('mobileone_')}" for m in models]
-    cfg = DetectionBenchConfig(models=models, runtimes=args.runtimes.split(","), img_size=args.img_size or 320,
-                               threads=args.threads, warmup=args.warmup, iters=args.iters, min_time=args.min_time,
-                               out=args.out)  # fmt: skip
+    cfg = DetectionBenchConfig(
+        models=models,
+        runtimes=args.runtimes.split(","),
+        img_size=args.img_size or 320,
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+        min_time=args.min_time,
+        out=args.out,
+    )
     try:
         detection_benchmark(cfg)
     except ImportError as e:
@@ -112,8 +125,9 @@ def demo(args: argparse.Namespace) -> int:
     data = digit_scenes()
     # 1. Train SSDLite on MobileOne-S0 from scratch on the built-in scenes (the detection defaults).
     t0 = time.perf_counter()
-    cfg = resolve_config(task="detect", variant="s0", out=str(out), epochs=epochs, img_size=img_size, workers=0,
-                         threads=args.threads)  # fmt: skip
+    cfg = resolve_config(
+        task="detect", variant="s0", out=str(out), epochs=epochs, img_size=img_size, workers=0, threads=args.threads
+    )
     summary = train(cfg)
     train_s = time.perf_counter() - t0
     # 2. COCO mAP of the best checkpoint, unfused and fused.
@@ -126,8 +140,9 @@ def demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         a, b = model(x), fmodel(x)
     c = model.config
-    problems = [p for da, db in zip(a, b)
-                for p in compare_detections(da, db, c.score_thresh, c.nms_thresh, c.max_detections)[0]]  # fmt: skip
+    problems = [
+        p for da, db in zip(a, b) for p in compare_detections(da, db, c.score_thresh, c.nms_thresh, c.max_detections)[0]
+    ]
     agree = not problems and abs(unfused["map"] - fused["map"]) < 1e-6
     lines = [
         f"SSDLite MobileOne-S0 demo: {summary['epochs']} epochs on the built-in digit scenes (semi-synthetic: real "
@@ -142,8 +157,9 @@ def demo(args: argparse.Namespace) -> int:
     files: dict[str, Path] = {}
     try:
         for form in ("raw", "nms"):
-            report = export_detector(model, out / f"detector_{form}.onnx", form, check_inputs=x[:8],
-                                     from_raw=files.get("raw"))  # fmt: skip
+            report = export_detector(
+                model, out / f"detector_{form}.onnx", form, check_inputs=x[:8], from_raw=files.get("raw")
+            )
             files[form] = report.path
             lines.append(f"ONNX {form}: {files[form]}; {report.check}")
     except ImportError as e:
@@ -165,7 +181,9 @@ def demo(args: argparse.Namespace) -> int:
     timing = ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
     note = "" if spread <= 0.15 else f" (machine busy: rounds up to {100 * spread:.0f} % apart; see mobileone bench)"
     lines.append(f"latency, batch 1 at {img_size} px, {threads} threads: {timing}{note}")
-    lines.append(f"run directory: {out} (metrics.jsonl, curves.png, predictions.png, best/last/best_fused "
-                 "checkpoints, detector_raw.onnx, detector_nms.onnx)")  # fmt: skip
+    lines.append(
+        f"run directory: {out} (metrics.jsonl, curves.png, predictions.png, best/last/best_fused "
+        "checkpoints, detector_raw.onnx, detector_nms.onnx)"
+    )
     print("\n".join(lines))
     return 0 if agree else 1

@@ -41,13 +41,22 @@ def evaluate(args: argparse.Namespace) -> int:
     fmt = getattr(args, "data_format", None) or "auto"
     if args.onnx:
         if args.img_size:
-            print("mobileone eval: --img-size is ignored for --onnx: the file runs at each image's resolution",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "mobileone eval: --img-size is ignored for --onnx: the file runs at each image's resolution",
+                file=sys.stderr,
+            )
         r = evaluate_onnx_segmenter(args.onnx, args.data, data_format=fmt)
         what = f"{r['model']} ({r['runtime']})"
     else:
-        r = evaluate_checkpoint(args.data, args.checkpoint, data_format=fmt, size=args.img_size,
-                                batch_size=args.batch_size, workers=args.workers, device=args.device)  # fmt: skip
+        r = evaluate_checkpoint(
+            args.data,
+            args.checkpoint,
+            data_format=fmt,
+            size=args.img_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+        )
         what = f"{r['checkpoint']} ({r['model']}, {'fused' if r['fused'] else 'unfused'})"
     print(f"{what} on {r['data']} ({r['split']}): {_scores_line(r)}; {r['images']} images")
     named = {k: v for k, v in r["per_class_iou"].items() if v is not None}
@@ -78,8 +87,16 @@ def export(args: argparse.Namespace) -> int:
             model = create_segmenter(segmenter_name(args.variant), num_classes=args.num_classes or 21)
         model.preprocess["input_size"] = args.img_size or 512
     try:
-        report = export_segmenter(model, args.out, args.format, args.img_size, argmax=args.argmax,
-                                  check=not args.no_check, rtol=args.rtol, atol=args.atol)  # fmt: skip
+        report = export_segmenter(
+            model,
+            args.out,
+            args.format,
+            args.img_size,
+            argmax=args.argmax,
+            check=not args.no_check,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
     except ImportError as e:
         print(f"mobileone export: {e}", file=sys.stderr)
         return 2
@@ -94,11 +111,17 @@ def bench(args: argparse.Namespace) -> int:
     """``mobileone bench --task segment``: DeepLabV3 / LR-ASPP latency against the MobileNetV3 peers."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [segmenter_name(m) for m in args.models.split(",")]
     cfg = SegmentationBenchConfig(
-        models=models, output_strides=[int(s) for s in args.output_strides.split(",")],
-        runtimes=args.runtimes.split(","), img_size=args.img_size or 512,
-        batch=min(int(b) for b in args.batch_sizes.split(",")), threads=args.threads, warmup=args.warmup,
-        iters=args.iters, min_time=args.min_time, out=args.out,
-    )  # fmt: skip
+        models=models,
+        output_strides=[int(s) for s in args.output_strides.split(",")],
+        runtimes=args.runtimes.split(","),
+        img_size=args.img_size or 512,
+        batch=min(int(b) for b in args.batch_sizes.split(",")),
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+        min_time=args.min_time,
+        out=args.out,
+    )
     try:
         result = run_segmentation_benchmark(cfg)
     except ImportError as e:
@@ -116,8 +139,9 @@ def demo(args: argparse.Namespace) -> int:
     data = builtin_scenes(size=BUILTIN_SCENE_SIZE)
     # 1. Train LR-ASPP on MobileOne-S0 from scratch on the built-in scenes (the engine's default recipe).
     t0 = time.perf_counter()
-    cfg = resolve_config(task="segment", variant="s0", head=DEMO_MODEL, out=str(out), epochs=epochs,
-                         img_size=img_size, workers=1)  # fmt: skip
+    cfg = resolve_config(
+        task="segment", variant="s0", head=DEMO_MODEL, out=str(out), epochs=epochs, img_size=img_size, workers=1
+    )
     summary = train(cfg)
     train_s = time.perf_counter() - t0
     # 2. mIoU of the best checkpoint, unfused and fused, on the full-resolution validation scenes.
@@ -157,9 +181,13 @@ def demo(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     kw = {"batch": 1, "img_size": 512, "threads": threads, "warmup": 2, "iters": 5, "min_time": 0.5}
     lat = [time_model(SegmentationOutputs(m).eval(), "eager", **kw)["median_ms"] for m in (model, fmodel)]
-    lines.append(f"latency, batch 1 at 512 px on this CPU ({threads} threads, PyTorch eager): unfused {lat[0]:.0f} ms, "
-                 f"fused {lat[1]:.0f} ms ({lat[0] / lat[1]:.1f}x faster)")  # fmt: skip
-    lines.append(f"run directory: {out} (metrics.jsonl, curves.png, predictions.png, best/last/best_fused "
-                 "checkpoints, model.onnx)")  # fmt: skip
+    lines.append(
+        f"latency, batch 1 at 512 px on this CPU ({threads} threads, PyTorch eager): unfused {lat[0]:.0f} ms, "
+        f"fused {lat[1]:.0f} ms ({lat[0] / lat[1]:.1f}x faster)"
+    )
+    lines.append(
+        f"run directory: {out} (metrics.jsonl, curves.png, predictions.png, best/last/best_fused "
+        "checkpoints, model.onnx)"
+    )
     print("\n".join(lines))
     return 0 if agree else 1

@@ -182,8 +182,10 @@ def _read_file(path: Path) -> Any:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     kind = _not_a_checkpoint(path)
     if kind:
-        raise CheckpointError(f"{path} is {kind}, not a checkpoint; give a .safetensors file or a PyTorch file "
-                              "(.pth, .pt, .pth.tar) holding a state dict")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is {kind}, not a checkpoint; give a .safetensors file or a PyTorch file "
+            "(.pth, .pt, .pth.tar) holding a state dict"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -234,8 +236,14 @@ def infer_config(sd: StateDict) -> tuple[MobileOneConfig, int, bool]:
         stem_k = 1 if fused else len({k.split(".")[2] for k in sd if k.startswith("stage0.rbr_conv.")})
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"cannot read a MobileOne architecture from this state dict (missing {e})") from e
-    config = MobileOneConfig(widths=tuple(widths), stem_width=stem_width, blocks=tuple(blocks), k=tuple(ks),
-                             se_blocks=tuple(se), stem_k=stem_k)  # fmt: skip
+    config = MobileOneConfig(
+        widths=tuple(widths),
+        stem_width=stem_width,
+        blocks=tuple(blocks),
+        k=tuple(ks),
+        se_blocks=tuple(se),
+        stem_k=stem_k,
+    )
     if fused:  # k is gone after fusion: take it from the named variant of the same shape, if any
         named = next((c for c in VARIANTS.values() if c.replace(k=c.k) == config.replace(k=c.k)), None)
         config = named or config
@@ -277,8 +285,9 @@ def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> 
     if bad:
         warnings.warn(f"checkpoint has NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}", stacklevel=2)
     meta, config, num_classes, fused = _metadata(path, obj, sd) if path else ({}, *infer_config(sd))
-    log.info("read %s: %s layout, %s, %d classes", path or "state dict", layout, "fused" if fused else "unfused",
-             num_classes)  # fmt: skip
+    log.info(
+        "read %s: %s layout, %s, %d classes", path or "state dict", layout, "fused" if fused else "unfused", num_classes
+    )
     return Checkpoint(sd, layout, fused, config, num_classes, meta)
 
 
@@ -319,8 +328,11 @@ def _metadata(path: Path, obj: Any, sd: StateDict) -> tuple[dict[str, Any], Mobi
             warnings.warn(f"ignored unusable metadata ({'; '.join(rejected)}); used {where}", stacklevel=3)
         return meta, config, num_classes, fused
     if rejected:
-        warnings.warn(f"ignored unusable metadata of {path}: {'; '.join(rejected)}. The architecture was read off "
-                      "the tensors; classes and preprocessing are unknown", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"ignored unusable metadata of {path}: {'; '.join(rejected)}. The architecture was read off "
+            "the tensors; classes and preprocessing are unknown",
+            stacklevel=3,
+        )
     return {}, *infer_config(sd)
 
 
@@ -361,8 +373,10 @@ def check_metadata(raw: Any, sd: StateDict) -> tuple[dict[str, Any], MobileOneCo
     variant = meta.get("variant")
     if variant is not None and not (isinstance(variant, str) and _is_variant(variant, config)):
         actual = variant_of(config)
-        notes.append(f"variant {variant!r} does not match the tensors' architecture ({actual or 'a custom one'}); "
-                     "ignoring the name")  # fmt: skip
+        notes.append(
+            f"variant {variant!r} does not match the tensors' architecture ({actual or 'a custom one'}); "
+            "ignoring the name"
+        )
         meta["variant"] = actual
     names = meta.get("class_names")
     if names is not None and not (
@@ -391,11 +405,20 @@ def _shape_mismatch(sd: StateDict, config: MobileOneConfig, num_classes: int, fu
     skip = "num_batches_tracked"
     missing = [k for k in expected if k not in sd and not k.endswith(skip)]
     extra = [k for k in sd if k not in expected and not k.endswith(skip)]
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)} described" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]  # fmt: skip
-    parts = [f"{title} {items[:3]}" for title, items in
-             (("shapes", shapes), ("tensors missing from the file", missing), ("tensors not described", extra))
-             if items]  # fmt: skip
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)} described"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    parts = [
+        f"{title} {items[:3]}"
+        for title, items in (
+            ("shapes", shapes),
+            ("tensors missing from the file", missing),
+            ("tensors not described", extra),
+        )
+        if items
+    ]
     return "; ".join(parts)
 
 
@@ -430,8 +453,11 @@ def _mismatch_report(model: MobileOne, sd: StateDict) -> list[str]:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in sd and sd[k].shape != v.shape]  # fmt: skip
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     lines = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
         if items:
@@ -519,8 +545,10 @@ def write_weights(path: str | os.PathLike, state_dict: StateDict, info: dict[str
     path = Path(path)
     path = path if path.suffix else path.with_suffix(".safetensors")
     if path.suffix != ".safetensors" and not path.name.endswith(TORCH_SUFFIXES):
-        raise ValueError(f"cannot tell the format of {path.name}: use a .safetensors name (recommended) or a "
-                         f"PyTorch one ({', '.join(TORCH_SUFFIXES)})")  # fmt: skip
+        raise ValueError(
+            f"cannot tell the format of {path.name}: use a .safetensors name (recommended) or a "
+            f"PyTorch one ({', '.join(TORCH_SUFFIXES)})"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":

@@ -59,8 +59,9 @@ class MobileOneConfig:
     ) -> MobileOneConfig:
         """Apple's parameterization: stage widths ``int(base * w)``, stem ``min(64, int(64 * w0))``."""
         widths = tuple(int(b * w) for b, w in zip(BASE_WIDTHS, multipliers))
-        return cls(widths=widths, stem_width=min(64, int(64 * multipliers[0])), blocks=blocks, k=(k,) * 4,
-                   se_blocks=se_blocks)  # fmt: skip
+        return cls(
+            widths=widths, stem_width=min(64, int(64 * multipliers[0])), blocks=blocks, k=(k,) * 4, se_blocks=se_blocks
+        )
 
     def replace(self, **changes: Any) -> MobileOneConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -120,10 +121,22 @@ PAPER: dict[str, PaperResult] = {
     "efficientnet_b0": PaperResult(77.1, 5.3, 390, 1.72, 28.71, 1.35),
 }
 # Table 11: SSDLite on MS-COCO (mAP@[.5:.95], 320 px) and DeepLabV3 on Pascal VOC (mIoU).
-PAPER_DETECTION_MAP = {"mobileone_s1": 25.7, "mobileone_s2": 26.6, "mobileone_s3": 27.3, "mobileone_s4": 29.4,
-                       "mobilenet_v2": 22.1, "mobilenet_v3_large": 22.0}  # fmt: skip
-PAPER_SEGMENTATION_MIOU = {"mobileone_s0": 73.7, "mobileone_s1": 77.3, "mobileone_s2": 77.9, "mobileone_s3": 78.8,
-                           "mobileone_s4": 80.1, "mobilenet_v2": 75.7}  # fmt: skip
+PAPER_DETECTION_MAP = {
+    "mobileone_s1": 25.7,
+    "mobileone_s2": 26.6,
+    "mobileone_s3": 27.3,
+    "mobileone_s4": 29.4,
+    "mobilenet_v2": 22.1,
+    "mobilenet_v3_large": 22.0,
+}
+PAPER_SEGMENTATION_MIOU = {
+    "mobileone_s0": 73.7,
+    "mobileone_s1": 77.3,
+    "mobileone_s2": 77.9,
+    "mobileone_s3": 78.8,
+    "mobileone_s4": 80.1,
+    "mobilenet_v2": 75.7,
+}
 
 
 def resolve_variant(name: str) -> str:

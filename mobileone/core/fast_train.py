@@ -92,9 +92,14 @@ def hits_strided_1x1_bug(x: Tensor, weight: Tensor, stride: int, padding: int) -
 
 
 def conv2d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0, dilation: int = 1,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
     groups: int = 1,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """``F.conv2d`` (square int geometry) that avoids PyTorch's strided 1x1 bug (:func:`hits_strided_1x1_bug`).
 
     A 1x1 conv without padding reads only every ``stride``-th row and column, so there it runs as
@@ -341,9 +346,18 @@ class _ConvMoments(torch.autograd.Function):
         for j, z in enumerate(outputs):
             dz = torch.addcmul(shift[j], z.to(beta.dtype), slope[j]).to(x.dtype)
             dx, dw, _ = torch.ops.aten.convolution_backward(
-                dz, x, kernels[j].to(x.dtype), None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0],
-                groups, [need_x, need_k, False],
-            )  # fmt: skip
+                dz,
+                x,
+                kernels[j].to(x.dtype),
+                None,
+                [stride] * 2,
+                [padding] * 2,
+                [dilation] * 2,
+                False,
+                [0, 0],
+                groups,
+                [need_x, need_k, False],
+            )
             if dx is not None:
                 grad_x = dx if grad_x is None else grad_x.add_(dx)
             if dw is not None:

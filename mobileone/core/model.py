@@ -107,9 +107,15 @@ class MobileOneLayer(nn.Module):
 
     def _conv(self, kernel_size: int, bias: bool) -> nn.Conv2d:
         return nn.Conv2d(
-            self.in_channels, self.out_channels, kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, bias=bias,
-        )  # fmt: skip
+            self.in_channels,
+            self.out_channels,
+            kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=bias,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.inference_mode:
@@ -194,9 +200,15 @@ class MobileOne(nn.Module):
         self.preprocess = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "crop_pct": 0.875}
         c = config
         self.stage0 = MobileOneLayer(
-            in_chans, c.stem_width, 3, stride=2, k=c.stem_k, scale_branch=c.scale_branch,
-            skip=False, inference_mode=inference_mode,
-        )  # fmt: skip
+            in_chans,
+            c.stem_width,
+            3,
+            stride=2,
+            k=c.stem_k,
+            scale_branch=c.scale_branch,
+            skip=False,
+            inference_mode=inference_mode,
+        )
         # Strides of stages 1-4; with output_stride < 32 the last ones become dilations.
         n_dilated = {32: 0, 16: 1, 8: 2}[c.output_stride]
         self.feature_info = [{"num_chs": c.stem_width, "reduction": 2, "module": "stage0"}]

@@ -59,8 +59,11 @@ def filtered_native_stderr(noise: tuple[str, ...] = NATIVE_NOISE) -> Iterator[No
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            kept = [ln for ln in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if not ln.startswith(noise)]  # fmt: skip
+            kept = [
+                ln
+                for ln in capture.read().decode(errors="replace").splitlines(keepends=True)
+                if not ln.startswith(noise)
+            ]
             sys.stderr.write("".join(kept))
 
 

@@ -94,9 +94,12 @@ def fused_detector(model: SSDLiteDetector) -> tuple[SSDLiteDetector, bool]:
 def detector_metadata(model: SSDLiteDetector, form: str, max_detections: int) -> dict[str, Any]:
     """What an app needs beside the file: classes, preprocessing, the detector's settings, the outputs."""
     pre = model.preprocess
-    outputs = ("boxes (B, A, 4) xyxy pixels of the input, scores (B, A, C) per class" if form == "raw" else
-               f"boxes (B, {max_detections}, 4) xyxy pixels of the input, scores (B, {max_detections}), labels "
-               f"(B, {max_detections}) 0-based or -1 for padding, num_detections (B,)")  # fmt: skip
+    outputs = (
+        "boxes (B, A, 4) xyxy pixels of the input, scores (B, A, C) per class"
+        if form == "raw"
+        else f"boxes (B, {max_detections}, 4) xyxy pixels of the input, scores (B, {max_detections}), labels "
+        f"(B, {max_detections}) 0-based or -1 for padding, num_detections (B,)"
+    )
     return {
         "task": "detect",
         "form": form,
@@ -113,8 +116,15 @@ def detector_metadata(model: SSDLiteDetector, form: str, max_detections: int) ->
     }
 
 
-def add_nms(proto: Any, num_anchors: int, num_classes: int, topk: int, nms_thresh: float, score_thresh: float,
-            max_detections: int) -> int:  # fmt: skip
+def add_nms(
+    proto: Any,
+    num_anchors: int,
+    num_classes: int,
+    topk: int,
+    nms_thresh: float,
+    score_thresh: float,
+    max_detections: int,
+) -> int:
     """Append per-class NMS to a raw graph (outputs ``boxes``, ``scores``) in place; returns M, the detections kept.
 
     M is ``max_detections``, or fewer when the candidates (classes x ``topk``) are fewer.
@@ -151,9 +161,18 @@ def add_nms(proto: Any, num_anchors: int, num_classes: int, topk: int, nms_thres
     node("GatherElements", ["boxes_e", "top_i_e"], ["cand"], axis=2)  # (B, C, k, 4) candidates per class
     node("Reshape", ["cand", const("shape_nk4", [-1, k, 4])], ["cand_r"])  # classes as NMS batches
     node("Reshape", ["top_s", const("shape_n1k", [-1, 1, k])], ["top_s_r"])
-    node("NonMaxSuppression", ["cand_r", "top_s_r", const("max_per_class", [k]),
-                               const("iou", [nms_thresh], np.float32), const("score", [score_thresh], np.float32)],
-         ["selected"], center_point_box=0)  # fmt: skip
+    node(
+        "NonMaxSuppression",
+        [
+            "cand_r",
+            "top_s_r",
+            const("max_per_class", [k]),
+            const("iou", [nms_thresh], np.float32),
+            const("score", [score_thresh], np.float32),
+        ],
+        ["selected"],
+        center_point_box=0,
+    )
     node("Gather", ["selected", const("col0", 0)], ["sel_bc"], axis=1)
     node("Gather", ["selected", const("col2", 2)], ["sel_j"], axis=1)
     node("Mul", ["sel_bc", const("k_scalar", k)], ["sel_off"])
@@ -161,8 +180,15 @@ def add_nms(proto: Any, num_anchors: int, num_classes: int, topk: int, nms_thres
     node("Reshape", ["top_s", const("flat", [-1])], ["flat_s"])
     node("Gather", ["flat_s", "sel_pos"], ["sel_s"], axis=0)
     node("Shape", ["flat_s"], ["flat_shape"])
-    graph.node.append(helper.make_node("ConstantOfShape", ["flat_shape"], ["minus_one"], name="nms_minus_one",
-                                       value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1.0])))  # fmt: skip
+    graph.node.append(
+        helper.make_node(
+            "ConstantOfShape",
+            ["flat_shape"],
+            ["minus_one"],
+            name="nms_minus_one",
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1.0]),
+        )
+    )
     node("ScatterElements", ["minus_one", "sel_pos", "sel_s"], ["kept_s"], axis=0)  # -1 where suppressed
     node("Reshape", ["kept_s", const("shape_bck_flat", [-1, num_classes * k])], ["kept_b"])
     node("TopK", ["kept_b", const("m", [m])], ["det_s", "det_i"], axis=1)  # (B, M) best overall
@@ -180,12 +206,14 @@ def add_nms(proto: Any, num_anchors: int, num_classes: int, topk: int, nms_thres
     node("Where", ["valid_u", "det_b", "nms_zero_f"], ["boxes"])
     node("Cast", ["valid"], ["valid_i"], to=TensorProto.INT64)
     node("ReduceSum", ["valid_i", "nms_ax1"], ["num_detections"], keepdims=0)
-    graph.output.extend([
-        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", m, 4]),
-        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", m]),
-        helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", m]),
-        helper.make_tensor_value_info("num_detections", TensorProto.INT64, ["batch"]),
-    ])  # fmt: skip
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", m, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", m]),
+            helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", m]),
+            helper.make_tensor_value_info("num_detections", TensorProto.INT64, ["batch"]),
+        ]
+    )
     del graph.value_info[:]  # shapes inferred for the old outputs no longer hold
     onnx.checker.check_model(proto)
     return m
@@ -232,9 +260,18 @@ def export_detector(
         if format == "onnx":
             _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw)
         elif format == "executorch":
-            to_executorch(RawDetector(fused).eval(), out, example, dynamic_batch,
-                          {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"],
-                           "input_size": meta["input_size"]})  # fmt: skip
+            to_executorch(
+                RawDetector(fused).eval(),
+                out,
+                example,
+                dynamic_batch,
+                {
+                    "mobileone_metadata": json.dumps(meta),
+                    "mean": meta["mean"],
+                    "std": meta["std"],
+                    "input_size": meta["input_size"],
+                },
+            )
         else:
             _export_coreml(fused, out, example, meta)
     if not check:
@@ -252,8 +289,15 @@ def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta,
     proto = onnx.load(str(from_raw or out))
     if form == "nms":
         c = fused.config
-        kept = add_nms(proto, int(fused.anchors.shape[0]), c.num_classes, c.topk_candidates, c.nms_thresh,
-                       c.score_thresh, max_detections)  # fmt: skip
+        kept = add_nms(
+            proto,
+            int(fused.anchors.shape[0]),
+            c.num_classes,
+            c.topk_candidates,
+            c.nms_thresh,
+            c.score_thresh,
+            max_detections,
+        )
         if kept < max_detections:
             report.notes.append(f"{kept} detections per image at most: fewer candidates than --max-detections")
             meta["detector"]["max_detections"] = kept
@@ -266,8 +310,12 @@ def _export_coreml(fused: SSDLiteDetector, out: Path, example: Tensor, meta: dic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(RawDetector(fused).eval(), example)
-        mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))],
-                             outputs=[ct.TensorType(name=n) for n in RAW_OUTPUTS], convert_to="mlprogram")  # fmt: skip
+        mlmodel = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name="input", shape=tuple(example.shape))],
+            outputs=[ct.TensorType(name=n) for n in RAW_OUTPUTS],
+            convert_to="mlprogram",
+        )
     mlmodel.short_description = f"{meta['variant']} (fused SSDLite, raw outputs: {meta['outputs']})"
     for key, value in meta.items():
         mlmodel.user_defined_metadata[key] = json.dumps(value)
@@ -286,8 +334,10 @@ def _check_raw(got: list[Tensor], fused: SSDLiteDetector, x: Tensor, runtime: st
         diff = float((g.float() - e).abs().max())
         tol = RAW_RTOL * max(1.0, float(e.abs().max()))
         if not diff <= tol:
-            raise ExportError(f"{runtime}: raw output {name} differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} "
-                              f"= 1e-4 relative) on {len(x)} images; the file should not be deployed")  # fmt: skip
+            raise ExportError(
+                f"{runtime}: raw output {name} differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} "
+                f"= 1e-4 relative) on {len(x)} images; the file should not be deployed"
+            )
     return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within 1e-4 relative"
 
 
@@ -315,18 +365,25 @@ def check_onnx_nms(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch:
     total, borderline = 0, 0
     for i, e in enumerate(expected):
         n = int(counts[i])
-        got = {"boxes": torch.from_numpy(boxes[i, :n]), "scores": torch.from_numpy(scores[i, :n]),
-               "labels": torch.from_numpy(labels[i, :n])}  # fmt: skip
+        got = {
+            "boxes": torch.from_numpy(boxes[i, :n]),
+            "scores": torch.from_numpy(scores[i, :n]),
+            "labels": torch.from_numpy(labels[i, :n]),
+        }
         e = {k: v[:m] for k, v in e.items()}
         problems, exempt = compare_detections(e, got, fused.config.score_thresh, fused.config.nms_thresh, m)
         if problems:
-            raise ExportError(f"onnxruntime NMS detections of image {i} differ from PyTorch's ({len(e['scores'])} "
-                              f"vs {n}): {'; '.join(problems[:3])}; the file should not be deployed")  # fmt: skip
+            raise ExportError(
+                f"onnxruntime NMS detections of image {i} differ from PyTorch's ({len(e['scores'])} "
+                f"vs {n}): {'; '.join(problems[:3])}; the file should not be deployed"
+            )
         total += len(e["scores"])
         borderline += exempt
     note = f" ({borderline} at a score or IoU threshold within tolerance)" if borderline else ""
-    return (f"onnxruntime {package_version('onnxruntime')}, {len(x)} real images: the same {total} detections as "
-            f"PyTorch (labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL}){note}")  # fmt: skip
+    return (
+        f"onnxruntime {package_version('onnxruntime')}, {len(x)} real images: the same {total} detections as "
+        f"PyTorch (labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL}){note}"
+    )
 
 
 def compare_detections(
@@ -366,8 +423,10 @@ def compare_detections(
             if abs(s - score_thresh) <= SCORE_TOL or abs(s - last) <= SCORE_TOL or _near_nms(dets, j, nms_thresh):
                 exempt += 1
                 continue
-            problems.append(f"{side} has label {int(dets['labels'][j])} score {s:.5f} box "
-                            f"{[round(v, 1) for v in dets['boxes'][j].tolist()]} that the other lacks")  # fmt: skip
+            problems.append(
+                f"{side} has label {int(dets['labels'][j])} score {s:.5f} box "
+                f"{[round(v, 1) for v in dets['boxes'][j].tolist()]} that the other lacks"
+            )
     return problems, exempt
 
 
@@ -393,8 +452,10 @@ def check_coreml_raw(path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batc
     ops = coreml_op_counts(path)
     convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
     if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
-        raise ExportError(f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
-                          f"fused detector has {convs} convs and none")  # fmt: skip
+        raise ExportError(
+            f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
+            f"fused detector has {convs} convs and none"
+        )
     if sys.platform != "darwin":
         return f"structural only ({ops['conv']} convs, no batch norm): Core ML prediction needs macOS"
     import coremltools as ct
@@ -429,8 +490,9 @@ def evaluate_onnx_detector(path: str | Path, data: str | Path, data_format: str 
     session = onnx_session(path)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
-    ds, loader = val_loader(data, data_format, config.img_size, meta["mean"], meta["std"],
-                            fixed if isinstance(fixed, int) else 16)  # fmt: skip
+    ds, loader = val_loader(
+        data, data_format, config.img_size, meta["mean"], meta["std"], fixed if isinstance(fixed, int) else 16
+    )
     if meta.get("class_names") and list(meta["class_names"]) != list(ds.classes):
         raise ExportError(f"{path} detects {meta['class_names'][:10]}, {data} has classes {ds.classes[:10]}")
     results, seen, bad = [], [], 0
@@ -453,5 +515,12 @@ def evaluate_onnx_detector(path: str | Path, data: str | Path, data_format: str 
     if not seen:
         raise ExportError(f"no validation image of {ds.source} could be read ({bad} unreadable)")
     metrics = detection_metrics(ds.records, ds.classes, results, seen)
-    return {**metrics, "onnx": str(path), "form": meta["form"], "data": ds.source, "images": len(seen),
-            "unreadable_images": bad, "img_size": config.img_size}  # fmt: skip
+    return {
+        **metrics,
+        "onnx": str(path),
+        "form": meta["form"],
+        "data": ds.source,
+        "images": len(seen),
+        "unreadable_images": bad,
+        "img_size": config.img_size,
+    }

@@ -31,8 +31,12 @@ def to_executorch(
 
 def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic_batch: bool) -> None:
     # Constant methods are ExecuTorch's place for metadata: the JSON, and the numbers apps need most.
-    constants = {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"],
-                 "input_size": meta["input_size"]}  # fmt: skip
+    constants = {
+        "mobileone_metadata": json.dumps(meta),
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "input_size": meta["input_size"],
+    }
     to_executorch(model, out, example, dynamic_batch, constants)
 
 

@@ -49,12 +49,14 @@ class Target:
 # Core ML computes in float16 by default: it is compared with a looser tolerance than the fp32 runtimes.
 TARGETS: dict[str, Target] = {
     "onnx": Target(".onnx", onnx.export, onnx.verify, onnx.read_onnx_metadata, (1e-4, 1e-4)),
-    "torchscript": Target(".pt", torchscript.export, torchscript.verify, torchscript.read_torchscript_metadata,
-                          (1e-4, 1e-4)),
-    "executorch": Target(".pte", executorch.export, executorch.verify, executorch.read_executorch_metadata,
-                         (1e-4, 1e-4)),
+    "torchscript": Target(
+        ".pt", torchscript.export, torchscript.verify, torchscript.read_torchscript_metadata, (1e-4, 1e-4)
+    ),
+    "executorch": Target(
+        ".pte", executorch.export, executorch.verify, executorch.read_executorch_metadata, (1e-4, 1e-4)
+    ),
     "coreml": Target(".mlpackage", coreml.export, coreml.verify, coreml.read_coreml_metadata, (5e-2, 2e-2)),
-}  # fmt: skip
+}
 FORMATS = {name: t.suffix for name, t in TARGETS.items()}
 
 

@@ -85,9 +85,11 @@ class SegmentationExportReport:
             lines.append("the model had train-time branches and BatchNorms: folded them (eval mode) before exporting")
         if self.max_abs_diff is not None:
             sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
-            lines.append(f"check ({self.check}; sizes {sizes}): max |logits - PyTorch| = {self.max_abs_diff:.3g} "
-                         f"(tolerance {self.tolerance:.3g}); argmax agreement "
-                         f"{self.argmax_agreement:.4f} %")  # fmt: skip
+            lines.append(
+                f"check ({self.check}; sizes {sizes}): max |logits - PyTorch| = {self.max_abs_diff:.3g} "
+                f"(tolerance {self.tolerance:.3g}); argmax agreement "
+                f"{self.argmax_agreement:.4f} %"
+            )
             if self.labels_agreement is not None:
                 lines.append(f"labels output vs PyTorch argmax: {self.labels_agreement:.4f} % of pixels agree")
         else:
@@ -180,8 +182,10 @@ def export_segmenter(
         got = [torch.as_tensor(np.asarray(t)) for t in run(x)]
         logits = got[0].float()
         if logits.shape != expected.shape:
-            raise ExportError(f"{format} export at {out} gives logits shaped {tuple(logits.shape)} for an input "
-                              f"{tuple(x.shape)}; PyTorch gives {tuple(expected.shape)}")  # fmt: skip
+            raise ExportError(
+                f"{format} export at {out} gives logits shaped {tuple(logits.shape)} for an input "
+                f"{tuple(x.shape)}; PyTorch gives {tuple(expected.shape)}"
+            )
         report.sizes.append(tuple(x.shape[-2:]))
         diffs, scale = max(diffs, float((logits - expected).abs().max())), max(scale, float(expected.abs().max()))
         truth = expected.argmax(1)
@@ -195,9 +199,11 @@ def export_segmenter(
     report.argmax_agreement = 100.0 * agree / pixels
     report.labels_agreement = 100.0 * labels_agree / pixels if argmax else None
     if not report.max_abs_diff <= report.tolerance:
-        raise ExportError(f"{format} export at {out} differs from the PyTorch model by {report.max_abs_diff:.3g} "
-                          f"(tolerance {report.tolerance:.3g}); the file is kept for inspection but should not be "
-                          "deployed")  # fmt: skip
+        raise ExportError(
+            f"{format} export at {out} differs from the PyTorch model by {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:.3g}); the file is kept for inspection but should not be "
+            "deployed"
+        )
     return report
 
 
@@ -206,8 +212,11 @@ def export_segmenter(
 
 def _onnx(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict) -> None:
     onnx = require("onnx")
-    dims = {0: torch.export.Dim("batch", min=1, max=256), 2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
-            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}  # fmt: skip
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=256),
+        2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+        3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE),
+    }
     to_onnx(wrapper, out, example, output_names=wrapper.output_names, dynamic_shapes=(dims,))
     proto = onnx.load(str(out))
     ops = {n.op_type for n in proto.graph.node}
@@ -222,8 +231,12 @@ def _torchscript(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta:
 
 
 def _executorch(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict) -> None:
-    constants = {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"],
-                 "input_size": meta["input_size"]}  # fmt: skip
+    constants = {
+        "mobileone_metadata": json.dumps(meta),
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "input_size": meta["input_size"],
+    }
     to_executorch(wrapper, out, example, constants=constants)
 
 
@@ -232,9 +245,12 @@ def _coreml(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, example)
-        mlmodel = ct.convert(traced, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))],
-                             outputs=[ct.TensorType(name=n) for n in wrapper.output_names],
-                             convert_to="mlprogram")  # fmt: skip
+        mlmodel = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))],
+            outputs=[ct.TensorType(name=n) for n in wrapper.output_names],
+            convert_to="mlprogram",
+        )
     mlmodel.short_description = f"{meta['architecture']} (fused MobileOne segmenter)"
     mlmodel.input_description[INPUT_NAME] = f"{meta['input_layout']}; mean {meta['mean']}, std {meta['std']}"
     for key, value in meta.items():
@@ -266,8 +282,10 @@ def _coreml_structure(path: Path, wrapper: nn.Module, example: Tensor) -> str:
     ops = coreml_op_counts(path)
     convs = _convs_run(wrapper, example)
     if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
-        raise ExportError(f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
-                          f"folded model has {convs} convs and none")  # fmt: skip
+        raise ExportError(
+            f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
+            f"folded model has {convs} convs and none"
+        )
     if "mean" not in read_coreml_metadata(path):
         raise ExportError(f"{path} lacks the preprocessing metadata (mean, std, input size)")
     where = "" if sys.platform == "darwin" else "; Core ML prediction needs macOS"
@@ -277,8 +295,10 @@ def _coreml_structure(path: Path, wrapper: nn.Module, example: Tensor) -> str:
 def _onnx_runner(path: Path, wrapper: nn.Module):
     session = onnx_session(path)
     name = session.get_inputs()[0].name
-    return (lambda x: session.run(None, {name: x.numpy()}),
-            f"onnxruntime {package_version('onnxruntime')}, real images")  # fmt: skip
+    return (
+        lambda x: session.run(None, {name: x.numpy()}),
+        f"onnxruntime {package_version('onnxruntime')}, real images",
+    )
 
 
 def _torchscript_runner(path: Path, wrapper: nn.Module):
@@ -314,15 +334,23 @@ def _coreml_runner(path: Path, wrapper: nn.Module):
     return run, f"Core ML {package_version('coremltools')} prediction (float16 compute), real images"
 
 
-_RUNNERS = {"onnx": _onnx_runner, "torchscript": _torchscript_runner, "executorch": _executorch_runner,
-            "coreml": _coreml_runner}  # fmt: skip
+_RUNNERS = {
+    "onnx": _onnx_runner,
+    "torchscript": _torchscript_runner,
+    "executorch": _executorch_runner,
+    "coreml": _coreml_runner,
+}
 
 
 def read_segmentation_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of an exported segmenter, by the file's suffix."""
     path = Path(path)
-    readers = {".onnx": read_onnx_metadata, ".pt": torchscript.read_torchscript_metadata,
-               ".pte": read_executorch_metadata, ".mlpackage": read_coreml_metadata}  # fmt: skip
+    readers = {
+        ".onnx": read_onnx_metadata,
+        ".pt": torchscript.read_torchscript_metadata,
+        ".pte": read_executorch_metadata,
+        ".mlpackage": read_coreml_metadata,
+    }
     if path.suffix not in readers:
         raise ValueError(f"cannot read metadata from {path}: expected one of {list(readers)}")
     return readers[path.suffix](path)
@@ -334,8 +362,10 @@ def evaluate_onnx_segmenter(
     """mIoU of an exported ONNX segmenter on full-resolution images (classes and preprocessing from its metadata)."""
     meta = read_onnx_metadata(path)
     if meta.get("task") != "segment":
-        raise ValueError(f"{path} is not an exported segmenter (its metadata has no task 'segment'); export one "
-                         "with `mobileone export --task segment`")  # fmt: skip
+        raise ValueError(
+            f"{path} is not an exported segmenter (its metadata has no task 'segment'); export one "
+            "with `mobileone export --task segment`"
+        )
     samples, classes, fmt = load_splits(data, data_format, splits=(split,))
     names, n = meta.get("class_names"), int(meta["num_classes"])
     lut = class_lut(classes, names, n, f"{data} ({split})")
@@ -352,5 +382,13 @@ def evaluate_onnx_segmenter(
         require_finite(logits, f"{path}")
         cm += confusion_matrix(logits.argmax(1), y[None], n)
     scores = segmentation_scores(cm, names or [str(i) for i in range(n)])
-    return {"model": str(path), "runtime": f"onnxruntime {package_version('onnxruntime')}", "data": str(data),
-            "format": fmt, "split": split, **scores, "images": len(ds) - bad, "unreadable_images": bad}  # fmt: skip
+    return {
+        "model": str(path),
+        "runtime": f"onnxruntime {package_version('onnxruntime')}",
+        "data": str(data),
+        "format": fmt,
+        "split": split,
+        **scores,
+        "images": len(ds) - bad,
+        "unreadable_images": bad,
+    }

@@ -107,11 +107,20 @@ class TrainConfig:
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
         ints = {  # name: (low, high); None = unbounded
-            "epochs": (1, None), "batch_size": (1, None), "accum_steps": (1, None), "steps_per_epoch": (1, None),
-            "img_size": (16, 4096), "k": (1, 16), "freeze_stages": (0, 5), "workers": (0, 256),
-            "threads": (1, 1024), "max_detections": (1, 100_000), "log_every": (1, None),
-            "output_stride": (8, 16), "seed": (0, 2**63 - 1),
-        }  # fmt: skip
+            "epochs": (1, None),
+            "batch_size": (1, None),
+            "accum_steps": (1, None),
+            "steps_per_epoch": (1, None),
+            "img_size": (16, 4096),
+            "k": (1, 16),
+            "freeze_stages": (0, 5),
+            "workers": (0, 256),
+            "threads": (1, 1024),
+            "max_detections": (1, 100_000),
+            "log_every": (1, None),
+            "output_stride": (8, 16),
+            "seed": (0, 2**63 - 1),
+        }
         for name, (lo, hi) in ints.items():
             value = getattr(self, name)
             if value is None and name in ("steps_per_epoch", "k", "workers", "threads", "log_every"):
@@ -122,16 +131,25 @@ class TrainConfig:
         if self.output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {self.output_stride}")
         floats = {  # name: (low, high, low inclusive, high inclusive)
-            "label_smoothing": (0.0, 1.0, True, False), "hflip": (0.0, 1.0, True, True),
-            "ema_decay": (0.0, 1.0, True, False), "magnitude": (0.0, 30.0, True, True),
-            "crop_pct": (0.0, 1.0, False, True), "base_lr": (0.0, 100.0, False, True),
-            "min_lr": (0.0, 100.0, True, True), "warmup_epochs": (0.0, 1e6, True, True),
-            "momentum": (0.0, 1.0, True, False), "weight_decay": (0.0, 1.0, True, True),
-            "weight_decay_end": (0.0, 1.0, True, True), "distill_alpha": (0.0, 1.0, True, True),
-            "distill_temperature": (0.0, 100.0, False, True), "anchor_min_ratio": (0.0, 1.0, False, False),
-            "anchor_max_ratio": (0.0, 1.0, False, True), "score_thresh": (0.0, 1.0, True, False),
-            "nms_thresh": (0.0, 1.0, False, True), "aux_weight": (0.0, 10.0, True, True),
-        }  # fmt: skip
+            "label_smoothing": (0.0, 1.0, True, False),
+            "hflip": (0.0, 1.0, True, True),
+            "ema_decay": (0.0, 1.0, True, False),
+            "magnitude": (0.0, 30.0, True, True),
+            "crop_pct": (0.0, 1.0, False, True),
+            "base_lr": (0.0, 100.0, False, True),
+            "min_lr": (0.0, 100.0, True, True),
+            "warmup_epochs": (0.0, 1e6, True, True),
+            "momentum": (0.0, 1.0, True, False),
+            "weight_decay": (0.0, 1.0, True, True),
+            "weight_decay_end": (0.0, 1.0, True, True),
+            "distill_alpha": (0.0, 1.0, True, True),
+            "distill_temperature": (0.0, 100.0, False, True),
+            "anchor_min_ratio": (0.0, 1.0, False, False),
+            "anchor_max_ratio": (0.0, 1.0, False, True),
+            "score_thresh": (0.0, 1.0, True, False),
+            "nms_thresh": (0.0, 1.0, False, True),
+            "aux_weight": (0.0, 10.0, True, True),
+        }
         for name, (lo, hi, lo_in, hi_in) in floats.items():
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -147,18 +165,22 @@ class TrainConfig:
                 f"crop_scale must be two numbers 0 < min <= max <= 1 (area fractions), got {self.crop_scale}"
             )
         if self.anchor_min_ratio >= self.anchor_max_ratio:
-            raise ValueError(f"anchor_min_ratio ({self.anchor_min_ratio}) must be below anchor_max_ratio "
-                             f"({self.anchor_max_ratio})")  # fmt: skip
+            raise ValueError(
+                f"anchor_min_ratio ({self.anchor_min_ratio}) must be below anchor_max_ratio ({self.anchor_max_ratio})"
+            )
         if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must split evenly into {self.accum_steps} accumulation "
-                             "steps")  # fmt: skip
+            raise ValueError(
+                f"batch_size {self.batch_size} must split evenly into {self.accum_steps} accumulation steps"
+            )
         if self.arch is not None:
             fields = sorted(f.name for f in dataclasses.fields(MobileOneConfig))
             try:
                 MobileOneConfig(**self.arch)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"arch must be a JSON object of MobileOneConfig fields ({', '.join(fields)}); "
-                                 f"{self.arch!r} is not valid: {e}") from e  # fmt: skip
+                raise ValueError(
+                    f"arch must be a JSON object of MobileOneConfig fields ({', '.join(fields)}); "
+                    f"{self.arch!r} is not valid: {e}"
+                ) from e
         return self
 
 

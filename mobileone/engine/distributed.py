@@ -95,8 +95,12 @@ def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, trai
     workers = cfg.workers if cfg.workers is not None else default_workers(env.world)
     if not train and len(ds) // env.world < SMALL_VAL:
         workers = 0  # read once and kept (trainer._KeptBatches): starting processes would cost more
-    common: dict[str, Any] = {"num_workers": workers, "pin_memory": env.device.type == "cuda", "collate_fn": collate,
-                              "persistent_workers": workers > 0}  # fmt: skip
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": env.device.type == "cuda",
+        "collate_fn": collate,
+        "persistent_workers": workers > 0,
+    }
     if train:
         sampler = EpochSampler(ds, env.world, env.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         return DataLoader(ds, per_rank, sampler=sampler, drop_last=True, **common)

@@ -65,8 +65,11 @@ class RunDir:
             except FileExistsError:
                 dead = self.check_free()  # raises while the owner lives
                 if self._owner() == dead:  # not taken over by another process in the meantime
-                    warnings.warn(f"{self.path} was locked by process {dead.get('pid')}, which is no longer running; "
-                                  "taking the run directory over", stacklevel=3)  # fmt: skip
+                    warnings.warn(
+                        f"{self.path} was locked by process {dead.get('pid')}, which is no longer running; "
+                        "taking the run directory over",
+                        stacklevel=3,
+                    )
                     self.lock_path.unlink(missing_ok=True)
                 continue
             except OSError as e:
@@ -76,8 +79,11 @@ class RunDir:
             self._locked = True
             stale = remove_stale_temporaries(self.path)
             if stale:
-                warnings.warn(f"removed {len(stale)} temporary file(s) an interrupted run left in {self.path}: "
-                              f"{', '.join(p.name for p in stale[:3])}", stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    f"removed {len(stale)} temporary file(s) an interrupted run left in {self.path}: "
+                    f"{', '.join(p.name for p in stale[:3])}",
+                    stacklevel=3,
+                )
             return
         raise RunDirError(f"could not lock {self.path}: another process keeps taking it")
 
@@ -155,8 +161,9 @@ class RunDir:
                 errors.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 continue
             if errors:
-                warnings.warn(f"could not read {errors[0]}; resuming from {path.name} (epoch {state.get('epoch')})",
-                              stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"could not read {errors[0]}; resuming from {path.name} (epoch {state.get('epoch')})", stacklevel=2
+                )
             return state
         raise RunDirError(
             f"cannot resume {self.path}: no readable training state ({'; '.join(errors) or 'train_state.pt missing'}); "

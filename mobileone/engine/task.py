@@ -42,8 +42,10 @@ def require_finite(outputs: Any, what: str = "the model") -> None:
     if isinstance(outputs, Tensor):
         if outputs.is_floating_point() and not bool(outputs.isfinite().all()):
             bad = int((~outputs.isfinite()).sum())
-            raise NonFiniteOutputError(f"{what} gives NaN or infinite outputs ({bad} of {outputs.numel()} values "
-                                       "in a batch); it is broken, and is not scored")  # fmt: skip
+            raise NonFiniteOutputError(
+                f"{what} gives NaN or infinite outputs ({bad} of {outputs.numel()} values "
+                "in a batch); it is broken, and is not scored"
+            )
     elif isinstance(outputs, dict):
         for value in outputs.values():
             require_finite(value, what)

@@ -148,8 +148,10 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, bad], dtype=torch.float64, device=env.device), env)
         loss_sum, seen, bad = float(totals[0]), int(totals[1]), int(totals[2])
         if seen == 0:
-            raise DataError(f"no training image of epoch {epoch + 1} could be read ({bad} unreadable); check the "
-                            "files under the training folder (see the warnings above)")  # fmt: skip
+            raise DataError(
+                f"no training image of epoch {epoch + 1} could be read ({bad} unreadable); check the "
+                "files under the training folder (see the warnings above)"
+            )
         for name, weights in (("model", model), ("EMA model", ema.module if ema is not None else None)):
             if weights is not None:
                 _check_finite(weights, f"after epoch {epoch + 1}", _last_good(run, history), name)
@@ -159,13 +161,22 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
             row |= task.evaluate(_fused_copy(model), val_loader, env)
             ema_metrics = task.evaluate(_fused_copy(ema.module), val_loader, env) if ema is not None else {}
         except NonFiniteOutputError as e:
-            raise TrainingError(f"validation after epoch {epoch + 1}: {e}; the run stopped. "
-                                f"{_last_good(run, history)} Lower the learning rate (--lr).") from e  # fmt: skip
+            raise TrainingError(
+                f"validation after epoch {epoch + 1}: {e}; the run stopped. "
+                f"{_last_good(run, history)} Lower the learning rate (--lr)."
+            ) from e
         row |= {f"ema_{k}": ema_metrics.get(k) for k in task.metric_names}
-        row |= {"lr": lr, "weight_decay": wd, "images_per_second": seen / train_seconds, "img_size": size,
-                "augment_strength": strength, "bad_images": bad, "train_seconds": train_seconds,
-                **{f"{k}_seconds": v for k, v in spent.items()},
-                "eval_seconds": time.perf_counter() - t_eval}  # fmt: skip
+        row |= {
+            "lr": lr,
+            "weight_decay": wd,
+            "images_per_second": seen / train_seconds,
+            "img_size": size,
+            "augment_strength": strength,
+            "bad_images": bad,
+            "train_seconds": train_seconds,
+            **{f"{k}_seconds": v for k, v in spent.items()},
+            "eval_seconds": time.perf_counter() - t_eval,
+        }
         history.append(row)
         if env.main:
             best = _save_epoch(run, task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data, t0)
@@ -185,18 +196,22 @@ def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env, min_batch: int = 1
         sizes = range(start, smallest - 1, -unit)  # little left out of an epoch
         fitting = next((b for b in sizes if images % b <= 0.1 * images), smallest)
         if fitting < cfg.batch_size:
-            warnings.warn(f"{images} training images give fewer than {MIN_STEPS} steps an epoch at the default "
-                          f"batch {cfg.batch_size}; using batch {fitting} (--batch-size sets it)",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"{images} training images give fewer than {MIN_STEPS} steps an epoch at the default "
+                f"batch {cfg.batch_size}; using batch {fitting} (--batch-size sets it)",
+                stacklevel=3,
+            )
             cfg.batch_size = fitting
     per_epoch = images // cfg.batch_size
     if per_epoch == 0:
         raise DataError(f"{images} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size")
     left_out = images - per_epoch * cfg.batch_size
     if left_out > 0.1 * images:
-        warnings.warn(f"each epoch trains on {per_epoch * cfg.batch_size} of {images} images: the last, incomplete "
-                      f"batch ({left_out} images) is dropped; a smaller --batch-size wastes less",
-                      stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"each epoch trains on {per_epoch * cfg.batch_size} of {images} images: the last, incomplete "
+            f"batch ({left_out} images) is dropped; a smaller --batch-size wastes less",
+            stacklevel=3,
+        )
     return min(per_epoch, cfg.steps_per_epoch or per_epoch)
 
 
@@ -289,11 +304,16 @@ def _last_good(run: RunDir, history: list[dict[str, Any]]) -> str:
 
 def _check_finite(model: nn.Module, when: str, last_good: str, name: str = "model") -> None:
     """A model with a NaN or infinite weight or BN statistic is not a result: stop instead of saving it."""
-    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-           if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
+    bad = [
+        n
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
     if bad:
-        raise TrainingError(f"the {name} has NaN or infinite values {when} (in {len(bad)} tensors, e.g. {bad[:3]}); "
-                            f"the run stopped. {last_good} Lower the learning rate (--lr).")  # fmt: skip
+        raise TrainingError(
+            f"the {name} has NaN or infinite values {when} (in {len(bad)} tensors, e.g. {bad[:3]}); "
+            f"the run stopped. {last_good} Lower the learning rate (--lr)."
+        )
 
 
 def _fused_copy(model: nn.Module) -> nn.Module:
@@ -310,8 +330,10 @@ def _check_same_classes(saved: list[str] | None, now: list[str], where: Path) ->
         return
     gone, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
     change = f"removed or renamed: {gone[:10]}; added: {new[:10]}" if gone or new else "the class order changed"
-    raise DataError(f"cannot resume {where}: the data's classes differ from the run's ({change}). Labels would "
-                    "change meaning; restore the data as it was, or start a new run with another --out")  # fmt: skip
+    raise DataError(
+        f"cannot resume {where}: the data's classes differ from the run's ({change}). Labels would "
+        "change meaning; restore the data as it was, or start a new run with another --out"
+    )
 
 
 def _handle_bad(paths: list[str], cfg: TrainConfig) -> int:
@@ -346,8 +368,10 @@ class _Progress:
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
         elif loss is not None:
-            print(f"  step {done}/{self.steps} of epoch {self.epoch}  loss {loss.item():.4f}  {speed:.0f} img/s",
-                  flush=True)  # fmt: skip
+            print(
+                f"  step {done}/{self.steps} of epoch {self.epoch}  loss {loss.item():.4f}  {speed:.0f} img/s",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -372,12 +396,24 @@ def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epo
     value = row[f"ema_{metric}"] if use_ema else row[metric]
     if best.get(metric) is None or value > best[metric]:
         prefix = "ema_" if use_ema else ""
-        best = {**{n: row[prefix + n] for n in task.metric_names}, "epoch": epoch + 1,
-                "weights": "ema" if use_ema else "model"}  # fmt: skip
+        best = {
+            **{n: row[prefix + n] for n in task.metric_names},
+            "epoch": epoch + 1,
+            "weights": "ema" if use_ema else "model",
+        }
         task.save(ema.module if use_ema else model, run.path / "best.safetensors", **best)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch + 1, "step": step,
-             "history": history, "best": best, "classes": list(data.classes), "rng": torch.get_rng_state()}  # fmt: skip
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else {},
+        "epoch": epoch + 1,
+        "step": step,
+        "history": history,
+        "best": best,
+        "classes": list(data.classes),
+        "rng": torch.get_rng_state(),
+    }
     run.save_state(state)
     now = time.perf_counter()
     row["save_seconds"], row["epoch_seconds"] = now - t_save, now - t0
@@ -394,10 +430,18 @@ def _finish(run: RunDir, task: Task, cfg: TrainConfig, history, best, data: Task
     if fused is not best_model:
         task.save(fused, run.path / "best_fused.safetensors", **best)
     task.finish(run.path, fused, data, cfg)
-    summary = {"run_dir": str(run.path), "task": task.name, "best": best, "last": history[-1], "epochs": cfg.epochs,
-               "train_images_per_second": sum(r["images_per_second"] for r in history) / len(history),
-               "bad_images": sum(r["bad_images"] for r in history)}  # fmt: skip
+    summary = {
+        "run_dir": str(run.path),
+        "task": task.name,
+        "best": best,
+        "last": history[-1],
+        "epochs": cfg.epochs,
+        "train_images_per_second": sum(r["images_per_second"] for r in history) / len(history),
+        "bad_images": sum(r["bad_images"] for r in history),
+    }
     run.write_json("summary.json", summary)
-    print(f"best {task.metric} {best[task.metric]:.2f} (epoch {best['epoch']}, {best['weights']} weights); "
-          f"run: {run.path}")  # fmt: skip
+    print(
+        f"best {task.metric} {best[task.metric]:.2f} (epoch {best['epoch']}, {best['weights']} weights); "
+        f"run: {run.path}"
+    )
     return summary

@@ -106,9 +106,11 @@ class TreeScan:
 
     def warn(self, root: Path) -> None:
         """One warning per kind of skipped entry, with a few examples."""
-        for items, what in ((self.hidden, "hidden entries (names starting with '.', __MACOSX)"),
-                            (self.repeated, "links to folders that were already read (a link loop?)"),
-                            (self.broken, "broken links")):  # fmt: skip
+        for items, what in (
+            (self.hidden, "hidden entries (names starting with '.', __MACOSX)"),
+            (self.repeated, "links to folders that were already read (a link loop?)"),
+            (self.broken, "broken links"),
+        ):
             if items:
                 examples = ", ".join(str(p) for p in items[:3]) + (", ..." if len(items) > 3 else "")
                 warnings.warn(f"{root}: skipped {len(items)} {what}: {examples}", stacklevel=3)

@@ -88,8 +88,10 @@ def evaluate_checkpoint(
     if model.class_names is not None:
         unknown = sorted(set(ds.classes) - set(model.class_names))
         if unknown:
-            raise DataError(f"{root} has class folders {unknown[:10]} that checkpoint {checkpoint} was not trained on "
-                            f"(its classes: {model.class_names[:10]}...)")  # fmt: skip
+            raise DataError(
+                f"{root} has class folders {unknown[:10]} that checkpoint {checkpoint} was not trained on "
+                f"(its classes: {model.class_names[:10]}...)"
+            )
         remap = {ds.class_to_idx[c]: model.class_names.index(c) for c in ds.classes}
         ds.samples = [(p, remap[t]) for p, t in ds.samples]
     elif len(ds.classes) > model.num_classes:
@@ -104,11 +106,14 @@ def evaluate_checkpoint(
     try:
         n, c1, c5, bad = accuracy_counts(model, loader, dev, confusion=confusion).tolist()
     except NonFiniteOutputError as e:
-        raise NonFiniteOutputError(f"checkpoint {checkpoint} gives NaN or infinite outputs on {root}, so it is not "
-                                   f"scored: its weights are broken (a diverged run?). Detail: {e}") from e  # fmt: skip
+        raise NonFiniteOutputError(
+            f"checkpoint {checkpoint} gives NaN or infinite outputs on {root}, so it is not "
+            f"scored: its weights are broken (a diverged run?). Detail: {e}"
+        ) from e
     if n == 0:
-        raise DataError(f"none of the {int(bad)} images under {root} could be read; nothing was scored (see the "
-                        "warnings above)")  # fmt: skip
+        raise DataError(
+            f"none of the {int(bad)} images under {root} could be read; nothing was scored (see the warnings above)"
+        )
     return {
         "checkpoint": str(checkpoint),
         "data": str(root),
@@ -130,8 +135,11 @@ def per_class_results(confusion: torch.Tensor, classes: list[str]) -> dict[str, 
     Classes without validation images are left out of ``per_class``; the matrix keeps every class.
     """
     images = confusion.sum(1)
-    per_class = {c: {"images": int(images[i]), "top1": 100.0 * int(confusion[i, i]) / int(images[i])}
-                 for i, c in enumerate(classes) if images[i] > 0}  # fmt: skip
+    per_class = {
+        c: {"images": int(images[i]), "top1": 100.0 * int(confusion[i, i]) / int(images[i])}
+        for i, c in enumerate(classes)
+        if images[i] > 0
+    }
     return {"per_class": per_class, "class_names": list(classes), "confusion": confusion.tolist()}
 
 
@@ -142,10 +150,15 @@ def confusion_text(result: dict[str, Any], max_classes: int = 12) -> str:
     classes = result["class_names"]
     if len(classes) <= max_classes:
         width = max(5, *(len(c[:10]) + 1 for c in classes))
-        lines += ["", "confusion (rows: true class, columns: predicted):",
-                  " " * 16 + "".join(f"{c[:10]:>{width}}" for c in classes)]  # fmt: skip
-        lines += [f"{c[:16]:<16}" + "".join(f"{v:>{width}}" for v in row)
-                  for c, row in zip(classes, result["confusion"], strict=True)]  # fmt: skip
+        lines += [
+            "",
+            "confusion (rows: true class, columns: predicted):",
+            " " * 16 + "".join(f"{c[:10]:>{width}}" for c in classes),
+        ]
+        lines += [
+            f"{c[:16]:<16}" + "".join(f"{v:>{width}}" for v in row)
+            for c, row in zip(classes, result["confusion"], strict=True)
+        ]
     return "\n".join(lines)
 
 
@@ -169,8 +182,15 @@ def plot_confusion(result: dict[str, Any], path: str | os.PathLike) -> None:
         for i in ticks:
             for j in ticks:
                 if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        int(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     ax.set(xlabel="predicted", ylabel="true class", title=f"top-1 {result['top1']:.2f} % on {result['images']} images")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -34,8 +34,12 @@ def preprocessing(source: str | os.PathLike | nn.Module | dict[str, Any]):
         meta = getattr(model, "preprocess", {}) or {}
     size = meta.get("input_size", 224)
     size = int(size[-1]) if isinstance(size, (list, tuple)) else int(size)
-    return eval_transform(size, float(meta.get("crop_pct", 0.875)), tuple(meta.get("mean", (0.485, 0.456, 0.406))),
-                          tuple(meta.get("std", (0.229, 0.224, 0.225))))  # fmt: skip
+    return eval_transform(
+        size,
+        float(meta.get("crop_pct", 0.875)),
+        tuple(meta.get("mean", (0.485, 0.456, 0.406))),
+        tuple(meta.get("std", (0.229, 0.224, 0.225))),
+    )
 
 
 def image_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -43,8 +47,13 @@ def image_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMG_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not files:
                 raise DataError(f"{path} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
             return files
@@ -57,8 +66,10 @@ def image_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 def top_k(probabilities: torch.Tensor, classes: list[str], k: int) -> list[dict[str, Any]]:
     """The ``k`` most probable classes of each row, as ``{"class", "index", "probability"}`` dicts."""
     values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
-    return [[{"class": classes[i], "index": i, "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
-            for vs, ix in zip(values, indices)]  # fmt: skip
+    return [
+        [{"class": classes[i], "index": i, "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
+        for vs, ix in zip(values, indices)
+    ]
 
 
 @torch.no_grad()

@@ -34,15 +34,23 @@ VARIANT_RECIPES: dict[str, dict[str, Any]] = {
 }
 # The built-in digits: 8x8 scans, upsampled; digits are not mirror-symmetric.
 # Batch 64: 22 steps an epoch on its 1,437 training images, as in benchmarks/underfit.py.
-BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 32, "hflip": 0.0, "crop_scale": (0.5, 1.0), "epochs": 10,
-                                    "batch_size": 64}  # fmt: skip
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "img_size": 32,
+    "hflip": 0.0,
+    "crop_scale": (0.5, 1.0),
+    "epochs": 10,
+    "batch_size": 64,
+}
 
 
 def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """Hinton's soft-target loss: KL(teacher || student) at ``temperature``, scaled by T^2."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
-                    log_target=True) * t * t  # fmt: skip
+    return (
+        F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+        * t
+        * t
+    )
 
 
 def build_classifier(cfg: TrainConfig, num_classes: int) -> MobileOne:
@@ -85,8 +93,10 @@ class ClassificationTask(Task):
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
         if cfg.variant == "mnv3":
-            raise ValueError("--variant mnv3 is the MobileNetV3 peer of detection and segmentation; "
-                             "classification trains MobileOnes (s0..s4, mu0..mu2)")  # fmt: skip
+            raise ValueError(
+                "--variant mnv3 is the MobileNetV3 peer of detection and segmentation; "
+                "classification trains MobileOnes (s0..s4, mu0..mu2)"
+            )
         if cfg.pretrained:  # the architecture comes from the file: the config must say which it is
             ckpt = read_checkpoint(cfg.pretrained)
             differs = {
@@ -109,14 +119,19 @@ class ClassificationTask(Task):
         root = Path(cfg.data) if cfg.data else builtin_dataset()
         for split in ("train", "val"):
             if not (root / split).is_dir():
-                raise DataError(f"{root} has no {split}/ folder; --data expects {root}/train/<class>/... and "
-                                f"{root}/val/<class>/... (ImageFolder layout)")  # fmt: skip
+                raise DataError(
+                    f"{root} has no {split}/ folder; --data expects {root}/train/<class>/... and "
+                    f"{root}/val/<class>/... (ImageFolder layout)"
+                )
         train_ds = ImageFolderDataset(root / "train", seed=cfg.seed)
         val_ds = ImageFolderDataset(root / "val", transform=eval_transform(cfg.img_size, cfg.crop_pct))
         check_splits(train_ds, val_ds)
         if len(train_ds.classes) == 1:
-            warnings.warn(f"{root / 'train'} has a single class ({train_ds.classes[0]}): every prediction is right, "
-                          "so loss and accuracy will mean nothing; add a folder per class", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{root / 'train'} has a single class ({train_ds.classes[0]}): every prediction is right, "
+                "so loss and accuracy will mean nothing; add a folder per class",
+                stacklevel=2,
+            )
         return TaskData(train_ds, val_ds, list(train_ds.classes))
 
     def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
@@ -131,8 +146,10 @@ class ClassificationTask(Task):
             return
         teacher = load_checkpoint(cfg.teacher)
         if teacher.num_classes != model.num_classes:
-            raise ValueError(f"teacher {cfg.teacher} has {teacher.num_classes} classes, the data has "
-                             f"{model.num_classes}; distil from a teacher trained on these classes")  # fmt: skip
+            raise ValueError(
+                f"teacher {cfg.teacher} has {teacher.num_classes} classes, the data has "
+                f"{model.num_classes}; distil from a teacher trained on these classes"
+            )
         if not teacher.inference_mode:
             teacher = reparameterize_model(teacher.eval())
         self.teacher = teacher.to(env.device).eval().requires_grad_(False)
@@ -156,8 +173,10 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, loader: Any, env: Env) -> dict[str, float]:
         counts = all_reduce_sum(accuracy_counts(model, loader, env.device, env.amp_dtype, env.channels_last), env)
         if counts[0] == 0:
-            raise DataError(f"no validation image could be read ({int(counts[3])} unreadable); check the files "
-                            "under the validation folder")  # fmt: skip
+            raise DataError(
+                f"no validation image could be read ({int(counts[3])} unreadable); check the files "
+                "under the validation folder"
+            )
         n = counts[0].item()
         return {"val_top1": 100.0 * counts[1].item() / n, "val_top5": 100.0 * counts[2].item() / n}
 

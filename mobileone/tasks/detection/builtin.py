@@ -117,8 +117,16 @@ def _write_split(folder: Path, rng: np.random.Generator, photos, scans, labels, 
         images.append({"id": i, "file_name": name, "width": size, "height": size})
         for box, c in zip(boxes, classes):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c,
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": c,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": d, "name": name, "supercategory": "digit"} for d, name in enumerate(CLASSES)]
     info = {"description": "mobileone built-in digit scenes (semi-synthetic)", "version": VERSION}
     coco = {"images": images, "annotations": annotations, "categories": categories, "info": info}

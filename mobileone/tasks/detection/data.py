@@ -108,8 +108,14 @@ def _checked_box(split: Split, where: str, box: Sequence[float], width: int, hei
 
 
 def _record(path: Path, width: int, height: int, boxes: list, labels: list, crowd: list) -> ImageRecord:
-    return ImageRecord(str(path), int(width), int(height), np.asarray(boxes, np.float32).reshape(-1, 4),
-                       np.asarray(labels, np.int64), np.asarray(crowd, bool))  # fmt: skip
+    return ImageRecord(
+        str(path),
+        int(width),
+        int(height),
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        np.asarray(labels, np.int64),
+        np.asarray(crowd, bool),
+    )
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -136,12 +142,14 @@ def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{json_path}: cannot be read ({e})") from e
     if not isinstance(data, dict):
-        raise DataError(f"{json_path}: expected a COCO object with images, annotations and categories, got a "
-                        f"{type(data).__name__}")  # fmt: skip
+        raise DataError(
+            f"{json_path}: expected a COCO object with images, annotations and categories, got a {type(data).__name__}"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise DataError(f"{json_path}: the {key!r} list is missing or not a list (COCO needs images, annotations, "
-                            "categories)")  # fmt: skip
+            raise DataError(
+                f"{json_path}: the {key!r} list is missing or not a list (COCO needs images, annotations, categories)"
+            )
     cats: dict[int, str] = {}
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
@@ -295,8 +303,9 @@ def _yolo_split_dirs(root: Path, names: Sequence[str]) -> tuple[Path, Path] | No
         for images, labels in ((root / "images" / n, root / "labels" / n), (root / n / "images", root / n / "labels")):
             if images.is_dir():
                 if not labels.is_dir():
-                    raise DataError(f"{images} has no labels folder beside it ({labels}); YOLO keeps one .txt per "
-                                    "image there")  # fmt: skip
+                    raise DataError(
+                        f"{images} has no labels folder beside it ({labels}); YOLO keeps one .txt per image there"
+                    )
                 return images, labels
     return None
 
@@ -321,8 +330,10 @@ def read_yolo(root: Path, images_dir: Path, labels_dir: Path, classes: list[str]
             except ValueError:
                 raise DataError(f"{where}: expected numbers 'class cx cy w h', got {line!r:.80}") from None
             if len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0):
-                raise DataError(f"{where}: expected 'class cx cy w h' (5 values) or a polygon 'class x1 y1 x2 y2 "
-                                f"...', got {len(values)} values")  # fmt: skip
+                raise DataError(
+                    f"{where}: expected 'class cx cy w h' (5 values) or a polygon 'class x1 y1 x2 y2 "
+                    f"...', got {len(values)} values"
+                )
             if not values[0].is_integer():
                 raise DataError(f"{where}: the class must be an integer index, got {fields[0]!r}")
             cls = int(values[0])
@@ -357,8 +368,10 @@ def _coco_files(root: Path) -> dict[str, tuple[Path, Path]] | None:
         folder = _split_dir(root, names)
         jsons = sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")) if folder else []
         if len(jsons) > 1:
-            raise DataError(f"{folder} holds {len(jsons)} json files ({', '.join(p.name for p in jsons[:4])}); a COCO "
-                            "split folder holds its images and one annotation file")  # fmt: skip
+            raise DataError(
+                f"{folder} holds {len(jsons)} json files ({', '.join(p.name for p in jsons[:4])}); a COCO "
+                "split folder holds its images and one annotation file"
+            )
         if jsons:
             found[split] = (jsons[0], folder)
     annotations = root / "annotations"
@@ -368,9 +381,18 @@ def _coco_files(root: Path) -> dict[str, tuple[Path, Path]] | None:
             split = "train" if "train" in tag else "val" if "val" in tag else None
             if split is None or split in found:
                 continue
-            image_dir = next((d for d in (root / p.stem.removeprefix("instances_"),
-                                          root / "images" / p.stem.removeprefix("instances_"), root / "images")
-                              if d.is_dir()), root)  # fmt: skip
+            image_dir = next(
+                (
+                    d
+                    for d in (
+                        root / p.stem.removeprefix("instances_"),
+                        root / "images" / p.stem.removeprefix("instances_"),
+                        root / "images",
+                    )
+                    if d.is_dir()
+                ),
+                root,
+            )
             found[split] = (p, image_dir)
     return found or None
 
@@ -405,9 +427,11 @@ def load_splits(root: str | os.PathLike, data_format: str = "auto") -> tuple[Spl
         files = _coco_files(root) or {}
         missing = [s for s in ("train", "val") if s not in files]
         if missing:
-            raise DataError(f"{root}: no COCO annotations found for the {' and '.join(missing)} split; expected "
-                            f"{root}/train/<one>.json and {root}/val/<one>.json (val may be named valid/), or "
-                            f"{root}/annotations/instances_train*.json and instances_val*.json")  # fmt: skip
+            raise DataError(
+                f"{root}: no COCO annotations found for the {' and '.join(missing)} split; expected "
+                f"{root}/train/<one>.json and {root}/val/<one>.json (val may be named valid/), or "
+                f"{root}/annotations/instances_train*.json and instances_val*.json"
+            )
         train, val = (read_coco(js, d, f"{js}") for js, d in (files["train"], files["val"]))
     elif fmt == "voc":
         main = root / "ImageSets" / "Main"
@@ -422,24 +446,30 @@ def load_splits(root: str | os.PathLike, data_format: str = "auto") -> tuple[Spl
         else:
             classes, extra = names["train"], sorted(set(names["val"]) - set(names["train"]))
             if extra:
-                raise DataError(f"{root}: train and val have different class lists: the val split has {extra[:10]}, "
-                                "which the train split lacks; add them to train, or list the classes in "
-                                f"{root}/classes.txt")  # fmt: skip
+                raise DataError(
+                    f"{root}: train and val have different class lists: the val split has {extra[:10]}, "
+                    "which the train split lacks; add them to train, or list the classes in "
+                    f"{root}/classes.txt"
+                )
         train, val = (voc_split(parsed[sp], classes, f"{root} (VOC {sp})") for sp in ("train", "val"))
     else:
         classes = _yolo_names(root)
         dirs = {s: _yolo_split_dirs(root, names) for s, names in (("train", TRAIN_NAMES), ("val", VAL_NAMES))}
         missing = [s for s, d in dirs.items() if d is None]
         if missing:
-            raise DataError(f"{root}: no YOLO image folder for the {' and '.join(missing)} split; expected "
-                            f"{root}/images/train and {root}/images/val (labels/ beside them), or "
-                            f"{root}/train/images and {root}/valid/images")  # fmt: skip
+            raise DataError(
+                f"{root}: no YOLO image folder for the {' and '.join(missing)} split; expected "
+                f"{root}/images/train and {root}/images/val (labels/ beside them), or "
+                f"{root}/train/images and {root}/valid/images"
+            )
         train, val = (read_yolo(root, *dirs[s], classes, f"{root} (YOLO {s})") for s in ("train", "val"))
     if train.classes != val.classes:
         only_t, only_v = sorted(set(train.classes) - set(val.classes)), sorted(set(val.classes) - set(train.classes))
         change = f"only in train: {only_t[:10]}, only in val: {only_v[:10]}" if only_t or only_v else "another order"
-        raise DataError(f"{root}: train and val have different class lists ({change}); both splits must use the "
-                        "same categories, in the same order")  # fmt: skip
+        raise DataError(
+            f"{root}: train and val have different class lists ({change}); both splits must use the "
+            "same categories, in the same order"
+        )
     for s in (train, val):
         if not s.records:
             raise DataError(f"{s.source}: no images")
@@ -476,8 +506,12 @@ def train_transform(
         steps.append(v2.RandomIoUCrop())
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
-    steps += [v2.Resize((img_size, img_size), antialias=True), v2.SanitizeBoundingBoxes(min_size=1.0),
-              v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]  # fmt: skip
+    steps += [
+        v2.Resize((img_size, img_size), antialias=True),
+        v2.SanitizeBoundingBoxes(min_size=1.0),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ]
     return v2.Compose(steps)
 
 
@@ -485,8 +519,14 @@ def eval_transform(
     img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> v2.Compose:
     """Resize to the detector's square input (no crop: every box stays), scale to [0, 1], normalize."""
-    return v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((img_size, img_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 class DetectionDataset(Dataset):
@@ -524,8 +564,10 @@ class DetectionDataset(Dataset):
         boxes = torch.from_numpy(r.boxes[keep])
         if (w, h) != (r.width, r.height) and r.width > 0 and r.height > 0:  # annotation and file disagree: scale
             boxes = boxes * torch.tensor([w / r.width, h / r.height] * 2)
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-                  "labels": torch.from_numpy(r.labels[keep])}  # fmt: skip
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            "labels": torch.from_numpy(r.labels[keep]),
+        }
         if self.transform is None:
             return img, target
         seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index

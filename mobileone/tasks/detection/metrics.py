@@ -28,8 +28,9 @@ def require(module: str, extra: str = "detect") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{module.split('.')[0]} is needed for COCO mAP and is not installed: "
-                          f"pip install 'mobileone[{extra}]'") from e  # fmt: skip
+        raise ImportError(
+            f"{module.split('.')[0]} is needed for COCO mAP and is not installed: pip install 'mobileone[{extra}]'"
+        ) from e
 
 
 def coco_ground_truth(records: Sequence[ImageRecord], classes: Sequence[str]) -> dict[str, Any]:
@@ -39,8 +40,16 @@ def coco_ground_truth(records: Sequence[ImageRecord], classes: Sequence[str]) ->
         images.append({"id": i, "width": r.width, "height": r.height, "file_name": r.path})
         for box, label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist()):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label + 1,
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(crowd)})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": label + 1,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd),
+                }
+            )
     categories = [{"id": i + 1, "name": str(c)} for i, c in enumerate(classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -50,8 +59,14 @@ def coco_detections(results: Iterable[tuple[int, Tensor, Tensor, Tensor]]) -> li
     out = []
     for index, boxes, scores, labels in results:
         for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-            out.append({"image_id": int(index), "category_id": int(label) + 1,
-                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": float(score)})  # fmt: skip
+            out.append(
+                {
+                    "image_id": int(index),
+                    "category_id": int(label) + 1,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "score": float(score),
+                }
+            )
     return out
 
 
@@ -109,5 +124,9 @@ def coco_map(
     for k, name in enumerate(classes):
         p = precision[:, :, k, 0, -1]  # all IoUs and recalls, area "all", 100 detections
         per_class[str(name)] = float(100 * p[p > -1].mean()) if (p > -1).any() else None
-    return {"map": float(100 * max(stats[0], 0)), "map_50": float(100 * max(stats[1], 0)),
-            "map_75": float(100 * max(stats[2], 0)), "per_class": per_class}  # fmt: skip
+    return {
+        "map": float(100 * max(stats[0], 0)),
+        "map_50": float(100 * max(stats[1], 0)),
+        "map_75": float(100 * max(stats[2], 0)),
+        "per_class": per_class,
+    }

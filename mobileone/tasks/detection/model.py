@@ -87,11 +87,14 @@ class DetectorConfig:
         if not isinstance(self.img_size, int) or not 32 <= self.img_size <= 4096:
             raise ValueError(f"img_size must be an int in 32..4096 (the square input size), got {self.img_size!r}")
         if not 0 < self.anchor_min_ratio < self.anchor_max_ratio <= 1:
-            raise ValueError(f"anchor ratios must satisfy 0 < min < max <= 1, got min {self.anchor_min_ratio}, "
-                             f"max {self.anchor_max_ratio}")  # fmt: skip
+            raise ValueError(
+                f"anchor ratios must satisfy 0 < min < max <= 1, got min {self.anchor_min_ratio}, "
+                f"max {self.anchor_max_ratio}"
+            )
         if not 0 <= self.score_thresh < 1 or not 0 < self.nms_thresh <= 1:
-            raise ValueError(f"score_thresh must be in [0, 1) and nms_thresh in (0, 1], got {self.score_thresh}, "
-                             f"{self.nms_thresh}")  # fmt: skip
+            raise ValueError(
+                f"score_thresh must be in [0, 1) and nms_thresh in (0, 1], got {self.score_thresh}, {self.nms_thresh}"
+            )
         if self.max_detections < 1 or self.topk_candidates < 1:
             raise ValueError("max_detections and topk_candidates must be >= 1")
         if len(self.extra_channels) != 4:
@@ -192,8 +195,16 @@ def _fold_conv_bn(module: nn.Module) -> None:
             weight, bias = fold_bn(conv.weight, bn.running_mean, bn.running_var, bn)
             if conv.bias is not None:
                 bias = bias + conv.bias * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, conv.groups, bias=True).to(weight.device, weight.dtype)  # fmt: skip
+            fused = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                bias=True,
+            ).to(weight.device, weight.dtype)
             with torch.no_grad():
                 fused.weight.copy_(weight)
                 fused.bias.copy_(bias)
@@ -245,8 +256,9 @@ class SSDLiteDetector(nn.Module):
         self.features = features
         levels = len(channels)
         self.anchor_generator = DefaultBoxGenerator([[2, 3]] * levels, config.anchor_min_ratio, config.anchor_max_ratio)
-        self.head = SSDLiteHead(list(channels), self.anchor_generator.num_anchors_per_location(),
-                                config.num_classes + 1, _norm_layer())  # fmt: skip
+        self.head = SSDLiteHead(
+            list(channels), self.anchor_generator.num_anchors_per_location(), config.num_classes + 1, _norm_layer()
+        )
         self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
         self.matcher = det_utils.SSDMatcher(0.5)
         self.register_buffer("anchors", self._default_boxes(levels), persistent=False)
@@ -272,9 +284,11 @@ class SSDLiteDetector(nn.Module):
         s = self.config.img_size
         if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"this detector takes a normalized float batch (N, 3, {s}, {s}), got {shape}; resize "
-                             f"images to {s} x {s} (mobileone.tasks.detection.data.eval_transform) or build the "
-                             "detector with another img_size")  # fmt: skip
+            raise ValueError(
+                f"this detector takes a normalized float batch (N, 3, {s}, {s}), got {shape}; resize "
+                f"images to {s} x {s} (mobileone.tasks.detection.data.eval_transform) or build the "
+                "detector with another img_size"
+            )
 
     def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Box regression codes (N, A, 4) and class logits (N, A, C + 1), background in column 0."""
@@ -324,8 +338,9 @@ class SSDLiteDetector(nn.Module):
         num_fg = int(fg.sum())
         target = self.box_coder.encode_single(gt_boxes[fg], anchors.expand(n, a, 4)[fg])
         box_loss = F.smooth_l1_loss(codes[fg].float(), target, reduction="sum")
-        cls_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), gt_labels.reshape(-1),
-                                   reduction="none").view(n, a)  # fmt: skip
+        cls_loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), gt_labels.reshape(-1), reduction="none"
+        ).view(n, a)
         num_neg = (NEG_TO_POS * fg.sum(1, keepdim=True)).clamp(min=NEG_TO_POS)
         negative = cls_loss.detach().masked_fill(fg, -math.inf)
         rank = negative.argsort(1, descending=True).argsort(1)
@@ -370,18 +385,23 @@ def _mobileone_backbone(config: DetectorConfig, backbone_checkpoint: str | os.Pa
         return init_branches(backbone, init)
     ckpt = read_checkpoint(backbone_checkpoint)
     if ckpt.fused:
-        raise CheckpointError(f"{backbone_checkpoint} holds fused (inference) weights; a detector trains the unfused "
-                              "branches: use the unfused checkpoint (Apple's *_unfused.pth.tar, or our "
-                              "last/best.safetensors)")  # fmt: skip
+        raise CheckpointError(
+            f"{backbone_checkpoint} holds fused (inference) weights; a detector trains the unfused "
+            "branches: use the unfused checkpoint (Apple's *_unfused.pth.tar, or our "
+            "last/best.safetensors)"
+        )
     if ckpt.config != mconfig:
-        raise CheckpointError(f"{backbone_checkpoint} is a {ckpt.variant or 'custom'} backbone, the detector's is "
-                              f"{variant or 'custom'}; choose the matching variant (--variant "
-                              f"{(ckpt.variant or 'custom').removeprefix('mobileone_')})")  # fmt: skip
+        raise CheckpointError(
+            f"{backbone_checkpoint} is a {ckpt.variant or 'custom'} backbone, the detector's is "
+            f"{variant or 'custom'}; choose the matching variant (--variant "
+            f"{(ckpt.variant or 'custom').removeprefix('mobileone_')})"
+        )
     return load_checkpoint(backbone_checkpoint, backbone)
 
 
-def build_detector(config: DetectorConfig, backbone_checkpoint: str | os.PathLike | None = None,
-                   init: str = "torch") -> SSDLiteDetector:  # fmt: skip
+def build_detector(
+    config: DetectorConfig, backbone_checkpoint: str | os.PathLike | None = None, init: str = "torch"
+) -> SSDLiteDetector:
     """The detector ``config`` describes; a MobileOne backbone loads ``backbone_checkpoint`` or starts with ``init``
     (``identity`` starts the peer's residual blocks as the identity too: ``mobileone.tasks.peer_init``)."""
     if config.backbone == PEER:
@@ -405,8 +425,10 @@ def _backbone_name(name: str) -> str:
     try:
         return resolve_variant(key)
     except ValueError:
-        raise ValueError(f"unknown detector {name!r}; choose ssdlite_s0 .. ssdlite_s4, ssdlite_mu0 .. ssdlite_mu2 or "
-                         "ssdlite_mnv3 (the MobileNetV3-Large peer)") from None  # fmt: skip
+        raise ValueError(
+            f"unknown detector {name!r}; choose ssdlite_s0 .. ssdlite_s4, ssdlite_mu0 .. ssdlite_mu2 or "
+            "ssdlite_mnv3 (the MobileNetV3-Large peer)"
+        ) from None
 
 
 def create_detector(
@@ -568,8 +590,9 @@ def load_detector(path: str | os.PathLike) -> SSDLiteDetector:
     meta = embedded_metadata(path, obj)
     if not meta or meta.get("task") != "detect" or not isinstance(meta.get("detector"), dict):
         what = f"a {meta.get('task', 'classify')} checkpoint" if meta else "not a checkpoint written by mobileone"
-        raise CheckpointError(f"{path} is {what}, not a detector; pass a detection run's last/best/best_fused "
-                              ".safetensors")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is {what}, not a detector; pass a detection run's last/best/best_fused .safetensors"
+        )
     try:
         config = DetectorConfig.from_dict(meta["detector"])
     except (TypeError, ValueError) as e:

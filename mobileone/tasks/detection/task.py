@@ -29,16 +29,29 @@ from .visualize import draw_predictions
 
 # Every detection run: torchvision's SSDLite recipe where it applies (weight decay 4e-5, constant;
 # lr 0.15 at batch 192, i.e. 0.2 per 256 images), at 320 px.
-DETECT_DEFAULTS: dict[str, Any] = {"img_size": 320, "batch_size": 32, "base_lr": 0.2, "weight_decay": 4e-5,
-                                   "weight_decay_end": 4e-5}  # fmt: skip
+DETECT_DEFAULTS: dict[str, Any] = {
+    "img_size": 320,
+    "batch_size": 32,
+    "base_lr": 0.2,
+    "weight_decay": 4e-5,
+    "weight_decay_end": 4e-5,
+}
 # The built-in digit scenes (96 px, digits of 20-40 px): default boxes from 0.15 to 0.8 of the
 # scene, no flips (digits are not mirror-symmetric), 3 epochs of 2,000 scenes in batches of 16 at
 # lr 0.05 with a short warm-up (what learnt the most in the demo's few minutes among the settings
 # tried), photometric distortion only (zoom-out and IoU crop slow a run this short down more than
 # they help it).
-BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 96, "hflip": 0.0, "anchor_min_ratio": 0.15, "anchor_max_ratio": 0.8,
-                                    "epochs": 3, "batch_size": 16, "base_lr": 0.8, "warmup_epochs": 0.3,
-                                    "max_detections": 100}  # fmt: skip
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "img_size": 96,
+    "hflip": 0.0,
+    "anchor_min_ratio": 0.15,
+    "anchor_max_ratio": 0.8,
+    "epochs": 3,
+    "batch_size": 16,
+    "base_lr": 0.8,
+    "warmup_epochs": 0.3,
+    "max_detections": 100,
+}
 BUILTIN_TOPK = 100  # candidates per class before NMS: a 96 px scene holds at most four digits
 
 
@@ -59,11 +72,21 @@ def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any)
             config = config.replace(k=1, stem_k=1, scale_branch=False, skip_branch=False)
         arch = config.to_dict()
     return create_detector(
-        detector_name(cfg), len(classes), cfg.img_size, cfg.pretrained, arch=arch, init=cfg.init,
-        freeze_stages=cfg.freeze_stages, class_names=list(classes), anchor_min_ratio=cfg.anchor_min_ratio,
-        anchor_max_ratio=cfg.anchor_max_ratio, score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
-        max_detections=cfg.max_detections, **options,
-    )  # fmt: skip
+        detector_name(cfg),
+        len(classes),
+        cfg.img_size,
+        cfg.pretrained,
+        arch=arch,
+        init=cfg.init,
+        freeze_stages=cfg.freeze_stages,
+        class_names=list(classes),
+        anchor_min_ratio=cfg.anchor_min_ratio,
+        anchor_max_ratio=cfg.anchor_max_ratio,
+        score_thresh=cfg.score_thresh,
+        nms_thresh=cfg.nms_thresh,
+        max_detections=cfg.max_detections,
+        **options,
+    )
 
 
 @torch.no_grad()
@@ -87,8 +110,9 @@ def predict_loader(
             for det, t in zip(model.postprocess(boxes, scores), targets):
                 h, w = t["size"]
                 scale = torch.tensor([w / size, h / size] * 2)
-                results.append((t["index"], det["boxes"].float().cpu() * scale, det["scores"].float().cpu(),
-                                det["labels"].cpu()))  # fmt: skip
+                results.append(
+                    (t["index"], det["boxes"].float().cpu() * scale, det["scores"].float().cpu(), det["labels"].cpu())
+                )
                 seen.append(t["index"])
     finally:
         model.train(was_training)
@@ -121,26 +145,39 @@ class DetectionTask(Task):
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
         if cfg.batch_size // cfg.accum_steps < self.min_batch:
-            raise ValueError(f"detection trains on at least {self.min_batch} images per micro-batch (BatchNorm over "
-                             f"the 1x1 maps of the last extra block); --batch-size {cfg.batch_size} with "
-                             f"--accum-steps {cfg.accum_steps} gives fewer")  # fmt: skip
+            raise ValueError(
+                f"detection trains on at least {self.min_batch} images per micro-batch (BatchNorm over "
+                f"the 1x1 maps of the last extra block); --batch-size {cfg.batch_size} with "
+                f"--accum-steps {cfg.accum_steps} gives fewer"
+            )
         if cfg.progressive:
-            raise ValueError("--progressive changes the image size, but a detector's default boxes are laid out for "
-                             "one size (--img-size); detection trains at a fixed size")  # fmt: skip
+            raise ValueError(
+                "--progressive changes the image size, but a detector's default boxes are laid out for "
+                "one size (--img-size); detection trains at a fixed size"
+            )
         if cfg.augment != "none":
-            raise ValueError(f"--augment {cfg.augment} is for classification; detection uses SSD's augmentation "
-                             "(photometric distortion, zoom-out, IoU crop, flip)")  # fmt: skip
+            raise ValueError(
+                f"--augment {cfg.augment} is for classification; detection uses SSD's augmentation "
+                "(photometric distortion, zoom-out, IoU crop, flip)"
+            )
         if cfg.data_format == "masks":
             raise ValueError("--data-format masks is for segmentation; detection reads coco, voc or yolo (or auto)")
         if cfg.teacher:
             raise ValueError("--teacher (distillation) is for classification")
         if cfg.variant == PEER:
-            options = (("--pretrained", cfg.pretrained), ("--arch", cfg.arch), ("--k", cfg.k),
-                       ("--freeze-stages", cfg.freeze_stages), ("--no-branches", not cfg.branches))  # fmt: skip
+            options = (
+                ("--pretrained", cfg.pretrained),
+                ("--arch", cfg.arch),
+                ("--k", cfg.k),
+                ("--freeze-stages", cfg.freeze_stages),
+                ("--no-branches", not cfg.branches),
+            )
             given = [flag for flag, value in options if value]
             if given:
-                raise ValueError(f"{', '.join(given)} apply to MobileOne backbones; --variant mnv3 is torchvision's "
-                                 "MobileNetV3-Large, trained from scratch")  # fmt: skip
+                raise ValueError(
+                    f"{', '.join(given)} apply to MobileOne backbones; --variant mnv3 is torchvision's "
+                    "MobileNetV3-Large, trained from scratch"
+                )
 
     def load_data(self, cfg: TrainConfig, env: Env) -> TaskData:
         self.builtin = cfg.data is None
@@ -165,9 +202,11 @@ class DetectionTask(Task):
 
     def loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
         if len(images) < self.min_batch:
-            raise DataError(f"a micro-batch of {len(images)} image(s) reached the detector (unreadable images skipped, "
-                            f"or --batch-size split over processes and --accum-steps); it needs {self.min_batch}: "
-                            "raise --batch-size")  # fmt: skip
+            raise DataError(
+                f"a micro-batch of {len(images)} image(s) reached the detector (unreadable images skipped, "
+                f"or --batch-size split over processes and --accum-steps); it needs {self.min_batch}: "
+                "raise --batch-size"
+            )
         losses = net(images, targets)
         return losses["bbox_regression"] + losses["classification"]
 
@@ -183,8 +222,9 @@ class DetectionTask(Task):
             seen = [i for g in gathered for i in g[1]]
             bad = sum(g[2] for g in gathered)
         if not seen:
-            raise DataError(f"no validation image could be read ({bad} unreadable); check the images of "
-                            f"{dataset.source}")  # fmt: skip
+            raise DataError(
+                f"no validation image could be read ({bad} unreadable); check the images of {dataset.source}"
+            )
         out: list[Any] = [None]
         if env.main:
             m = detection_metrics(dataset.records, dataset.classes, results, seen)
@@ -207,8 +247,15 @@ class DetectionTask(Task):
         return f"val mAP {row['map']:.2f}  mAP@0.5 {row['map_50']:.2f}{ema}"
 
 
-def val_loader(root: str | Path, data_format: str, img_size: int, mean: Sequence[float], std: Sequence[float],
-               batch_size: int = 16, workers: int = 0) -> tuple[DetectionDataset, DataLoader]:  # fmt: skip
+def val_loader(
+    root: str | Path,
+    data_format: str,
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 16,
+    workers: int = 0,
+) -> tuple[DetectionDataset, DataLoader]:
     """The validation split of a dataset folder at a detector's input size, and its loader."""
     _, split = load_splits(root, data_format)
     ds = DetectionDataset(split, eval_transform(img_size, mean, std))
@@ -227,14 +274,24 @@ def evaluate_detector(
     """COCO mAP (percent, with AP per class) of a detector checkpoint, fused or not, on ``data``'s val split."""
     model = load_detector(checkpoint)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    ds, loader = val_loader(data, data_format, model.config.img_size, model.preprocess["mean"],
-                            model.preprocess["std"], batch_size, workers)  # fmt: skip
+    ds, loader = val_loader(
+        data, data_format, model.config.img_size, model.preprocess["mean"], model.preprocess["std"], batch_size, workers
+    )
     if model.class_names and list(model.class_names) != list(ds.classes):
-        raise DataError(f"{checkpoint} was trained on classes {model.class_names[:10]}, {data} has {ds.classes[:10]}; "
-                        "evaluate on data with the same class list")  # fmt: skip
+        raise DataError(
+            f"{checkpoint} was trained on classes {model.class_names[:10]}, {data} has {ds.classes[:10]}; "
+            "evaluate on data with the same class list"
+        )
     results, seen, bad = predict_loader(model.to(dev), loader, dev, f"{checkpoint}")
     if not seen:
         raise DataError(f"no validation image of {ds.source} could be read ({bad} unreadable)")
     metrics = detection_metrics(ds.records, ds.classes, results, seen)
-    return {**metrics, "checkpoint": str(checkpoint), "data": str(ds.source), "fused": model.inference_mode,
-            "images": len(seen), "unreadable_images": bad, "img_size": model.config.img_size}  # fmt: skip
+    return {
+        **metrics,
+        "checkpoint": str(checkpoint),
+        "data": str(ds.source),
+        "fused": model.inference_mode,
+        "images": len(seen),
+        "unreadable_images": bad,
+        "img_size": model.config.img_size,
+    }

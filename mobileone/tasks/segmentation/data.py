@@ -42,9 +42,29 @@ from ...engine.task import DataError
 from ..classification.data import load_image
 from .model import IGNORE_INDEX
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")  # fmt: skip
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 FORMATS = ("masks", "voc")
 SCALE_RANGE = (0.5, 2.0)  # random short side, as a multiple of the crop size (torchvision's and DeepLab's recipe)
 Sample = tuple[Path, Path]  # (image, mask)
@@ -78,9 +98,11 @@ def _rgb_mask_error(path: Path, img: Image.Image) -> DataError:
     hint = ""
     if all(c in voc for c in map(tuple, colours.tolist())):
         names = [VOC_CLASSES[voc[c]] if voc[c] < len(VOC_CLASSES) else "ignore" for c in top]
-        hint = (f" These are Pascal VOC palette colours ({', '.join(names)}): save the masks as palette ('P') PNGs "
-                "as VOC ships them, or map each colour to its index in "
-                "mobileone.tasks.segmentation.data.voc_palette().")  # fmt: skip
+        hint = (
+            f" These are Pascal VOC palette colours ({', '.join(names)}): save the masks as palette ('P') PNGs "
+            "as VOC ships them, or map each colour to its index in "
+            "mobileone.tasks.segmentation.data.voc_palette()."
+        )
     return DataError(
         f"mask {path} is a colour ({img.mode}) image with {len(colours)} colours: {top}{more}. Masks must hold one "
         f"channel of class indices (8-bit grayscale or palette PNG: pixel = class index, {IGNORE_INDEX} = ignore); "
@@ -97,11 +119,15 @@ def check_mask_mode(path: Path, img: Image.Image) -> None:
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         bits = "16-bit" if img.mode.startswith("I;16") else "32-bit"
         hi = int(np.asarray(img).max())
-        raise DataError(f"mask {path} is a {bits} image (mode {img.mode}, largest value {hi}); masks must be 8-bit "
-                        f"(class indices 0..254, {IGNORE_INDEX} = ignore). Re-save it as 8-bit, e.g. "
-                        "Image.fromarray(np.asarray(mask).astype(np.uint8)) when every value is below 256")  # fmt: skip
-    raise DataError(f"mask {path} has image mode {img.mode}; masks must be 8-bit grayscale ('L') or palette ('P') "
-                    f"PNGs of class indices ({IGNORE_INDEX} = ignore)")  # fmt: skip
+        raise DataError(
+            f"mask {path} is a {bits} image (mode {img.mode}, largest value {hi}); masks must be 8-bit "
+            f"(class indices 0..254, {IGNORE_INDEX} = ignore). Re-save it as 8-bit, e.g. "
+            "Image.fromarray(np.asarray(mask).astype(np.uint8)) when every value is below 256"
+        )
+    raise DataError(
+        f"mask {path} has image mode {img.mode}; masks must be 8-bit grayscale ('L') or palette ('P') "
+        f"PNGs of class indices ({IGNORE_INDEX} = ignore)"
+    )
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -118,8 +144,10 @@ def check_mask_values(mask: np.ndarray, num_classes: int, path: Path | str) -> N
     bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
     if bad.any():
         values = sorted(int(v) for v in np.unique(mask[bad]))[:10]
-        raise DataError(f"mask {path} holds values {values} that are neither classes 0..{num_classes - 1} nor the "
-                        f"ignore index {IGNORE_INDEX}; fix the mask, or list every class in classes.txt")  # fmt: skip
+        raise DataError(
+            f"mask {path} holds values {values} that are neither classes 0..{num_classes - 1} nor the "
+            f"ignore index {IGNORE_INDEX}; fix the mask, or list every class in classes.txt"
+        )
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -139,8 +167,9 @@ def detect_format(root: str | os.PathLike, data_format: str = "auto") -> tuple[P
     if not root.is_dir():
         raise DataError(f"segmentation data folder {root} does not exist")
     if data_format not in ("auto", *FORMATS):
-        raise DataError(f"--data-format {data_format!r} is a detection format; segmentation reads "
-                        f"{' or '.join(FORMATS)} (or auto)")  # fmt: skip
+        raise DataError(
+            f"--data-format {data_format!r} is a detection format; segmentation reads {' or '.join(FORMATS)} (or auto)"
+        )
     voc = find_voc_root(root)
     if data_format in ("auto", "voc") and voc is not None:
         return voc, "voc"
@@ -170,19 +199,24 @@ def mask_folder_samples(split_dir: Path) -> tuple[list[Sample], list[Path]]:
         if p.suffix.lower() not in exts:
             continue
         if p.stem in images:
-            raise DataError(f"{images[p.stem].name} and {p.name} in {images_dir} share the stem {p.stem!r}, so they "
-                            "would share one mask; rename one")  # fmt: skip
+            raise DataError(
+                f"{images[p.stem].name} and {p.name} in {images_dir} share the stem {p.stem!r}, so they "
+                "would share one mask; rename one"
+            )
         images[p.stem] = p
     masks = {p.stem: p for p in _files(masks_dir) if p.suffix.lower() in exts}
     lossy = [p.name for p in masks.values() if p.suffix.lower() not in (".png", ".bmp", ".tif", ".tiff")]
     if lossy:
-        raise DataError(f"{masks_dir} holds lossy masks ({', '.join(lossy[:5])}): JPEG compression changes class "
-                        "indices at every edge; save masks as PNG")  # fmt: skip
+        raise DataError(
+            f"{masks_dir} holds lossy masks ({', '.join(lossy[:5])}): JPEG compression changes class "
+            "indices at every edge; save masks as PNG"
+        )
     missing = sorted(p for stem, p in images.items() if stem not in masks)
     orphans = sorted(p.name for stem, p in masks.items() if stem not in images)
     if orphans:
-        warnings.warn(f"{masks_dir}: {len(orphans)} mask(s) have no image and are unused, e.g. {orphans[:3]}",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{masks_dir}: {len(orphans)} mask(s) have no image and are unused, e.g. {orphans[:3]}", stacklevel=2
+        )
     return [(images[s], masks[s]) for s in sorted(images) if s in masks], missing
 
 
@@ -202,8 +236,10 @@ def voc_samples(root: Path, split: str) -> tuple[list[Sample], list[Path]]:
         else:
             samples.append((image, mask))
     if no_image:
-        warnings.warn(f"{listing}: {len(no_image)} listed id(s) have no JPEGImages/<id>.jpg and are skipped, e.g. "
-                      f"{no_image[:3]}", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{listing}: {len(no_image)} listed id(s) have no JPEGImages/<id>.jpg and are skipped, e.g. {no_image[:3]}",
+            stacklevel=2,
+        )
     return samples, missing
 
 
@@ -219,8 +255,10 @@ def read_classes(root: Path) -> list[str] | None:
         return None
     for f, names in found.items():
         if len(names) < 2:
-            raise DataError(f"{f} lists {len(names)} class(es); segmentation needs at least 2 (e.g. background and "
-                            "one object class), one name per line")  # fmt: skip
+            raise DataError(
+                f"{f} lists {len(names)} class(es); segmentation needs at least 2 (e.g. background and "
+                "one object class), one name per line"
+            )
         if len(set(names)) != len(names):
             raise DataError(f"{f} lists a class twice: {sorted({n for n in names if names.count(n) > 1})}")
         if len(names) > IGNORE_INDEX:
@@ -229,11 +267,16 @@ def read_classes(root: Path) -> list[str] | None:
     for f, names in found.items():
         if names != first:
             only_a, only_b = [n for n in first if n not in names], [n for n in names if n not in first]
-            change = f"only in {first_file}: {only_a[:10]}, only in {f}: {only_b[:10]}" if only_a or only_b else (
-                "the same names in another order")  # fmt: skip
-            raise DataError(f"{first_file} and {f} list different classes ({change}); class i must mean the same "
-                            "in train and val: make the lists identical (one classes.txt in the root is "
-                            "enough)")  # fmt: skip
+            change = (
+                f"only in {first_file}: {only_a[:10]}, only in {f}: {only_b[:10]}"
+                if only_a or only_b
+                else ("the same names in another order")
+            )
+            raise DataError(
+                f"{first_file} and {f} list different classes ({change}); class i must mean the same "
+                "in train and val: make the lists identical (one classes.txt in the root is "
+                "enough)"
+            )
     return first
 
 
@@ -250,12 +293,15 @@ def check_pairs(samples: Sequence[Sample]) -> None:
         except (OSError, UnidentifiedImageError, SyntaxError):
             continue  # unreadable files are skipped and counted when they are loaded
         if mask_size != image_size:
-            wrong_size.append(f"{mask.name} {mask_size[0]}x{mask_size[1]} vs image {image.name} "
-                              f"{image_size[0]}x{image_size[1]}")  # fmt: skip
+            wrong_size.append(
+                f"{mask.name} {mask_size[0]}x{mask_size[1]} vs image {image.name} {image_size[0]}x{image_size[1]}"
+            )
     if wrong_size:
-        raise DataError(f"{len(wrong_size)} mask(s) differ in size from their image (width x height): "
-                        f"{'; '.join(wrong_size[:5])}. A mask must match its image pixel for pixel; re-export them at "
-                        "the image size (nearest-neighbour resizing if need be)")  # fmt: skip
+        raise DataError(
+            f"{len(wrong_size)} mask(s) differ in size from their image (width x height): "
+            f"{'; '.join(wrong_size[:5])}. A mask must match its image pixel for pixel; re-export them at "
+            "the image size (nearest-neighbour resizing if need be)"
+        )
 
 
 def mask_histogram(samples: Sequence[Sample]) -> np.ndarray:
@@ -283,12 +329,17 @@ def infer_classes(train: Sequence[Sample], val: Sequence[Sample], root: Path) ->
     n = int(seen.max()) + 1
     extra = [int(v) for v in np.flatnonzero(hist_val) if v >= n]
     if extra:
-        raise DataError(f"val masks hold class values {extra[:10]} that no training mask has (train: 0..{n - 1}); "
-                        f"train and val must share one class list: write it to {root}/classes.txt")  # fmt: skip
+        raise DataError(
+            f"val masks hold class values {extra[:10]} that no training mask has (train: 0..{n - 1}); "
+            f"train and val must share one class list: write it to {root}/classes.txt"
+        )
     absent = [int(v) for v in range(n) if hist_train[v] == 0]
     if absent:
-        warnings.warn(f"classes {absent[:10]} (below the largest mask value {n - 1}) appear in no training mask; "
-                      f"name the classes in {root}/classes.txt to make the list explicit", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"classes {absent[:10]} (below the largest mask value {n - 1}) appear in no training mask; "
+            f"name the classes in {root}/classes.txt to make the list explicit",
+            stacklevel=2,
+        )
     return [str(i) for i in range(n)]
 
 
@@ -303,12 +354,17 @@ def load_splits(
             samples, missing = voc_samples(root, split)
         else:
             if not (root / split).is_dir():
-                raise DataError(f"{root} has no {split}/ folder; the masks layout needs {root}/{split}/images/ and "
-                                f"{root}/{split}/masks/")  # fmt: skip
+                raise DataError(
+                    f"{root} has no {split}/ folder; the masks layout needs {root}/{split}/images/ and "
+                    f"{root}/{split}/masks/"
+                )
             samples, missing = mask_folder_samples(root / split)
         if missing:
-            warnings.warn(f"{root} ({split}): skipped {len(missing)} image(s) without a mask, e.g. "
-                          f"{[p.name for p in missing[:3]]}", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{root} ({split}): skipped {len(missing)} image(s) without a mask, e.g. "
+                f"{[p.name for p in missing[:3]]}",
+                stacklevel=2,
+            )
         if not samples:
             raise DataError(f"{root} ({split}) has no image with a mask")
         check_pairs(samples)
@@ -332,21 +388,25 @@ def train_transform(
 ) -> v2.Compose:
     """Joint augmentation: short side to ``scale`` x ``size`` at random, a ``size`` crop padded with ignore, flip."""
     lo, hi = max(8, round(scale[0] * size)), max(9, round(scale[1] * size) + 1)
-    return v2.Compose([
-        v2.RandomResize(lo, hi, antialias=True),
-        v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-        v2.RandomHorizontalFlip(hflip),
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.RandomResize(lo, hi, antialias=True),
+            v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+            v2.RandomHorizontalFlip(hflip),
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 def eval_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """Full resolution: no resize, no crop; only the float conversion and the normalization."""
-    return v2.Compose([
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 class SegmentationDataset(Dataset):
@@ -384,8 +444,10 @@ class SegmentationDataset(Dataset):
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             return None
         if mask.shape != (image.height, image.width):
-            raise DataError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} "
-                            f"{image.width}x{image.height}; a mask must match its image pixel for pixel")  # fmt: skip
+            raise DataError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} "
+                f"{image.width}x{image.height}; a mask must match its image pixel for pixel"
+            )
         check_mask_values(mask, len(self.classes), mask_path)
         return image, (self.lut[mask] if self.lut is not None else mask)
 

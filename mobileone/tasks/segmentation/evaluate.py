@@ -25,8 +25,13 @@ def predict(model: nn.Module, x: Tensor, size: int | None = None) -> Tensor:
     if size is None or min(h, w) == size:
         return model(x)["out"]
     scale = size / min(h, w)
-    small = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
-                          align_corners=False, antialias=True)  # fmt: skip
+    small = F.interpolate(
+        x,
+        size=(max(1, round(h * scale)), max(1, round(w * scale))),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
     return F.interpolate(model(small)["out"], size=(h, w), mode="bilinear", align_corners=False)
 
 
@@ -79,8 +84,10 @@ def class_lut(data_classes: list[str], model_classes: list[str] | None, num_clas
         return lut
     unknown = [c for c in data_classes if c not in model_classes]
     if unknown:
-        raise DataError(f"{where} has classes {unknown[:10]} the model was not trained on (its classes: "
-                        f"{model_classes[:10]}{'...' if len(model_classes) > 10 else ''})")  # fmt: skip
+        raise DataError(
+            f"{where} has classes {unknown[:10]} the model was not trained on (its classes: "
+            f"{model_classes[:10]}{'...' if len(model_classes) > 10 else ''})"
+        )
     for i, c in enumerate(data_classes):
         lut[i] = model_classes.index(c)
     return lut
@@ -111,14 +118,15 @@ def evaluate_checkpoint(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     model.to(dev)
-    loader = DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate_masks,
-                        pin_memory=dev.type == "cuda")  # fmt: skip
+    loader = DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate_masks, pin_memory=dev.type == "cuda")
     t0 = time.perf_counter()
     cm, bad = confusion_over(model, loader, model.num_classes, dev, size=size)
     scores = segmentation_scores(cm, model.class_names or [str(i) for i in range(model.num_classes)])
     if scores["pixels"] == 0:
-        raise DataError(f"no pixel of {data} ({split}) could be scored ({bad} unreadable images; every other pixel "
-                        f"is {IGNORE_INDEX}, ignore)")  # fmt: skip
+        raise DataError(
+            f"no pixel of {data} ({split}) could be scored ({bad} unreadable images; every other pixel "
+            f"is {IGNORE_INDEX}, ignore)"
+        )
     return {
         "checkpoint": str(checkpoint),
         "model": model.name,

@@ -29,8 +29,9 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
     target, pred = target[keep], pred[keep]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         bad = sorted({int(v) for v in target[(target < 0) | (target >= num_classes)].unique()[:10]})
-        raise ValueError(f"mask values {bad} are neither classes 0..{num_classes - 1} nor the ignore index "
-                         f"{ignore_index}")  # fmt: skip
+        raise ValueError(
+            f"mask values {bad} are neither classes 0..{num_classes - 1} nor the ignore index {ignore_index}"
+        )
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 

@@ -81,8 +81,10 @@ class SegmenterConfig:
         if self.aux and self.head == "lraspp":
             raise ValueError("LR-ASPP has no auxiliary head; pass aux=False (or leave it unset)")
         if self.backbone == MNV3 and self.output_stride != 16:
-            raise ValueError("the MobileNetV3-Large peer runs at output stride 16 only (torchvision dilates its "
-                             "last stage, nothing more); use output_stride=16")  # fmt: skip
+            raise ValueError(
+                "the MobileNetV3-Large peer runs at output stride 16 only (torchvision dilates its "
+                "last stage, nothing more); use output_stride=16"
+            )
         if not isinstance(self.head_channels, int) or self.head_channels < 1:
             raise ValueError(f"head_channels must be an int >= 1, got {self.head_channels!r}")
 
@@ -131,8 +133,17 @@ def fold_conv_bn(module: nn.Module) -> int:
 def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     weight, new_bias = fold_bn(conv.weight, bn.running_mean - bias, bn.running_var, bn)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)  # fmt: skip
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    )
     fused = fused.to(conv.weight.device, conv.weight.dtype)
     fused.weight.copy_(weight)
     fused.bias.copy_(new_bias)
@@ -218,8 +229,11 @@ def _mobilenet_v3_features(low: bool) -> tuple[nn.Module, int, int]:
     stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
     low_pos, high_pos = stages[-4], stages[-1]  # C2 (stride 8, 40 channels), C5 (stride 16, 960 channels)
     layers = {str(low_pos): "low", str(high_pos): "high"} if low else {str(high_pos): "high"}
-    return (IntermediateLayerGetter(features, return_layers=layers), features[low_pos].out_channels,
-            features[high_pos].out_channels)  # fmt: skip
+    return (
+        IntermediateLayerGetter(features, return_layers=layers),
+        features[low_pos].out_channels,
+        features[high_pos].out_channels,
+    )
 
 
 def parse_segmenter_name(name: str) -> tuple[str, str | None]:
@@ -229,8 +243,10 @@ def parse_segmenter_name(name: str) -> tuple[str, str | None]:
     key = name.lower().replace("-", "_")
     head, _, backbone = key.partition("_")
     if head not in HEADS:
-        raise ValueError(f"unknown segmenter {name!r}: it must start with a head, {' or '.join(HEADS)} "
-                         f"(e.g. deeplabv3_s0, lraspp_mnv3); known: {list_segmenters()}")  # fmt: skip
+        raise ValueError(
+            f"unknown segmenter {name!r}: it must start with a head, {' or '.join(HEADS)} "
+            f"(e.g. deeplabv3_s0, lraspp_mnv3); known: {list_segmenters()}"
+        )
     if not backbone:
         return head, None
     if backbone in (MNV3, "mobilenet_v3_large"):
@@ -272,8 +288,10 @@ def create_segmenter(
     head, backbone = parse_segmenter_name(name)
     if arch is not None:
         if backbone is not None:
-            raise ValueError(f"give the backbone once: {name!r} names one, and arch= another; use the head alone "
-                             f"({head!r}) with arch=")  # fmt: skip
+            raise ValueError(
+                f"give the backbone once: {name!r} names one, and arch= another; use the head alone "
+                f"({head!r}) with arch="
+            )
         config = arch if isinstance(arch, MobileOneConfig) else MobileOneConfig(**arch)
         backbone = variant_of(config) or "custom"
         arch_dict = None if backbone != "custom" else config.to_dict()
@@ -282,11 +300,14 @@ def create_segmenter(
     else:
         arch_dict = None
     if backbone == MNV3 and backbone_checkpoint is not None:
-        raise ValueError("the MobileNetV3-Large peer is built without weights (nothing is downloaded); "
-                         "backbone_checkpoint= is for MobileOne backbones")  # fmt: skip
+        raise ValueError(
+            "the MobileNetV3-Large peer is built without weights (nothing is downloaded); "
+            "backbone_checkpoint= is for MobileOne backbones"
+        )
     aux = (head == "deeplabv3") if aux is None else aux
-    config = SegmenterConfig(head, backbone, num_classes, output_stride, aux, head_channels or HEAD_CHANNELS[head],
-                             arch_dict)  # fmt: skip
+    config = SegmenterConfig(
+        head, backbone, num_classes, output_stride, aux, head_channels or HEAD_CHANNELS[head], arch_dict
+    )
     model = Segmenter(config)
     if backbone_checkpoint is not None:
         load_checkpoint(backbone_checkpoint, model.backbone)
@@ -450,9 +471,23 @@ def lraspp_mnv3(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_mnv3", **kwargs)
 
 
-SEGMENTERS = {f.__name__: f for f in (deeplabv3_s0, deeplabv3_s1, deeplabv3_s2, deeplabv3_s3, deeplabv3_s4,
-                                      lraspp_s0, lraspp_s1, lraspp_s2, lraspp_s3, lraspp_s4, deeplabv3_mnv3,
-                                      lraspp_mnv3)}  # fmt: skip
+SEGMENTERS = {
+    f.__name__: f
+    for f in (
+        deeplabv3_s0,
+        deeplabv3_s1,
+        deeplabv3_s2,
+        deeplabv3_s3,
+        deeplabv3_s4,
+        lraspp_s0,
+        lraspp_s1,
+        lraspp_s2,
+        lraspp_s3,
+        lraspp_s4,
+        deeplabv3_mnv3,
+        lraspp_mnv3,
+    )
+}
 
 
 def list_segmenters() -> list[str]:
@@ -463,8 +498,15 @@ def list_segmenters() -> list[str]:
 def segmenter_info(model: Segmenter, **meta: Any) -> dict[str, Any]:
     """The metadata a checkpoint holds: the constructor's arguments, classes, preprocessing, and ``meta``."""
     pre = {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()}
-    return {"task": "segment", "model": model.name, **model.config.to_dict(), "inference_mode": model.inference_mode,
-            "class_names": model.class_names, "preprocess": pre, **meta}  # fmt: skip
+    return {
+        "task": "segment",
+        "model": model.name,
+        **model.config.to_dict(),
+        "inference_mode": model.inference_mode,
+        "class_names": model.class_names,
+        "preprocess": pre,
+        **meta,
+    }
 
 
 def save_segmenter(model: Segmenter, path: str | os.PathLike, **meta: Any) -> Path:
@@ -491,9 +533,11 @@ def read_segmenter_info(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
     if not info or info.get("task") != "segment" or not isinstance(sd, dict):
         what = f"a {info.get('task', 'classify')} checkpoint" if info else "not a checkpoint written by mobileone"
-        raise CheckpointError(f"{path} is {what}, not a segmentation model; use a run's best.safetensors, "
-                              "best_fused.safetensors or last.safetensors from `mobileone train --task "
-                              "segment`")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is {what}, not a segmentation model; use a run's best.safetensors, "
+            "best_fused.safetensors or last.safetensors from `mobileone train --task "
+            "segment`"
+        )
     return info, sd
 
 
@@ -513,5 +557,15 @@ def load_segmenter(path: str | os.PathLike) -> Segmenter:
     return model.eval()
 
 
-__all__ = ["ATROUS_RATES", "HEADS", "IGNORE_INDEX", "SEGMENTERS", "Segmenter", "SegmenterConfig",
-           "create_segmenter", "list_segmenters", "load_segmenter", "save_segmenter"]  # fmt: skip
+__all__ = [
+    "ATROUS_RATES",
+    "HEADS",
+    "IGNORE_INDEX",
+    "SEGMENTERS",
+    "Segmenter",
+    "SegmenterConfig",
+    "create_segmenter",
+    "list_segmenters",
+    "load_segmenter",
+    "save_segmenter",
+]

@@ -50,8 +50,12 @@ def segmentation_loss(out: dict[str, Tensor], masks: Tensor, aux_weight: float, 
     valid = (masks != IGNORE_INDEX).sum().clamp(min=1)
 
     def ce(logits: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum",
-                               label_smoothing=label_smoothing) / valid  # fmt: skip
+        return (
+            F.cross_entropy(
+                logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+            )
+            / valid
+        )
 
     loss = ce(out["out"])
     if "aux" in out and aux_weight > 0:
@@ -62,8 +66,13 @@ def segmentation_loss(out: dict[str, Tensor], masks: Tensor, aux_weight: float, 
 def build_segmenter(cfg: TrainConfig, classes: Sequence[str]) -> Segmenter:
     """The train-time model of a run: backbone from ``--pretrained`` or initialised with ``cfg.init``."""
     aux = cfg.head == "deeplabv3" and cfg.aux_weight > 0
-    common = {"num_classes": len(classes), "output_stride": cfg.output_stride, "aux": aux,
-              "backbone_checkpoint": cfg.pretrained, "class_names": list(classes)}  # fmt: skip
+    common = {
+        "num_classes": len(classes),
+        "output_stride": cfg.output_stride,
+        "aux": aux,
+        "backbone_checkpoint": cfg.pretrained,
+        "class_names": list(classes),
+    }
     if cfg.variant == MNV3:
         model = create_segmenter(f"{cfg.head}_{MNV3}", **common)
         if cfg.init == "identity":
@@ -97,8 +106,10 @@ class SegmentationTask(Task):
         if cfg.head == "lraspp" and "aux_weight" in given and cfg.aux_weight > 0:
             raise ValueError("--aux-weight weighs DeepLabV3's auxiliary head; LR-ASPP has none (--head deeplabv3)")
         if cfg.augment != "none":
-            raise ValueError("--augment (RandAugment/AutoAugment) is classification's; segmentation augments image "
-                             "and mask together (random scale, crop, flip)")  # fmt: skip
+            raise ValueError(
+                "--augment (RandAugment/AutoAugment) is classification's; segmentation augments image "
+                "and mask together (random scale, crop, flip)"
+            )
         if cfg.teacher:
             raise ValueError("--teacher (distillation) is classification's; segmentation trains on the masks")
         if cfg.data_format not in ("auto", "masks", "voc"):
@@ -106,12 +117,22 @@ class SegmentationTask(Task):
         if cfg.variant == MNV3:
             if cfg.output_stride != 16:
                 raise ValueError("--variant mnv3 (torchvision's MobileNetV3-Large) runs at --output-stride 16 only")
-            backbone_only = [n for n, v in (("--pretrained", cfg.pretrained), ("--arch", cfg.arch), ("--k", cfg.k),
-                                            ("--freeze-stages", cfg.freeze_stages)) if v]  # fmt: skip
+            backbone_only = [
+                n
+                for n, v in (
+                    ("--pretrained", cfg.pretrained),
+                    ("--arch", cfg.arch),
+                    ("--k", cfg.k),
+                    ("--freeze-stages", cfg.freeze_stages),
+                )
+                if v
+            ]
             if backbone_only or not cfg.branches:
                 named = ", ".join(backbone_only) or "--no-branches"
-                raise ValueError(f"{named} apply to MobileOne backbones; --variant mnv3 is the MobileNetV3-Large "
-                                 "peer, built without weights")  # fmt: skip
+                raise ValueError(
+                    f"{named} apply to MobileOne backbones; --variant mnv3 is the MobileNetV3-Large "
+                    "peer, built without weights"
+                )
 
     def load_data(self, cfg: TrainConfig, env: Env) -> TaskData:
         root = Path(cfg.data) if cfg.data else builtin_scenes(size=BUILTIN_SCENE_SIZE)
@@ -140,8 +161,10 @@ class SegmentationTask(Task):
         cm, bad = confusion_over(model, loader, n, env.device, env.amp_dtype, env.channels_last)
         cm = all_reduce_sum(cm, env)
         if int(cm.sum()) == 0:
-            raise DataError(f"no validation pixel could be scored ({bad} unreadable images on this rank, all other "
-                            f"pixels {IGNORE_INDEX}); check the files under the validation folder")  # fmt: skip
+            raise DataError(
+                f"no validation pixel could be scored ({bad} unreadable images on this rank, all other "
+                f"pixels {IGNORE_INDEX}); check the files under the validation folder"
+            )
         scores = segmentation_scores(cm)
         return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"]}
 
@@ -191,8 +214,9 @@ def draw_predictions(model: nn.Module, dataset: SegmentationDataset, out: Path, 
     for r, (image, truth, pred) in enumerate(rows):
         labelled = truth != IGNORE_INDEX
         acc = 100.0 * float((pred[labelled] == truth[labelled]).mean()) if labelled.any() else float("nan")
-        for c, (title, panel) in enumerate((("image", image), ("mask", colorize(truth)),
-                                            (f"prediction ({acc:.0f} % px)", colorize(pred)))):  # fmt: skip
+        for c, (title, panel) in enumerate(
+            (("image", image), ("mask", colorize(truth)), (f"prediction ({acc:.0f} % px)", colorize(pred)))
+        ):
             axes[r][c].imshow(panel, interpolation="nearest")
             axes[r][c].set_axis_off()
             if r == 0 or c == 2:
