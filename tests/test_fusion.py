@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from mobileone import FusionWarning, MobileOneLayer, create_model, list_models, reparameterize_model
 from mobileone.core.fusion import identity_kernel
@@ -126,3 +127,45 @@ def test_fusion_inside_another_module(tiny_model):
     assert all(layer.inference_mode for layer in fused[0].layers())
     with pytest.raises(ValueError, match="no MobileOne layers"):
         reparameterize_model(torch.nn.Linear(2, 2))
+
+
+def test_fold_conv_bn_is_exact_and_recursive():
+    """The one conv + BN fold: nested Sequentials, conv bias, padding modes, dilation, groups, BN without
+    affine; a BN without running statistics is kept; a module that folds itself is left to itself."""
+    from mobileone.core.fusion import fold_conv_bn
+
+    torch.manual_seed(0)
+
+    class SelfFolding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            return self.body(x)
+
+        def reparameterize(self) -> None:  # pragma: no cover - only its presence matters
+            pass
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect", bias=True), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.BatchNorm2d(8))])[0],
+        nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8, affine=False)),
+        nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, track_running_stats=False)),
+        SelfFolding(),
+    )
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            if bn.affine:
+                bn.weight.data.uniform_(0.5, 2)
+                bn.bias.data.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(2, 3, 12, 12)
+    expected = model(x)
+    assert fold_conv_bn(model) == 3
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert model[0][0].padding_mode == "reflect" and model[1][0].dilation == (2, 2)
+    assert isinstance(model[3][1], nn.BatchNorm2d)  # batch statistics: kept
+    assert isinstance(model[4].body[1], nn.BatchNorm2d)  # folds itself: left alone

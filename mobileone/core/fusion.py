@@ -76,6 +76,60 @@ def fuse_branches(branches: list[tuple[Tensor, nn.BatchNorm2d]]) -> tuple[Tensor
     return weight, bias
 
 
+def fold_conv_bn(module: nn.Module) -> int:
+    """Fold every conv directly followed by a BatchNorm in an ``nn.Sequential`` of ``module`` into one conv.
+
+    The one conv + BatchNorm fold of every task's heads and necks (SSDLite's extra blocks, FPN
+    necks, ASPP): the BatchNorm becomes ``nn.Identity``, the conv gains the bias, its padding mode,
+    dilation and groups are kept. Modules below ``module`` that fold themselves (a ``reparameterize()``
+    method, e.g. MobileOne layers) are left to it. A BatchNorm without running statistics
+    (``track_running_stats=False``) is kept: it normalizes by the batch, which no conv reproduces.
+    Exact in eval mode. Returns how many pairs were folded.
+    """
+    folded = 0
+    if isinstance(module, nn.Sequential):
+        items = list(module._modules.items())
+        for (name, conv), (bn_name, bn) in zip(items, items[1:]):
+            if type(conv) is nn.Conv2d and _foldable_bn(bn):
+                module._modules[name] = _folded_conv(conv, bn)
+                module._modules[bn_name] = nn.Identity()
+                folded += 1
+    for child in module.children():
+        if not callable(getattr(child, "reparameterize", None)):
+            folded += fold_conv_bn(child)
+    return folded
+
+
+def _foldable_bn(bn: nn.Module) -> bool:
+    is_bn = isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    return is_bn and bn.running_mean is not None and bn.running_var is not None
+
+
+@torch.no_grad()
+def _folded_conv(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
+    """One conv equal, in eval mode, to ``bn(conv(x))`` (a conv bias is folded too)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
+    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(conv.weight.device, conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_(shift + (conv_bias - bn.running_mean) * scale)
+    fused.weight.requires_grad_(conv.weight.requires_grad)
+    return fused
+
+
 def reparameterizable_modules(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that can fold themselves (have a ``reparameterize()`` method)."""
     return [m for m in model.modules() if callable(getattr(m, "reparameterize", None))]

@@ -50,7 +50,7 @@ from ...core.checkpoint import (
     write_weights,
 )
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
-from ...core.fusion import fold_bn
+from ...core.fusion import fold_conv_bn
 from ...core.model import MobileOne, MobileOneLayer, init_branches
 from ..peer_init import zero_init_residuals
 
@@ -183,32 +183,6 @@ class MobileNetV3Trunk(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         c4 = self.body[0](x)
         return [c4, self.body[1](c4)]
-
-
-def _fold_conv_bn(module: nn.Module) -> None:
-    """Fold every (Conv2d, BatchNorm2d) pair that follows each other in a Sequential; the BN becomes Identity."""
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-                continue
-            weight, bias = fold_bn(conv.weight, bn.running_mean, bn.running_var, bn)
-            if conv.bias is not None:
-                bias = bias + conv.bias * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            fused = nn.Conv2d(
-                conv.in_channels,
-                conv.out_channels,
-                conv.kernel_size,
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                conv.groups,
-                bias=True,
-            ).to(weight.device, weight.dtype)
-            with torch.no_grad():
-                fused.weight.copy_(weight)
-                fused.bias.copy_(bias)
-            seq[i], seq[i + 1] = fused, nn.Identity()
 
 
 def feature_grid(img_size: int, levels: int) -> list[int]:
@@ -365,7 +339,7 @@ class SSDLiteDetector(nn.Module):
         for m in self.modules():
             if isinstance(m, MobileOneLayer):
                 m.reparameterize()
-        _fold_conv_bn(self)
+        fold_conv_bn(self)
 
     def freeze_stages(self, n: int) -> None:
         """Freeze the MobileOne backbone's stem and first stages (see ``MobileOne.freeze_stages``)."""

@@ -43,7 +43,7 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 from ...core.checkpoint import CheckpointError, embedded_metadata, load_checkpoint, write_weights
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from ...core.factory import create_model
-from ...core.fusion import fold_bn, reparameterize_model
+from ...core.fusion import fold_conv_bn, reparameterize_model
 from ...core.model import MobileOneLayer
 
 HEADS = ("deeplabv3", "lraspp")
@@ -106,48 +106,6 @@ def deeplab_head(in_channels: int, num_classes: int, rates: tuple[int, ...], cha
         nn.ReLU(),
         nn.Conv2d(channels, num_classes, 1),
     )
-
-
-def fold_conv_bn(module: nn.Module) -> int:
-    """Fold every Conv2d directly followed by a BatchNorm2d in an ``nn.Sequential`` into one conv with bias.
-
-    The BatchNorm becomes ``nn.Identity``; MobileOne layers are left to their own ``reparameterize``.
-    Uses the running statistics (exact in eval mode). Returns how many pairs were folded.
-    """
-    if isinstance(module, MobileOneLayer):
-        return 0
-    folded = 0
-    if isinstance(module, nn.Sequential):
-        items = list(module._modules.items())
-        for (name, conv), (bn_name, bn) in zip(items, items[1:]):
-            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
-                module._modules[name] = _folded_conv(conv, bn)
-                module._modules[bn_name] = nn.Identity()
-                folded += 1
-    for child in module.children():
-        folded += fold_conv_bn(child)
-    return folded
-
-
-@torch.no_grad()
-def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    weight, new_bias = fold_bn(conv.weight, bn.running_mean - bias, bn.running_var, bn)
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-    )
-    fused = fused.to(conv.weight.device, conv.weight.dtype)
-    fused.weight.copy_(weight)
-    fused.bias.copy_(new_bias)
-    return fused
 
 
 class Segmenter(nn.Module):
