@@ -11,7 +11,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..classification.data import load_image
 from .data import DetectionDataset, eval_transform
-from .model import SSDLiteDetector
+from .model import Detector as SSDLiteDetector
 
 
 @torch.no_grad()
