@@ -160,12 +160,23 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--data-format", choices=["auto", "coco", "voc", "yolo", "masks"], help="annotation layout (default: detected)"
     )
-    g.add_argument("--anchor-min-ratio", type=float, help="detect: smallest default box / image size (default 0.2)")
-    g.add_argument("--anchor-max-ratio", type=float, help="detect: largest default box / image size (default 0.95)")
+    g.add_argument(
+        "--anchor-min-ratio",
+        type=float,
+        help="detect, ssdlite: smallest default box / image size (default: fitted to the boxes)",
+    )
+    g.add_argument(
+        "--anchor-max-ratio", type=float, help="detect, ssdlite: largest default box / image size (default: fitted)"
+    )
     g.add_argument("--score-thresh", type=float, help="detect: lowest score kept for evaluation (default 0.001)")
     g.add_argument("--nms-thresh", type=float, help="detect: IoU of per-class NMS (default 0.55)")
     g.add_argument("--max-detections", type=int, help="detect: detections kept per image (default 300)")
-    g.add_argument("--head", choices=["deeplabv3", "lraspp"], help="segment: head (default deeplabv3)")
+    g.add_argument(
+        "--head",
+        choices=["tal", "ssdlite", "deeplabv3", "lraspp"],
+        help="detect: tal (default) | ssdlite; segment: deeplabv3 (default) | lraspp",
+    )
+    g.add_argument("--mosaic", type=float, help="detect: share of training samples tiled from 4 images (0.5)")
     g.add_argument("--output-stride", type=int, choices=[8, 16], help="segment: backbone output stride (default 16)")
     g.add_argument("--aux-weight", type=float, help="segment: auxiliary FCN loss weight, 0 = no aux head (0.4)")
     g = p.add_argument_group("distillation")

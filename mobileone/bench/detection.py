@@ -26,10 +26,10 @@ from ..core.complexity import count_macs, count_params
 from ..deploy.common import package_version, require
 from ..deploy.detection import RAW_OUTPUTS, RawDetector, add_nms, export_detector, fused_detector
 from ..deploy.onnx import onnx_session, to_onnx
-from ..tasks.detection.model import SSDLiteDetector, create_detector, load_detector
+from ..tasks.detection.model import Detector, create_detector, load_detector
 from .timing import cpu_name, time_calls
 
-DEFAULT_MODELS = ("ssdlite_s0", "ssdlite_s1", "ssdlite_mnv3")
+DEFAULT_MODELS = ("tal_s0", "tal_mnv3", "ssdlite_s0", "ssdlite_mnv3")
 RUNTIMES = ("eager", "onnxruntime")
 STABLE_ROUNDS = 0.15  # round medians of one entry further apart than this mark the run as noisy
 
@@ -58,14 +58,14 @@ class DetectionBenchConfig:
             raise ValueError("threads, iters and rounds must be >= 1 and img_size in 32..4096")
 
 
-def _detector(name: str, cfg: DetectionBenchConfig) -> SSDLiteDetector:
+def _detector(name: str, cfg: DetectionBenchConfig) -> Detector:
     if name in cfg.checkpoints:
         return load_detector(cfg.checkpoints[name])
     torch.manual_seed(0)
     return create_detector(name, cfg.num_classes, cfg.img_size).eval()
 
 
-def _entries(name: str, model: SSDLiteDetector, cfg: DetectionBenchConfig, x: torch.Tensor, workdir: Path) -> dict:
+def _entries(name: str, model: Detector, cfg: DetectionBenchConfig, x: torch.Tensor, workdir: Path) -> dict:
     """``(model, fused, nms, runtime) -> callable`` for one detector."""
     fused, _ = fused_detector(model)
     out: dict[tuple, Callable[[], Any]] = {}
@@ -86,16 +86,17 @@ def _entries(name: str, model: SSDLiteDetector, cfg: DetectionBenchConfig, x: to
     return out
 
 
-def _export_unfused(model: SSDLiteDetector, path: Path, nms: bool) -> None:
+def _export_unfused(model: Detector, path: Path, nms: bool) -> None:
     onnx = require("onnx")
     example = torch.zeros(1, 3, model.config.img_size, model.config.img_size)
     with torch.no_grad():
         to_onnx(RawDetector(model.eval()).eval(), path, example, output_names=RAW_OUTPUTS)
+        points = int(model.forward_raw(example)[0].shape[1])
     if nms:
         proto, c = onnx.load(str(path)), model.config
         add_nms(
             proto,
-            int(model.anchors.shape[0]),
+            points,
             c.num_classes,
             c.topk_candidates,
             c.nms_thresh,

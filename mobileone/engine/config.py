@@ -76,14 +76,16 @@ class TrainConfig:
     log_every: int | None = None  # None: about 10 lines an epoch when not on a terminal
     # --- detection and segmentation
     data_format: str = "auto"  # detect: coco | voc | yolo; segment: masks | voc; auto: detected
-    # --- detection (SSDLite)
-    anchor_min_ratio: float = 0.2  # smallest default box, as a fraction of the image (SSD's s_min)
+    # --- detection and segmentation: the head (None: the task's default, tal / deeplabv3)
+    head: str | None = None  # detect: tal | ssdlite; segment: deeplabv3 | lraspp
+    # --- detection
+    mosaic: float = 0.5  # share of training samples tiled from four images (not with the built-in scenes)
+    anchor_min_ratio: float = 0.2  # ssdlite: smallest default box, as a fraction of the image (SSD's s_min)
     anchor_max_ratio: float = 0.95
     score_thresh: float = 0.001  # detections kept for mAP (COCO evaluation keeps low scores)
     nms_thresh: float = 0.55
     max_detections: int = 300
     # --- segmentation (DeepLabV3 / LR-ASPP)
-    head: str = "deeplabv3"  # deeplabv3 | lraspp
     output_stride: int = 16  # 16 or 8 (dilated last stages)
     aux_weight: float = 0.4  # auxiliary FCN head loss weight (deeplabv3); 0: no auxiliary head
 
@@ -100,7 +102,7 @@ class TrainConfig:
             "amp": ("auto", "none", "bf16", "fp16"),
             "init": ("torch", "unit-sum", "identity"),
             "device": ("auto", "cuda", "cpu"),
-            "head": ("deeplabv3", "lraspp"),
+            "head": (None, "tal", "ssdlite", "deeplabv3", "lraspp"),
             "data_format": ("auto", "coco", "voc", "yolo", "masks"),
         }
         for name, valid in choices.items():
@@ -133,6 +135,7 @@ class TrainConfig:
         floats = {  # name: (low, high, low inclusive, high inclusive)
             "label_smoothing": (0.0, 1.0, True, False),
             "hflip": (0.0, 1.0, True, True),
+            "mosaic": (0.0, 1.0, True, True),
             "ema_decay": (0.0, 1.0, True, False),
             "magnitude": (0.0, 30.0, True, True),
             "crop_pct": (0.0, 1.0, False, True),

@@ -1,13 +1,19 @@
-"""Object detection on the training engine: SSDLite on MobileOne (or the MobileNetV3 peer), COCO mAP.
+"""Object detection on the training engine: the tal or SSDLite head on MobileOne (or the MobileNetV3 peer).
 
-``mobileone train --task detect --data DIR --variant s0 --img-size 320 --out RUN`` runs the same
-loop as classification (schedules, EMA, resume, DDP, AMP, curves); this module supplies the
-COCO / VOC / YOLO data, the detector, SSD's loss, COCO-style mAP of a fused copy every epoch,
-and a picture of predictions on validation images at the end (``predictions.png``).
+``mobileone train --task detect --data DIR --out RUN`` runs the same loop as classification
+(schedules, EMA, resume, DDP, AMP, curves); this module supplies the COCO / VOC / YOLO data with
+dense-scene augmentation, the detector (priors fitted to the training boxes), COCO-style mAP of a
+fused copy every epoch on letterboxed validation images, and a picture of predictions at the end.
+
+A small set gets a minimum number of optimizer steps whatever the epoch count: each epoch passes
+over the images as often as it takes (``DETECT_MIN_STEPS``), so warm-up and cosine run over enough
+steps to learn from a few hundred images.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,27 +27,39 @@ from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env
 from ...engine.task import DataError, Task, TaskData, require_finite
+from .augment import DenseTrainData, letterbox_transform, to_image_pixels
 from .builtin import digit_scenes
-from .data import DetectionDataset, collate_detection, eval_transform, load_splits, train_transform
+from .config import DEFAULT_HEAD, HEADS
+from .data import DetectionDataset, collate_detection, load_splits, train_transform
 from .metrics import coco_detections, coco_ground_truth, coco_map
-from .model import PEER, SSDLiteDetector, create_detector, load_detector, save_detector
+from .model import PEER, Detector, create_detector, load_detector, save_detector
+from .priors import box_sides, check_small_boxes, fit_ssdlite_ratios
 from .visualize import draw_predictions
 
-# Every detection run: torchvision's SSDLite recipe where it applies (weight decay 4e-5, constant;
-# lr 0.15 at batch 192, i.e. 0.2 per 256 images), at 320 px.
+log = logging.getLogger("mobileone")
+
+# Every detection run with user data: the tal head at 320 px, batch 16, SGD at 0.2 per 256 images
+# (torchvision's SSDLite recipe: 0.15 at batch 192), weight decay 5e-4 (as YOLO's) without
+# annealing, and at least DETECT_MIN_STEPS optimizer steps (docs/detection.md: the ablation).
 DETECT_DEFAULTS: dict[str, Any] = {
+    "head": DEFAULT_HEAD,
     "img_size": 320,
-    "batch_size": 32,
+    "batch_size": 16,
     "base_lr": 0.2,
-    "weight_decay": 4e-5,
-    "weight_decay_end": 4e-5,
+    "weight_decay": 5e-4,
+    "weight_decay_end": 5e-4,
+    "warmup_epochs": 1.0,
 }
+DETECT_MIN_STEPS = 600
 # The built-in digit scenes (96 px, digits of 20-40 px): default boxes from 0.15 to 0.8 of the
 # scene, no flips (digits are not mirror-symmetric), 3 epochs of 2,000 scenes in batches of 16 at
 # lr 0.05 with a short warm-up (what learnt the most in the demo's few minutes among the settings
 # tried), photometric distortion only (zoom-out and IoU crop slow a run this short down more than
 # they help it).
 BUILTIN_DEFAULTS: dict[str, Any] = {
+    "head": "ssdlite",
+    "weight_decay": 4e-5,
+    "weight_decay_end": 4e-5,
     "img_size": 96,
     "hflip": 0.0,
     "anchor_min_ratio": 0.15,
@@ -56,12 +74,13 @@ BUILTIN_TOPK = 100  # candidates per class before NMS: a 96 px scene holds at mo
 
 
 def detector_name(cfg: TrainConfig) -> str:
+    head = cfg.head or DEFAULT_HEAD
     return (
-        "ssdlite_mnv3" if cfg.variant == PEER else f"ssdlite_{resolve_variant(cfg.variant).removeprefix('mobileone_')}"
+        f"{head}_{PEER}" if cfg.variant == PEER else f"{head}_{resolve_variant(cfg.variant).removeprefix('mobileone_')}"
     )
 
 
-def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any) -> SSDLiteDetector:
+def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any) -> Detector:
     """The detector a training config describes (variant or ``arch``, branch overrides, anchors, backbone weights);
     ``options``: further :class:`DetectorConfig` fields."""
     arch = dict(cfg.arch) if cfg.arch else None
@@ -71,6 +90,14 @@ def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any)
         if not cfg.branches:
             config = config.replace(k=1, stem_k=1, scale_branch=False, skip_branch=False)
         arch = config.to_dict()
+    options = {
+        "anchor_min_ratio": cfg.anchor_min_ratio,
+        "anchor_max_ratio": cfg.anchor_max_ratio,
+        "score_thresh": cfg.score_thresh,
+        "nms_thresh": cfg.nms_thresh,
+        "max_detections": cfg.max_detections,
+        **options,
+    }
     return create_detector(
         detector_name(cfg),
         len(classes),
@@ -80,18 +107,13 @@ def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any)
         init=cfg.init,
         freeze_stages=cfg.freeze_stages,
         class_names=list(classes),
-        anchor_min_ratio=cfg.anchor_min_ratio,
-        anchor_max_ratio=cfg.anchor_max_ratio,
-        score_thresh=cfg.score_thresh,
-        nms_thresh=cfg.nms_thresh,
-        max_detections=cfg.max_detections,
         **options,
     )
 
 
 @torch.no_grad()
 def predict_loader(
-    model: SSDLiteDetector, loader: Any, device: torch.device, what: str = "the detector"
+    model: Detector, loader: Any, device: torch.device, what: str = "the detector"
 ) -> tuple[list, list[int], int]:
     """Detections in the pixels of each image file: ``[(index, boxes, scores, labels)]``, the indices
     seen, and the number of unreadable images. ``model`` is put in eval mode and restored after;
@@ -108,11 +130,8 @@ def predict_loader(
             boxes, scores = model.forward_raw(x.to(device))
             require_finite((boxes, scores), what)
             for det, t in zip(model.postprocess(boxes, scores), targets):
-                h, w = t["size"]
-                scale = torch.tensor([w / size, h / size] * 2)
-                results.append(
-                    (t["index"], det["boxes"].float().cpu() * scale, det["scores"].float().cpu(), det["labels"].cpu())
-                )
+                pixels = to_image_pixels(det["boxes"].float().cpu(), t["size"], size)
+                results.append((t["index"], pixels, det["scores"].float().cpu(), det["labels"].cpu()))
                 seen.append(t["index"])
     finally:
         model.train(was_training)
@@ -129,7 +148,7 @@ def detection_metrics(records: Sequence[Any], classes: Sequence[str], results: l
 
 
 class DetectionTask(Task):
-    """SSDLite detection of COCO, VOC or YOLO data (or the built-in digit scenes)."""
+    """Detection of COCO, VOC or YOLO data (or the built-in digit scenes, with SSDLite)."""
 
     name = "detect"
     metric = "map"
@@ -138,12 +157,20 @@ class DetectionTask(Task):
 
     def __init__(self) -> None:
         self.builtin = False
+        self.fit_anchors = True  # SSDLite's default boxes follow the data unless --anchor-min/max-ratio are given
         self.val_data: DetectionDataset | None = None  # its records are the ground truth of evaluate()
+        self.train_records: list = []
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
         return {**DETECT_DEFAULTS, **(BUILTIN_DEFAULTS if builtin else {})}
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
+        if cfg.head is None:
+            cfg.head = DEFAULT_HEAD
+        if cfg.head not in HEADS:
+            raise ValueError(f"--head {cfg.head} is a segmentation head; detection heads: {', '.join(HEADS)}")
+        if given:
+            self.fit_anchors = not {"anchor_min_ratio", "anchor_max_ratio"} & given
         if cfg.batch_size // cfg.accum_steps < self.min_batch:
             raise ValueError(
                 f"detection trains on at least {self.min_batch} images per micro-batch (BatchNorm over "
@@ -157,8 +184,8 @@ class DetectionTask(Task):
             )
         if cfg.augment != "none":
             raise ValueError(
-                f"--augment {cfg.augment} is for classification; detection uses SSD's augmentation "
-                "(photometric distortion, zoom-out, IoU crop, flip)"
+                f"--augment {cfg.augment} is for classification; detection has its own (mosaic, scale "
+                "jitter, flips, colour; --mosaic sets how often mosaic is used)"
             )
         if cfg.data_format == "masks":
             raise ValueError("--data-format masks is for segmentation; detection reads coco, voc or yolo (or auto)")
@@ -183,19 +210,43 @@ class DetectionTask(Task):
         self.builtin = cfg.data is None
         root = Path(cfg.data) if cfg.data else digit_scenes()
         train_split, val_split = load_splits(root, cfg.data_format)
-        train_ds = DetectionDataset(train_split, train=True, seed=cfg.seed)
-        val_ds = DetectionDataset(val_split, eval_transform(cfg.img_size))
+        self.train_records = train_split.records
+        base = DetectionDataset(train_split, train=True, seed=cfg.seed)
+        val_ds = DetectionDataset(val_split, letterbox_transform(cfg.img_size))
         self.val_data = val_ds
-        return TaskData(train_ds, val_ds, list(train_split.classes))
+        if self.builtin:
+            return TaskData(base, val_ds, list(train_split.classes))
+        per_epoch = max(1, len(base) // cfg.batch_size)
+        repeats = math.ceil(DETECT_MIN_STEPS / (cfg.epochs * per_epoch))
+        if repeats > 1 and env.main:
+            log.warning(
+                "%d training images give %d steps in %d epochs; each epoch passes over them %d times (at least %d "
+                "steps in all, so that warm-up and cosine have room)",
+                len(base),
+                cfg.epochs * per_epoch,
+                cfg.epochs,
+                repeats,
+                DETECT_MIN_STEPS,
+            )
+        train = DenseTrainData(base, cfg.img_size, repeats, cfg.mosaic, hflip=cfg.hflip)
+        return TaskData(train, val_ds, list(train_split.classes))
 
     def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
-        return build_detector_for(cfg, classes, **({"topk_candidates": BUILTIN_TOPK} if self.builtin else {}))
+        if self.builtin:
+            return build_detector_for(cfg, classes, topk_candidates=BUILTIN_TOPK)
+        sides = box_sides(self.train_records, cfg.img_size)
+        check_small_boxes(sides, cfg.head or DEFAULT_HEAD, cfg.anchor_min_ratio * cfg.img_size)
+        if cfg.head == "ssdlite":
+            fitted = fit_ssdlite_ratios(sides, cfg.img_size) if self.fit_anchors else {}
+            return build_detector_for(cfg, classes, **fitted)
+        prior = float(sides.median()) if len(sides) else None
+        return build_detector_for(cfg, classes, box_prior=prior, topk_candidates=1000)
 
     def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
         if self.builtin:
             data.train.transform = train_transform(size, cfg.hflip, zoom_out=1.0, iou_crop=False)
         else:
-            data.train.transform = train_transform(size, cfg.hflip)
+            data.train.img_size = size
 
     def collate(self):
         return collate_detection
@@ -258,7 +309,7 @@ def val_loader(
 ) -> tuple[DetectionDataset, DataLoader]:
     """The validation split of a dataset folder at a detector's input size, and its loader."""
     _, split = load_splits(root, data_format)
-    ds = DetectionDataset(split, eval_transform(img_size, mean, std))
+    ds = DetectionDataset(split, letterbox_transform(img_size, mean, std))
     loader = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection)
     return ds, loader
 

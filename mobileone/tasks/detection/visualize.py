@@ -10,13 +10,14 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..classification.data import load_image
-from .data import DetectionDataset, eval_transform
-from .model import Detector as SSDLiteDetector
+from .augment import letterbox_transform, to_image_pixels
+from .data import DetectionDataset
+from .model import Detector
 
 
 @torch.no_grad()
 def draw_predictions(
-    model: SSDLiteDetector, dataset: DetectionDataset, out: Path, count: int = 8, min_score: float = 0.25
+    model: Detector, dataset: DetectionDataset, out: Path, count: int = 8, min_score: float = 0.25
 ) -> Path | None:
     """Draw ground truth and detections scoring at least ``min_score`` on ``count`` evenly spaced images.
 
@@ -27,7 +28,7 @@ def draw_predictions(
     model.eval()
     size = model.config.img_size
     names = model.class_names or [str(i) for i in range(model.num_classes)]
-    transform = eval_transform(size, model.preprocess["mean"], model.preprocess["std"])
+    transform = letterbox_transform(size, model.preprocess["mean"], model.preprocess["std"])
     tiles = []
     step = max(1, len(dataset.records) // count)
     try:
@@ -44,7 +45,7 @@ def draw_predictions(
             canvas = draw_bounding_boxes(canvas, gt, colors="lime", width=2)
             keep = det["scores"] >= min_score
             labels = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"][keep], det["scores"][keep])]
-            boxes = det["boxes"][keep].float() * side / size
+            boxes = to_image_pixels(det["boxes"][keep].float(), (h, w), size) * torch.tensor([side / w, side / h] * 2)
             canvas = draw_bounding_boxes(canvas, boxes, labels, colors="red", width=2)
             tiles.append(canvas)
     finally:

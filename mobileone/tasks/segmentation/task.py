@@ -34,7 +34,13 @@ from .model import IGNORE_INDEX, MNV3, Segmenter, create_segmenter, load_segment
 
 # Segmentation's own defaults (the recipe's are classification's): VOC-style 512 px crops, batch 16,
 # no label smoothing, lr 0.02 at batch 16 (base_lr per 256 images).
-SEGMENT_DEFAULTS: dict[str, Any] = {"img_size": 512, "batch_size": 16, "base_lr": 0.32, "label_smoothing": 0.0}
+SEGMENT_DEFAULTS: dict[str, Any] = {
+    "head": "deeplabv3",
+    "img_size": 512,
+    "batch_size": 16,
+    "base_lr": 0.32,
+    "label_smoothing": 0.0,
+}
 # The built-in digit scenes: 64 px, 800 training scenes, 50 steps an epoch, peak LR 0.2 (LR-ASPP on S0,
 # 8 epochs, seed 0: 32.7 mIoU at LR 0.1, 38.3 at 0.2, 36.6 at 0.4).
 BUILTIN_DEFAULTS: dict[str, Any] = {"img_size": 64, "epochs": 8, "batch_size": 16, "hflip": 0.0, "base_lr": 3.2}
@@ -103,6 +109,10 @@ class SegmentationTask(Task):
         return {**SEGMENT_DEFAULTS, **(BUILTIN_DEFAULTS if builtin else {})}
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
+        if cfg.head is None:
+            cfg.head = SEGMENT_DEFAULTS["head"]
+        if cfg.head not in ("deeplabv3", "lraspp"):
+            raise ValueError(f"--head {cfg.head} is a detection head; segmentation heads: deeplabv3, lraspp")
         if cfg.head == "lraspp" and "aux_weight" in given and cfg.aux_weight > 0:
             raise ValueError("--aux-weight weighs DeepLabV3's auxiliary head; LR-ASPP has none (--head deeplabv3)")
         if cfg.augment != "none":
