@@ -114,3 +114,74 @@ def test_executorch_and_coreml_take_the_raw_form(tmp_path, exported):
     assert "no batch norm" in report.check or "Core ML" in report.check
     with pytest.raises(ValueError, match="NMS form is ONNX only"):
         export_detector(det, tmp_path / "det2.pte", "nms", "executorch")
+
+
+class _Broken(torch.nn.Module):
+    """A detector's raw graph with one deliberate bug: what the export check must refuse."""
+
+    def __init__(self, detector, bug: str) -> None:
+        super().__init__()
+        self.detector, self.bug = detector, bug
+
+    def forward(self, x):
+        boxes, scores = self.detector.forward_raw(x)
+        if self.bug == "swapped coordinates":
+            return boxes[..., [1, 0, 3, 2]], scores
+        if self.bug == "class offset":
+            return boxes, scores.roll(1, dims=-1)
+        return boxes * 1.05, scores  # a wrong box decoding
+
+
+def _export_nms(module, det, path, size):
+    from mobileone.deploy.detection import RAW_OUTPUTS, add_nms
+    from mobileone.deploy.onnx import to_onnx
+
+    example = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        to_onnx(module.eval(), path, example, output_names=RAW_OUTPUTS)
+        points = det.forward_raw(example)[0].shape[1]
+    proto, c = onnx.load(str(path)), det.config
+    add_nms(proto, points, c.num_classes, c.topk_candidates, c.nms_thresh, c.score_thresh, c.max_detections)
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.slow
+def test_dense_scene_export_passes_its_check_and_broken_graphs_fail(tmp_path, one_thread):
+    from .test_detection_tal import tiny_tal
+
+    size = 128
+    det = tiny_tal(num_classes=3, img_size=size, box_prior=10.0, topk_candidates=1000).train()
+    with torch.no_grad():
+        for head in det.heads:  # scores spread as a trained detector's, not all at the prior
+            head.cls[-1].weight.normal_(0, 0.3)
+        for _ in range(3):
+            det.head_outputs(torch.randn(4, 3, size, size))
+    det.eval()
+    fused = reparameterize_model(det)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    assert min(len(d["scores"]) for d in fused(x)) >= 100  # a dense scene: hundreds of detections per image
+    report = export_detector(det, tmp_path / "det.onnx", "nms", check_inputs=x)
+    assert "every exported detection is one of PyTorch's raw candidates" in report.check
+    for bug in ("swapped coordinates", "class offset", "wrong decoding"):
+        path = tmp_path / f"{bug.replace(' ', '_')}.onnx"
+        _export_nms(_Broken(fused, bug), fused, path, size)
+        with pytest.raises(ExportError, match="none of PyTorch's raw candidates|more than threshold ties explain"):
+            check_onnx_nms(path, fused, x, False)
+
+
+def test_compare_detections_tolerates_nms_ties_and_their_cascade():
+    """Box B sits at the NMS threshold with A: one implementation keeps B (and so suppresses C), the other
+    drops B (and so keeps C). Both are correct; a detection missing for no such reason is not."""
+    a = [0.0, 0, 10, 10]
+    b = [0.0, 0, 10, 10 / 0.55]  # IoU(A, B) = 100 / 181.8 = 0.55
+    c = [0.0, 4, 10, 22]  # IoU 0.64 with B, 0.27 with A
+    boxes = torch.tensor([a, b, c])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    labels = torch.tensor([0, 0, 0])
+    keeps_b = {"boxes": boxes[[0, 1]], "scores": scores[[0, 1]], "labels": labels[[0, 1]]}
+    drops_b = {"boxes": boxes[[0, 2]], "scores": scores[[0, 2]], "labels": labels[[0, 2]]}
+    candidates = (boxes, scores[:, None])
+    assert compare_detections(keeps_b, drops_b, 0.001, 0.55, candidates=candidates) == ([], 2)
+    far = {"boxes": torch.tensor([[50.0, 50, 60, 60]]), "scores": torch.tensor([0.6]), "labels": torch.tensor([0])}
+    problems, _ = compare_detections(keeps_b, {k: torch.cat([drops_b[k], far[k]]) for k in far}, 0.001, 0.55)
+    assert problems and "score 0.60000" in problems[0]

@@ -143,7 +143,11 @@ def create_detector(
 @register_model("detect", backbone="mobileone_s0", head="tal")
 def tal_s0(num_classes: int = 80, **kwargs: Any) -> Detector:
     """The default detector: MobileOne-S0 (strides 8 / 16 / 32: 128, 256, 1024 channels) under the
-    anchor-free task-aligned head (FPN + PAN neck, 64 channels). ``kwargs``: as :func:`create_detector`.
+    anchor-free task-aligned head (FPN + PAN neck, 64 channels).
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
 
     Example:
         >>> det = tal_s0(num_classes=1, img_size=320)
@@ -153,35 +157,71 @@ def tal_s0(num_classes: int = 80, **kwargs: Any) -> Detector:
 
 @register_model("detect", backbone="mobileone_s1", head="tal")
 def tal_s1(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S1 under the tal head. ``kwargs``: as :func:`create_detector`."""
+    """MobileOne-S1 under the tal head.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = tal_s1(num_classes=1, img_size=320)
+    """
     return create_detector("tal_s1", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s2", head="tal")
 def tal_s2(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S2 under the tal head. ``kwargs``: as :func:`create_detector`."""
+    """MobileOne-S2 under the tal head.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = tal_s2(num_classes=1, img_size=320)
+    """
     return create_detector("tal_s2", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s3", head="tal")
 def tal_s3(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S3 under the tal head. ``kwargs``: as :func:`create_detector`."""
+    """MobileOne-S3 under the tal head.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = tal_s3(num_classes=1, img_size=320)
+    """
     return create_detector("tal_s3", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s4", head="tal")
 def tal_s4(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S4 under the tal head. ``kwargs``: as :func:`create_detector`."""
+    """MobileOne-S4 under the tal head.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = tal_s4(num_classes=1, img_size=320)
+    """
     return create_detector("tal_s4", num_classes, **kwargs)
 
 
 @register_model("detect", backbone=PEER, head="tal")
 def tal_mnv3(num_classes: int = 80, **kwargs: Any) -> Detector:
     """The peer of the default: torchvision's MobileNetV3-Large (no weights; strides 8 / 16 / 32: 40, 112,
-    960 channels) under the very same tal head, assignment and loss. ``kwargs``: as :func:`create_detector`.
+    960 channels) under the very same tal head, assignment and loss.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
 
     Example:
-        >>> peer = tal_mnv3(num_classes=1)
+        >>> det = tal_mnv3(num_classes=1, img_size=320)
     """
     return create_detector("tal_mnv3", num_classes, **kwargs)
 
@@ -190,40 +230,84 @@ def tal_mnv3(num_classes: int = 80, **kwargs: Any) -> Detector:
 def ssdlite_s0(num_classes: int = 80, **kwargs: Any) -> Detector:
     """SSDLite on MobileOne-S0 (256 and 1024 channels at strides 16 and 32); not in the paper's Table 11a.
 
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
     Example:
-        >>> det = ssdlite_s0(num_classes=10, img_size=128, anchor_min_ratio=0.1)
+        >>> det = ssdlite_s0(num_classes=1, img_size=320)
     """
     return create_detector("ssdlite_s0", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s1", head="ssdlite")
 def ssdlite_s1(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S1 (512 and 1280 channels at strides 16 and 32); paper: 25.7 mAP on COCO."""
+    """SSDLite on MobileOne-S1 (512 and 1280 channels at strides 16 and 32); paper: 25.7 mAP on COCO.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = ssdlite_s1(num_classes=1, img_size=320)
+    """
     return create_detector("ssdlite_s1", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s2", head="ssdlite")
 def ssdlite_s2(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S2 (640 and 2048 channels at strides 16 and 32); paper: 26.6 mAP on COCO."""
+    """SSDLite on MobileOne-S2 (640 and 2048 channels at strides 16 and 32); paper: 26.6 mAP on COCO.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = ssdlite_s2(num_classes=1, img_size=320)
+    """
     return create_detector("ssdlite_s2", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s3", head="ssdlite")
 def ssdlite_s3(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S3 (768 and 2048 channels at strides 16 and 32); paper: 27.3 mAP on COCO."""
+    """SSDLite on MobileOne-S3 (768 and 2048 channels at strides 16 and 32); paper: 27.3 mAP on COCO.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = ssdlite_s3(num_classes=1, img_size=320)
+    """
     return create_detector("ssdlite_s3", num_classes, **kwargs)
 
 
 @register_model("detect", backbone="mobileone_s4", head="ssdlite")
 def ssdlite_s4(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S4 (SE blocks; 896 and 2048 channels); paper: 29.4 mAP on COCO."""
+    """SSDLite on MobileOne-S4 (SE blocks; 896 and 2048 channels); paper: 29.4 mAP on COCO.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = ssdlite_s4(num_classes=1, img_size=320)
+    """
     return create_detector("ssdlite_s4", num_classes, **kwargs)
 
 
 @register_model("detect", backbone=PEER, head="ssdlite")
 def ssdlite_mnv3(num_classes: int = 80, **kwargs: Any) -> Detector:
     """The SSDLite peer: torchvision's SSDLite MobileNetV3-Large trunk (reduced tail, no weights) with the same
-    extra blocks, head, default boxes and loss as the MobileOne SSDLite detectors."""
+    extra blocks, head, default boxes and loss as the MobileOne SSDLite detectors.
+
+    Args:
+        num_classes: object classes (no background).
+        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
+
+    Example:
+        >>> det = ssdlite_mnv3(num_classes=1, img_size=320)
+    """
     return create_detector("ssdlite_mnv3", num_classes, **kwargs)
 
 
