@@ -19,8 +19,8 @@ from mobileone.deploy.detection import (
     export_detector,
 )
 from mobileone.deploy.onnx import onnx_session, read_onnx_metadata
+from mobileone.tasks.detection.evaluate import evaluate_detector
 from mobileone.tasks.detection.model import save_detector
-from mobileone.tasks.detection.task import evaluate_detector
 
 from .test_detection_data import tiny_dataset
 from .test_detection_model import settle, tiny_detector

@@ -21,15 +21,21 @@ from ..deploy.detection import compare_detections, evaluate_onnx_detector, expor
 from ..deploy.onnx import onnx_session
 from ..tasks import resolve_config, train
 from ..tasks.detection.builtin import digit_scenes
+from ..tasks.detection.evaluate import evaluate_detector, val_loader
 from ..tasks.detection.model import create_detector, load_detector
-from ..tasks.detection.task import evaluate_detector, val_loader
 from . import write_json
 
 DEMO_EPOCHS, DEMO_IMG_SIZE = 3, 96
 
 
 def _map_line(r: dict) -> str:
-    return f"mAP {r['map']:.2f} %, mAP@0.5 {r['map_50']:.2f} %, mAP@0.75 {r['map_75']:.2f} %"
+    sizes = ""
+    if "map_small" in r:
+        sizes = (
+            f" (small {r['map_small']:.2f}, medium {r['map_medium']:.2f}, large {r['map_large']:.2f} %; "
+            f"recall at 100 detections {r['recall_100']:.2f} %)"
+        )
+    return f"mAP {r['map']:.2f} %, mAP@0.5 {r['map_50']:.2f} %, mAP@0.75 {r['map_75']:.2f} %{sizes}"
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -43,8 +49,8 @@ def evaluate(args: argparse.Namespace) -> int:
         what = f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'})"
     if args.img_size and args.img_size != r["img_size"]:
         print(
-            f"mobileone eval: --img-size {args.img_size} ignored: the detector's default boxes are laid out for "
-            f"{r['img_size']} px",
+            f"mobileone eval: --img-size {args.img_size} ignored: the detector evaluates letterboxed to the "
+            f"{r['img_size']} px it was trained at",
             file=sys.stderr,
         )
     print(f"{what} on {r['data']}: {_map_line(r)}; {r['images']} images at {r['img_size']} px")

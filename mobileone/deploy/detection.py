@@ -37,8 +37,8 @@ from torchvision.ops import box_iou
 from ..core.files import writable_folder
 from ..core.fusion import reparameterize_model
 from ..tasks.detection.augment import to_image_pixels
+from ..tasks.detection.evaluate import detection_metrics, val_loader
 from ..tasks.detection.model import Detector, DetectorConfig, postprocess
-from ..tasks.detection.task import detection_metrics, val_loader
 from .common import ExportError, package_version, require
 from .coreml import coreml_op_counts
 from .executorch import executorch_method, to_executorch

@@ -21,6 +21,9 @@ from torch import Tensor
 from .data import ImageRecord
 
 BACKENDS = ("faster_coco_eval", "pycocotools")
+# COCOeval's stats entries we report: mAP (IoU 0.50:0.95), at 0.5 and 0.75, per object size (small < 32^2 px,
+# medium < 96^2, large; -1 there, reported as 0, when the set has no object of that size), recall at 100.
+SUMMARY = {"map": 0, "map_50": 1, "map_75": 2, "map_small": 3, "map_medium": 4, "map_large": 5, "recall_100": 8}
 
 
 def require(module: str, extra: str = "detect") -> Any:
@@ -106,7 +109,8 @@ def default_backend() -> str:
 def coco_map(
     gt: dict[str, Any], dets: list[dict[str, Any]], classes: Sequence[str], backend: str | None = None
 ) -> dict[str, Any]:
-    """``map`` (IoU 0.50:0.95), ``map_50``, ``map_75`` and ``per_class`` AP, in percent.
+    """``map`` (IoU 0.50:0.95), ``map_50``, ``map_75``, ``map_small`` / ``map_medium`` / ``map_large``,
+    ``recall_100`` (COCO's AR at 100 detections) and ``per_class`` AP, in percent.
 
     A class without ground-truth boxes has no AP (``None``); no detections at all score 0.
     """
@@ -118,15 +122,10 @@ def coco_map(
     if not dets:
         present = {a["category_id"] for a in gt["annotations"] if not a["iscrowd"]}
         per_class = {str(c): (0.0 if i + 1 in present else None) for i, c in enumerate(classes)}
-        return {"map": 0.0, "map_50": 0.0, "map_75": 0.0, "per_class": per_class}
+        return {**dict.fromkeys(SUMMARY, 0.0), "per_class": per_class}
     stats, precision = _evaluate(gt, dets, backend)
     per_class = {}
     for k, name in enumerate(classes):
         p = precision[:, :, k, 0, -1]  # all IoUs and recalls, area "all", 100 detections
         per_class[str(name)] = float(100 * p[p > -1].mean()) if (p > -1).any() else None
-    return {
-        "map": float(100 * max(stats[0], 0)),
-        "map_50": float(100 * max(stats[1], 0)),
-        "map_75": float(100 * max(stats[2], 0)),
-        "per_class": per_class,
-    }
+    return {**{name: float(100 * max(stats[i], 0)) for name, i in SUMMARY.items()}, "per_class": per_class}

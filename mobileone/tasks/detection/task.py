@@ -18,20 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env
-from ...engine.task import DataError, Task, TaskData, require_finite
-from .augment import DenseTrainData, letterbox_transform, to_image_pixels
+from ...engine.task import DataError, Task, TaskData
+from .augment import DenseTrainData, letterbox_transform
 from .builtin import digit_scenes
 from .config import DEFAULT_HEAD, HEADS
 from .data import DetectionDataset, collate_detection, load_splits, train_transform
-from .metrics import coco_detections, coco_ground_truth, coco_map
+from .evaluate import detection_metrics, predict_loader
 from .model import PEER, Detector, create_detector, load_detector, save_detector
 from .priors import box_sides, check_small_boxes, fit_ssdlite_ratios
 from .visualize import draw_predictions
@@ -109,42 +107,6 @@ def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any)
         class_names=list(classes),
         **options,
     )
-
-
-@torch.no_grad()
-def predict_loader(
-    model: Detector, loader: Any, device: torch.device, what: str = "the detector"
-) -> tuple[list, list[int], int]:
-    """Detections in the pixels of each image file: ``[(index, boxes, scores, labels)]``, the indices
-    seen, and the number of unreadable images. ``model`` is put in eval mode and restored after;
-    NaN or infinite outputs raise ``NonFiniteOutputError`` naming ``what``."""
-    was_training = model.training
-    model.eval()
-    size = model.config.img_size
-    results, seen, bad = [], [], 0
-    try:
-        for x, targets, bad_paths in loader:
-            bad += len(bad_paths)
-            if x is None:
-                continue
-            boxes, scores = model.forward_raw(x.to(device))
-            require_finite((boxes, scores), what)
-            for det, t in zip(model.postprocess(boxes, scores), targets):
-                pixels = to_image_pixels(det["boxes"].float().cpu(), t["size"], size)
-                results.append((t["index"], pixels, det["scores"].float().cpu(), det["labels"].cpu()))
-                seen.append(t["index"])
-    finally:
-        model.train(was_training)
-    return results, seen, bad
-
-
-def detection_metrics(records: Sequence[Any], classes: Sequence[str], results: list, seen: Sequence[int]) -> dict:
-    """COCO mAP (percent) of ``results`` against the images in ``seen`` (unreadable ones are left out)."""
-    kept = sorted(set(seen))
-    remap = {old: new for new, old in enumerate(kept)}
-    gt = coco_ground_truth([records[i] for i in kept], classes)
-    dets = coco_detections((remap[i], b, s, lab) for i, b, s, lab in results)
-    return coco_map(gt, dets, classes)
 
 
 class DetectionTask(Task):
@@ -296,53 +258,3 @@ class DetectionTask(Task):
     def epoch_line(self, row: dict[str, Any]) -> str:
         ema = f"  EMA mAP {row['ema_map']:.2f}" if row.get("ema_map") is not None else ""
         return f"val mAP {row['map']:.2f}  mAP@0.5 {row['map_50']:.2f}{ema}"
-
-
-def val_loader(
-    root: str | Path,
-    data_format: str,
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int = 16,
-    workers: int = 0,
-) -> tuple[DetectionDataset, DataLoader]:
-    """The validation split of a dataset folder at a detector's input size, and its loader."""
-    _, split = load_splits(root, data_format)
-    ds = DetectionDataset(split, letterbox_transform(img_size, mean, std))
-    loader = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection)
-    return ds, loader
-
-
-def evaluate_detector(
-    checkpoint: str | Path,
-    data: str | Path,
-    data_format: str = "auto",
-    batch_size: int = 16,
-    workers: int = 0,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """COCO mAP (percent, with AP per class) of a detector checkpoint, fused or not, on ``data``'s val split."""
-    model = load_detector(checkpoint)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    ds, loader = val_loader(
-        data, data_format, model.config.img_size, model.preprocess["mean"], model.preprocess["std"], batch_size, workers
-    )
-    if model.class_names and list(model.class_names) != list(ds.classes):
-        raise DataError(
-            f"{checkpoint} was trained on classes {model.class_names[:10]}, {data} has {ds.classes[:10]}; "
-            "evaluate on data with the same class list"
-        )
-    results, seen, bad = predict_loader(model.to(dev), loader, dev, f"{checkpoint}")
-    if not seen:
-        raise DataError(f"no validation image of {ds.source} could be read ({bad} unreadable)")
-    metrics = detection_metrics(ds.records, ds.classes, results, seen)
-    return {
-        **metrics,
-        "checkpoint": str(checkpoint),
-        "data": str(ds.source),
-        "fused": model.inference_mode,
-        "images": len(seen),
-        "unreadable_images": bad,
-        "img_size": model.config.img_size,
-    }
