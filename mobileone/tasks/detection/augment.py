@@ -96,6 +96,7 @@ class DenseTrainData(Dataset):
         scale: tuple[float, float] = (0.5, 1.5),
         hflip: float = 0.5,
         vflip: float = 0.0,
+        photometric: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -108,7 +109,7 @@ class DenseTrainData(Dataset):
                 v2.ToImage(),
                 v2.RandomHorizontalFlip(hflip),
                 v2.RandomVerticalFlip(vflip),
-                v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.5),
+                v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.5) if photometric else v2.Identity(),
                 v2.SanitizeBoundingBoxes(min_size=2.0),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(list(mean), list(std)),
