@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from mobileone.cli import main
 from mobileone.tasks import train
-from mobileone.tasks.detection.data import DetectionDataset, collate_detection, eval_transform, load_splits
-from mobileone.tasks.detection.task import DetectionTask, detection_metrics, predict_loader
+from mobileone.tasks.detection.augment import letterbox_transform
+from mobileone.tasks.detection.data import DetectionDataset, collate_detection, load_splits
+from mobileone.tasks.detection.evaluate import detection_metrics, predict_loader
+from mobileone.tasks.detection.task import DetectionTask
 
 from .test_detection_data import make_scenes, tiny_dataset, write_coco
 from .test_detection_model import TINY_ARCH, tiny_detector
@@ -24,15 +25,9 @@ from .test_detection_model import TINY_ARCH, tiny_detector
 def test_a_handful_of_images_is_learnt_to_map_near_one(tmp_path, one_thread):
     root = write_coco(tmp_path / "d", {"train": make_scenes(4), "val": make_scenes(1)})
     split, _ = load_splits(root)
-    resize = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((64, 64)),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
+    x, targets, _ = collate_detection(
+        [DetectionDataset(split, letterbox_transform(64), train=True)[i] for i in range(4)]
     )
-    x, targets, _ = collate_detection([DetectionDataset(split, resize, train=True)[i] for i in range(4)])
     torch.manual_seed(0)
     det = tiny_detector(num_classes=2, img_size=64, anchor_min_ratio=0.2)
     opt = torch.optim.AdamW(det.parameters(), lr=3e-3, weight_decay=0)
@@ -42,7 +37,7 @@ def test_a_handful_of_images_is_learnt_to_map_near_one(tmp_path, one_thread):
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
-    loader = DataLoader(DetectionDataset(split, eval_transform(64)), 4, collate_fn=collate_detection)
+    loader = DataLoader(DetectionDataset(split, letterbox_transform(64)), 4, collate_fn=collate_detection)
     results, seen, _ = predict_loader(det, loader, torch.device("cpu"))
     assert det.training  # predict_loader restores the mode
     m = detection_metrics(split.records, split.classes, results, seen)
@@ -156,9 +151,26 @@ def test_detection_options_are_validated():
     with pytest.raises(ValueError, match="--pretrained apply to MobileOne backbones"):
         resolve_config(task="detect", variant="mnv3", pretrained="x.pth")
     cfg = resolve_config(task="detect", data="somewhere")
-    assert cfg.img_size == 320 and cfg.weight_decay == 4e-5 and cfg.hflip == 0.5
+    assert (cfg.head, cfg.img_size, cfg.batch_size, cfg.weight_decay, cfg.hflip, cfg.k) == (
+        "tal",
+        320,
+        16,
+        5e-4,
+        0.5,
+        1,
+    )
+    assert resolve_config(task="detect", data="somewhere", k=4).k == 4  # S0 trains one branch unless told
+    assert resolve_config(task="detect", data="somewhere", variant="s1").k is None
+    with pytest.raises(ValueError, match="--head lraspp is a segmentation head"):
+        resolve_config(task="detect", head="lraspp")
     builtin = resolve_config(task="detect")
-    assert (builtin.img_size, builtin.hflip, builtin.anchor_min_ratio, builtin.batch_size) == (96, 0, 0.15, 16)
+    assert (builtin.head, builtin.img_size, builtin.hflip, builtin.anchor_min_ratio, builtin.batch_size) == (
+        "ssdlite",
+        96,
+        0,
+        0.15,
+        16,
+    )
 
 
 def test_latency_table_has_every_graph_and_post_processing(tmp_path, one_thread):

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2._utils import query_size
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from .data import DetectionDataset
@@ -163,18 +164,24 @@ class DenseTrainData(Dataset):
         return x, {"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]}
 
 
-class Letterbox:
-    """Resize so the long side is ``size`` (aspect kept) and pad right and bottom to ``size`` x ``size``."""
+class Letterbox(v2.Transform):
+    """Resize so the long side is ``size`` (aspect kept) and pad right and bottom to ``size`` x ``size``;
+    boxes (``tv_tensors.BoundingBoxes``) follow, so it serves training pairs and evaluation images alike."""
 
     def __init__(self, size: int, fill: tuple[int, int, int]) -> None:
+        super().__init__()
         self.size, self.fill = size, fill
 
-    def __call__(self, img: Any) -> Any:
-        h, w = TF.get_size(img)
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = query_size(flat_inputs)
         k = self.size / max(h, w)
-        nh, nw = max(1, round(h * k)), max(1, round(w * k))
-        img = TF.resize(img, [nh, nw], antialias=True)
-        return TF.pad(img, [0, 0, self.size - nw, self.size - nh], fill=list(self.fill))
+        return {"hw": [max(1, round(h * k)), max(1, round(w * k))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        nh, nw = params["hw"]
+        out = TF.resize(inpt, [nh, nw], antialias=True)
+        fill = list(self.fill) if isinstance(inpt, (Image.Image, tv_tensors.Image)) else 0
+        return TF.pad(out, [0, 0, self.size - nw, self.size - nh], fill=fill)
 
 
 def letterbox_transform(
