@@ -140,19 +140,33 @@ def score_yolo(weights: Path, scenes: Path) -> dict[str, float]:
     return {"map": m["map"], "map_50": m["map_50"]}
 
 
-def step_split(data: Path, threads: int, steps: int = 5) -> dict[str, float]:
-    """Seconds per training step of the default detector, by part, on real augmented batches of 16 at 320 px."""
+SPLITS = {
+    "tal_s0 (k=1, the default)": ("tal_s0", 1),
+    "tal_s0 (k=4, the paper's S0)": ("tal_s0", 4),
+    "tal_mnv3": ("tal_mnv3", None),
+}
+
+
+def step_split(data: Path, threads: int, steps: int = 4) -> dict[str, dict[str, float]]:
+    """Seconds per training step, by part, on real augmented batches of 16 at 320 px, for each of ``SPLITS``."""
+    return {label: _split(data, threads, name, k, steps) for label, (name, k) in SPLITS.items()}
+
+
+def _split(data: Path, threads: int, name: str, k: int | None, steps: int) -> dict[str, float]:
     import torch
 
+    from mobileone.core.config import VARIANTS
     from mobileone.engine.schedules import make_ema
     from mobileone.tasks.detection.augment import DenseTrainData
     from mobileone.tasks.detection.data import DetectionDataset, collate_detection, load_splits
     from mobileone.tasks.detection.model import create_detector
 
     torch.set_num_threads(threads)
+    torch.manual_seed(0)
     train, _ = load_splits(data)
     ds = DenseTrainData(DetectionDataset(train, train=True), 320)
-    det = create_detector("tal_s0", len(train.classes), 320, init="identity").train()
+    arch = VARIANTS["mobileone_s0"].replace(k=k).to_dict() if k else None
+    det = create_detector(name, len(train.classes), 320, init="identity", arch=arch).train()
     ema = make_ema(det, 0.9995)
     opt = torch.optim.SGD(det.parameters(), lr=0.01, momentum=0.9)
     parts = dict.fromkeys(("data", "forward", "assignment_and_loss", "backward", "optimizer", "ema"), 0.0)
@@ -205,9 +219,13 @@ def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]], split: d
         f"- {r['detector']} seed {r['seed']}: {r['map_50']:.2f} / {r['map']:.2f}, {r['images_seen']}" for r in rows
     ]
     if split:
-        total = sum(split.values())
-        lines += ["", "| part of a training step (tal_s0, batch 16, 320 px) | s | share |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v:.3f} | {100 * v / total:.0f} % |" for k, v in split.items()]
+        parts = list(next(iter(split.values())))
+        lines += ["", "Seconds per training step (batch 16, 320 px), by part:", ""]
+        lines += ["| detector | " + " | ".join(parts) + " | total | images/s |", "|---|" + "---:|" * (len(parts) + 2)]
+        for label, times in split.items():
+            total = sum(times.values())
+            cells = " | ".join(f"{times[p]:.2f}" for p in parts)
+            lines.append(f"| {label} | {cells} | {total:.2f} | {16 / total:.1f} |")
     return "\n".join(lines) + "\n"
 
 

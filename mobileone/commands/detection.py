@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, alternate_rounds, detection_benchmark
+from ..core.registry import names_a_task_model
 from ..deploy.common import ExportError
 from ..deploy.detection import compare_detections, evaluate_onnx_detector, export_detector
 from ..deploy.onnx import onnx_session
 from ..tasks import resolve_config, train
 from ..tasks.detection.builtin import digit_scenes
+from ..tasks.detection.config import DEFAULT_HEAD
 from ..tasks.detection.evaluate import evaluate_detector, val_loader
 from ..tasks.detection.model import create_detector, load_detector
 from . import write_json
@@ -62,16 +64,21 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detector_name(name: str) -> str:
+    """A detector's registered name: ``tal_s0`` / ``ssdlite_s1`` as given, a bare variant under the default head."""
+    return name if names_a_task_model(name) else f"{DEFAULT_HEAD}_{name.removeprefix('mobileone_')}"
+
+
 def _detector_for_export(args: argparse.Namespace):
     if args.checkpoint:
         model = load_detector(args.checkpoint)
         if args.img_size and args.img_size != model.config.img_size:
             raise ValueError(
-                f"{args.checkpoint} was trained at {model.config.img_size} px and its default boxes are "
-                f"laid out for it; --img-size {args.img_size} cannot change that"
+                f"{args.checkpoint} was trained at {model.config.img_size} px and exports at that size; "
+                f"--img-size {args.img_size} cannot change that"
             )
         return model
-    name = args.variant if args.variant.startswith("ssdlite") else f"ssdlite_{args.variant}"
+    name = _detector_name(args.variant)
     torch.manual_seed(0)
     return create_detector(name, args.num_classes or 80, args.img_size or 320).eval()
 
@@ -100,9 +107,9 @@ def export(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """``mobileone bench --task detect``: SSDLite on MobileOne against the MobileNetV3 peer, fused or not, +/- NMS."""
+    """``mobileone bench --task detect``: MobileOne detectors against the MobileNetV3 peers, fused or not, +/- NMS."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [m.strip() for m in args.models.split(",")]
-    models = [m if m.startswith("ssdlite") else f"ssdlite_{m.removeprefix('mobileone_')}" for m in models]
+    models = [_detector_name(m) for m in models]
     cfg = DetectionBenchConfig(
         models=models,
         runtimes=args.runtimes.split(","),
