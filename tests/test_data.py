@@ -151,3 +151,17 @@ def test_builtin_dataset_is_written_once(tmp_path):
     assert img.size == (8, 8) and np.asarray(img).max() > 100
     mtime = (root / "val").stat().st_mtime
     assert builtin_dataset(tmp_path / "digits") == root and (root / "val").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_turn_as_the_exif_orientation_turns_the_pixels(orientation):
+    from mobileone.tasks.images import TRANSPOSE, orient_boxes
+
+    stored = np.zeros((30, 50), np.uint8)  # 50 wide, 30 high
+    stored[4:11, 6:20] = 1  # the box [6, 4, 20, 11]
+    shown = Image.fromarray(stored)
+    if orientation in TRANSPOSE:
+        shown = shown.transpose(TRANSPOSE[orientation])
+    ys, xs = np.nonzero(np.asarray(shown))
+    box = orient_boxes(np.array([[6, 4, 20, 11]], np.float32), orientation, (50, 30))
+    assert box.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]

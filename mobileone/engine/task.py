@@ -27,7 +27,18 @@ if TYPE_CHECKING:
 
 
 class DataError(ValueError):
-    """The dataset on disk cannot be used as given (missing folders, class mismatch, nothing readable)."""
+    """The dataset on disk cannot be used as given (missing folders, class mismatch, nothing readable).
+
+    A data-loader worker's exception is raised again in the training process as its type, built
+    from a text holding the worker's whole traceback; a DataError keeps only its own message
+    there, so an error reads the same with data workers as without.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if isinstance(message, str) and message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].rstrip("\n")
+        super().__init__(message)
 
 
 class NonFiniteOutputError(ValueError):
