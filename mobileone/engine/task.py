@@ -81,6 +81,7 @@ class Task(ABC):
     metric: str  # the validation metric that picks best.* (higher is better)
     metric_names: tuple[str, ...]  # metrics logged every epoch (and again for the EMA weights, "ema_" + name)
     min_batch: int = 1  # images per process and micro-batch the model needs in train mode (automatic batches keep it)
+    min_img_size: int = 32  # the smallest image size a size derived from the data may take
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
         """TrainConfig values this task sets unless the user does (after the recipe's)."""
@@ -101,6 +102,14 @@ class Task(ABC):
 
     def prepare(self, cfg: TrainConfig, env: Env, model: nn.Module) -> None:
         """Anything the loss needs besides the model (a distillation teacher), once the model is on its device."""
+        return None
+
+    def image_sides(self, data: TaskData) -> Sequence[int]:
+        """Short sides (pixels) of some training images, from which a size not given is derived; none: keep it."""
+        return []
+
+    def set_eval_transform(self, data: TaskData, cfg: TrainConfig) -> None:
+        """Install the evaluation transform, once the run's image size is known (after :meth:`load_data`)."""
         return None
 
     @abstractmethod

@@ -100,6 +100,12 @@ def read_headers(paths: Sequence[str | os.PathLike]) -> list[ImageHeader | None]
         return list(pool.map(one, paths))
 
 
+def short_sides(paths: Sequence[str | os.PathLike], limit: int = 256) -> list[int]:
+    """The shorter side of up to ``limit`` images spread over ``paths`` (headers only; unreadable ones left out)."""
+    step = max(1, len(paths) // limit)
+    return [min(h.size) for h in read_headers(list(paths)[::step][:limit]) if h is not None]
+
+
 def image_size(path: str | os.PathLike, upright: bool = True) -> tuple[int, int]:
     """(width, height) of the image :func:`load_image` returns, from the file header (no pixels decoded)."""
     header = read_header(path)
