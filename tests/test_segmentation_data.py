@@ -282,3 +282,11 @@ def test_a_bad_mask_value_reads_the_same_with_data_workers(tmp_path):
     with pytest.raises(DataError) as in_worker:
         next(iter(loader))
     assert str(in_worker.value) == str(in_process.value) and "holds values [9]" in str(in_process.value)
+
+
+def test_voc_ids_listed_twice_are_refused(tmp_path):
+    root = make_voc_dataset(tmp_path / "voc")
+    listing = root / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text(listing.read_text() + "2007_train_001\n")
+    with pytest.raises(DataError, match=r"train.txt: 1 image ids occur more than once: '2007_train_001' \(2x\)"):
+        load_splits(root)

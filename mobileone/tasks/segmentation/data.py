@@ -234,6 +234,7 @@ def voc_samples(root: Path, split: str) -> tuple[list[Sample], list[Path]]:
     if not listing.is_file():
         raise DataError(f"{listing} does not exist; a VOC layout lists each split's image ids there")
     ids = [line.split()[0] for line in read_text(listing).splitlines() if line.strip()]
+    refuse_duplicates(ids, "image ids", str(listing), "list each image once, or it weighs twice in training and mIoU")
     samples, missing, no_image = [], [], []
     for i in ids:
         image, mask = root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png"
