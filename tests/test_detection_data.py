@@ -457,3 +457,18 @@ def test_yolo_names_keep_hash_and_refuse_duplicates(tmp_path, scenes):
     (root / "data.yaml").write_text("names: [red, blue, blue]\n")
     with pytest.raises(DataError, match=r"data.yaml names: 1 class names occur more than once: 'blue'"):
         load_splits(root)
+
+
+def test_coco_ids_of_the_wrong_type_are_skipped_and_counted(tmp_path, scenes):
+    def spoil(split, data):
+        if split == "train":
+            data["annotations"] += [
+                {"id": 900, "image_id": [1], "category_id": 1, "bbox": [1, 1, 5, 5]},
+                {"id": 901, "image_id": 1, "category_id": {"id": 1}, "bbox": [1, 1, 5, 5]},
+            ]
+
+    with pytest.warns(UserWarning) as caught:
+        load_splits(write_coco(tmp_path / "c", scenes, extra=spoil))
+    message = " ".join(str(w.message) for w in caught)
+    assert "1 annotations of unknown image ids, skipped (e.g. annotations[" in message and "image_id [1]" in message
+    assert "1 annotations of unknown category ids, skipped" in message and "category_id {'id': 1}" in message

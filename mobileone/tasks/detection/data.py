@@ -209,7 +209,7 @@ def _coco_categories(json_path: Path, data: dict[str, Any]) -> dict[int, str]:
     refuse_duplicates(
         [c["id"] for c in categories], "category ids", f"{json_path}", "give every category an id of its own"
     )
-    used = {a.get("category_id") for a in data["annotations"] if isinstance(a, dict)}
+    used = {c for a in data["annotations"] if isinstance(a, dict) and isinstance(c := a.get("category_id"), int)}
 
     def roboflow_extra(c: dict) -> bool:
         others = [o for o in categories if o is not c]
@@ -256,8 +256,9 @@ def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
         if not isinstance(image_id, Hashable) or image_id not in images:
             split.note("annotations of unknown image ids, skipped", f"{where}: image_id {image_id!r:.40}")
             continue
-        if a.get("category_id") not in label_of:
-            split.note("annotations of unknown category ids, skipped", f"{where}: category_id {a.get('category_id')!r}")
+        category = a.get("category_id")
+        if not isinstance(category, Hashable) or category not in label_of:
+            split.note("annotations of unknown category ids, skipped", f"{where}: category_id {category!r:.40}")
             continue
         bbox = a.get("bbox")
         try:
@@ -268,7 +269,7 @@ def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
             raise DataError(f"{json_path}: {where}: {e}") from e
         image = images[image_id]
         crowd = bool(a.get("iscrowd", 0))
-        image.objects.append((f"{image.path.name} {where}", [x, y, x + w, y + h], label_of[a["category_id"]], crowd))
+        image.objects.append((f"{image.path.name} {where}", [x, y, x + w, y + h], label_of[category], crowd))
     return _records(split, list(images.values()))
 
 
