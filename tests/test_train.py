@@ -444,7 +444,9 @@ def test_image_size_comes_from_the_data_when_not_given(tmp_path):
 def test_small_data_gets_a_floor_of_optimizer_steps(tmp_path, data, monkeypatch):
     cfg = resolve_config(data=str(data), out=str(tmp_path / "a"))
     assert cfg.auto_epochs and cfg.epochs == 10
-    with pytest.warns(UserWarning, match=r"35 training images make 5 steps an epoch: 10 epochs would be 50 optimizer"):
+    with pytest.warns(
+        UserWarning, match=r"35 training images make 5 steps an epoch: 10 epoch\(s\) would be 50 optimizer"
+    ):
         fit_epochs(cfg, per_epoch=5, images=35)
     assert cfg.epochs == 100  # 500 steps
     for explicit in ({"epochs": 10}, {"steps_per_epoch": 2}):

@@ -54,7 +54,7 @@ def fit_epochs(cfg: TrainConfig, per_epoch: int, images: int, main: bool = True)
     epochs = math.ceil(MIN_STEPS_PER_RUN / per_epoch)
     if main:
         warnings.warn(
-            f"{images} training images make {per_epoch} steps an epoch: {cfg.epochs} epochs would be "
+            f"{images} training images make {per_epoch} steps an epoch: {cfg.epochs} epoch(s) would be "
             f"{cfg.epochs * per_epoch} optimizer steps, too few to learn from; training {epochs} epochs "
             f"({epochs * per_epoch} steps, the floor for small data) instead (--epochs sets it)",
             stacklevel=3,
