@@ -116,6 +116,7 @@ class DetectionTask(Task):
     metric = "map"
     metric_names = ("map", "map_50", "map_75")
     min_batch = 2  # BatchNorm over the 1x1 maps of the last extra block needs two images
+    min_img_size = 64  # the extra blocks halve 1/32 of the input three more times
 
     def __init__(self) -> None:
         self.builtin = False
@@ -138,12 +139,9 @@ class DetectionTask(Task):
             # fuses into the very same network (docs/detection.md: the ablation). A checkpoint keeps its own k.
             if resolve_variant(cfg.variant) == "mobileone_s0":
                 cfg.k = 1
-        if cfg.batch_size // cfg.accum_steps < self.min_batch:
-            raise ValueError(
-                f"detection trains on at least {self.min_batch} images per micro-batch (BatchNorm over "
-                f"the 1x1 maps of the last extra block); --batch-size {cfg.batch_size} with "
-                f"--accum-steps {cfg.accum_steps} gives fewer"
-            )
+        # SSDLite's last extra block normalizes 1x1 maps: BatchNorm needs two images; the tal head's smallest map
+        # is 1/32 of the input.
+        self.min_batch = 2 if cfg.head == "ssdlite" else 1
         if cfg.progressive:
             raise ValueError(
                 "--progressive changes the image size, but a detector's default boxes are laid out for "
@@ -179,7 +177,7 @@ class DetectionTask(Task):
         train_split, val_split = load_splits(root, cfg.data_format)
         self.train_records = train_split.records
         base = DetectionDataset(train_split, train=True, seed=cfg.seed)
-        val_ds = DetectionDataset(val_split, letterbox_transform(cfg.img_size))
+        val_ds = DetectionDataset(val_split)
         self.val_data = val_ds
         if self.builtin:
             return TaskData(base, val_ds, list(train_split.classes))
@@ -209,6 +207,12 @@ class DetectionTask(Task):
         prior = float(sides.median()) if len(sides) else None
         return build_detector_for(cfg, classes, box_prior=prior, topk_candidates=1000)
 
+    def image_sides(self, data: TaskData) -> list[int]:
+        return [min(r.width, r.height) for r in data.train.records]
+
+    def set_eval_transform(self, data: TaskData, cfg: TrainConfig) -> None:
+        data.val.transform = letterbox_transform(cfg.img_size)
+
     def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
         if self.builtin:
             data.train.transform = train_transform(size, cfg.hflip, zoom_out=1.0, iou_crop=False)
@@ -219,12 +223,6 @@ class DetectionTask(Task):
         return collate_detection
 
     def loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
-        if len(images) < self.min_batch:
-            raise DataError(
-                f"a micro-batch of {len(images)} image(s) reached the detector (unreadable images skipped, "
-                f"or --batch-size split over processes and --accum-steps); it needs {self.min_batch}: "
-                "raise --batch-size"
-            )
         losses = net(images, targets)
         return losses["bbox_regression"] + losses["classification"]
 
