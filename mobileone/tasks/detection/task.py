@@ -135,7 +135,7 @@ class DetectionTask(Task):
         if given:
             self.fit_anchors = not {"anchor_min_ratio", "anchor_max_ratio"} & given
         if cfg.k is None and cfg.data is not None and not cfg.pretrained and not cfg.arch and cfg.variant != PEER:
-            # S0 alone trains k = 4 conv branches a layer; on a CPU budget one branch trains 2.8x faster and
+            # S0 alone trains k = 4 conv branches a layer; on a CPU budget one branch trains about 2x faster and
             # fuses into the very same network (docs/detection.md: the ablation). A checkpoint keeps its own k.
             if resolve_variant(cfg.variant) == "mobileone_s0":
                 cfg.k = 1
