@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -131,3 +132,14 @@ def test_any_size_input_and_fused_detections_equal_unfused(one_thread):
     assert torch.allclose(fb, boxes, atol=1e-3) and torch.allclose(fs, scores, atol=1e-4)
     for e, g in zip(det(x), fused(x)):
         assert compare_detections(e, g, det.config.score_thresh, det.config.nms_thresh)[0] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "executorch", "coreml"])
+def test_raw_export_in_every_runtime(tmp_path, fmt, one_thread):
+    pytest.importorskip({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[fmt])
+    from mobileone.deploy.detection import FORMATS, export_detector
+
+    det = tiny_tal(num_classes=2).eval()
+    report = export_detector(det, tmp_path / f"det{FORMATS[fmt]}", "raw", fmt, check_inputs=torch.randn(2, 3, 64, 64))
+    assert "within 1e-4 relative" in report.check or "structural only" in report.check

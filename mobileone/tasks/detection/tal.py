@@ -104,7 +104,6 @@ class TALDetector(Detector):
             LevelHead(config.neck_channels, config.num_classes, inverse_softplus(max(box_prior / 2 / s, 0.05)))
             for s in self.strides
         )
-        self._points: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _check_input(self, images: Tensor) -> None:
         ok = isinstance(images, Tensor) and images.ndim == 4 and images.shape[1] == 3
@@ -117,18 +116,17 @@ class TALDetector(Detector):
             )
 
     def points(self, height: int, width: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Point centres (A, 2) in pixels and their strides (A, 1) for an input of this size, level by level."""
-        key = (height, width, like.device, like.dtype)
-        if key not in self._points:
-            centres, strides = [], []
-            for s in self.strides:
-                ys = (torch.arange(height // s, device=like.device, dtype=like.dtype) + 0.5) * s
-                xs = (torch.arange(width // s, device=like.device, dtype=like.dtype) + 0.5) * s
-                grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
-                centres.append(grid)
-                strides.append(torch.full((len(grid), 1), float(s), device=like.device, dtype=like.dtype))
-            self._points[key] = (torch.cat(centres), torch.cat(strides))
-        return self._points[key]
+        """Point centres (A, 2) in pixels and their strides (A, 1) for an input of this size, level by level.
+
+        Computed at every call (a few thousand values): a traced or exported graph sees the same ops each time."""
+        centres, strides = [], []
+        for s in self.strides:
+            ys = (torch.arange(height // s, device=like.device, dtype=like.dtype) + 0.5) * s
+            xs = (torch.arange(width // s, device=like.device, dtype=like.dtype) + 0.5) * s
+            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+            centres.append(grid)
+            strides.append(torch.full((len(grid), 1), float(s), device=like.device, dtype=like.dtype))
+        return torch.cat(centres), torch.cat(strides)
 
     def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Box distances (N, A, 4) in pixels (left, top, right, bottom) and class logits (N, A, C)."""
