@@ -237,3 +237,20 @@ def test_the_seed_study_runs_on_a_tiny_setting(tmp_path):
     assert result["aggregate"][0]["runs"] == 2 and result["aggregate"][0]["map_std"] >= 0
     text = (tmp_path / "study" / "results.md").read_text()
     assert "| ssdlite_mnv3 | 2 |" in text and "SSDLite latency" in text
+
+
+def test_small_sets_get_a_minimum_of_steps_whatever_the_epochs(tmp_path):
+    from mobileone.engine.distributed import Env
+    from mobileone.tasks import resolve_config
+    from mobileone.tasks.detection import task as detect
+
+    data = tiny_dataset(tmp_path / "d", train=6, val=2)
+    cfg = resolve_config(task="detect", data=str(data), epochs=4, batch_size=2, workers=0)
+    t = DetectionTask()
+    t.validate(cfg)
+    train = t.load_data(cfg, Env(torch.device("cpu"))).train
+    steps = cfg.epochs * (len(train) // cfg.batch_size)
+    assert detect.DETECT_MIN_STEPS <= steps < detect.DETECT_MIN_STEPS + cfg.epochs * 3  # 6 images: 3 steps a pass
+    assert train[(0, 0)][1]["boxes"].shape[1] == 4 and len(train.records) == 6
+    capped = resolve_config(task="detect", data=str(data), epochs=4, batch_size=2, steps_per_epoch=5, workers=0)
+    assert len(t.load_data(capped, Env(torch.device("cpu"))).train) == 2 * 6  # two passes fill the 5 steps

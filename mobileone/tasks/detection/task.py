@@ -182,17 +182,20 @@ class DetectionTask(Task):
         if self.builtin:
             return TaskData(base, val_ds, list(train_split.classes))
         per_epoch = max(1, len(base) // cfg.batch_size)
-        repeats = math.ceil(DETECT_MIN_STEPS / (cfg.epochs * per_epoch))
-        if repeats > 1 and env.main:
-            log.warning(
-                "%d training images give %d steps in %d epochs; each epoch passes over them %d times (at least %d "
-                "steps in all, so that warm-up and cosine have room)",
-                len(base),
-                cfg.epochs * per_epoch,
-                cfg.epochs,
-                repeats,
-                DETECT_MIN_STEPS,
-            )
+        if cfg.steps_per_epoch:  # the user capped the epoch: passes enough to fill it, no floor
+            repeats = math.ceil(cfg.steps_per_epoch / per_epoch)
+        else:
+            repeats = math.ceil(DETECT_MIN_STEPS / (cfg.epochs * per_epoch))
+            if repeats > 1 and env.main:
+                log.warning(
+                    "%d training images give %d steps in %d epochs; each epoch passes over them %d times (at least "
+                    "%d steps in all, so that warm-up and cosine have room)",
+                    len(base),
+                    cfg.epochs * per_epoch,
+                    cfg.epochs,
+                    repeats,
+                    DETECT_MIN_STEPS,
+                )
         train = DenseTrainData(base, cfg.img_size, repeats, cfg.mosaic, hflip=cfg.hflip)
         return TaskData(train, val_ds, list(train_split.classes))
 
