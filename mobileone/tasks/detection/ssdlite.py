@@ -128,8 +128,8 @@ class SSDLiteDetector(Detector):
         if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(
-                f"this detector takes a normalized float batch (N, 3, {s}, {s}), got {shape}; resize "
-                f"images to {s} x {s} (mobileone.tasks.detection.data.eval_transform) or build the "
+                f"this detector takes a normalized float batch (N, 3, {s}, {s}), got {shape}; letterbox "
+                f"images to {s} x {s} (mobileone.tasks.detection.augment.letterbox_transform) or build the "
                 "detector with another img_size"
             )
 
