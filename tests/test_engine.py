@@ -9,7 +9,8 @@ import torch
 
 from mobileone.engine.config import TrainConfig
 from mobileone.engine.distributed import Env, default_workers
-from mobileone.engine.trainer import _KeptBatches, _steps_per_epoch
+from mobileone.engine.distributed import KeptBatches as _KeptBatches
+from mobileone.engine.trainer import _steps_per_epoch
 from mobileone.tasks import resolve_config, train
 
 from .test_train import TINY, make_data

@@ -481,15 +481,15 @@ def test_10_resume_from_a_truncated_train_state_redoes_one_epoch(tmp_path, data)
 def test_10_disk_full_names_the_kept_file(tmp_path, data, monkeypatch, capsys):
     import safetensors.torch
 
-    real, calls = safetensors.torch.save_file, []
+    real, calls = safetensors.torch.save, []
 
-    def save_file(*args, **kwargs):  # epoch 1 writes last and best; epoch 2's last hits a full disk
+    def save(*args, **kwargs):  # epoch 1 writes last, best and best_fused; epoch 2's last hits a full disk
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(safetensors.torch, "save", save)
     out = tmp_path / "run"
     assert main(cli_train(data, out, "--epochs", "2")) == 2
     err = capsys.readouterr().err

@@ -540,7 +540,7 @@ def write_weights(path: str | os.PathLike, state_dict: StateDict, info: dict[str
     ``torch.save``. Readers use the embedded copy, so a kill between the two files never pairs
     weights with another file's metadata. Both files are written atomically.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path = path if path.suffix else path.with_suffix(".safetensors")
@@ -552,7 +552,8 @@ def write_weights(path: str | os.PathLike, state_dict: StateDict, info: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: json.dumps(info)}))
+        # Serialized here and written by us: safetensors' own writer leaves a .tmpXXXXXX behind when killed.
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(sd, metadata={META_KEY: json.dumps(info)})))
     else:
         atomic_write(path, lambda tmp: torch.save({"state_dict": sd, META_KEY: info}, tmp))
     atomic_write(_sidecar(path), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))

@@ -113,3 +113,50 @@ def all_reduce_sum(values: torch.Tensor, env: Env) -> torch.Tensor:
     if env.world > 1:
         dist.all_reduce(values)
     return values
+
+
+class KeptBatches:
+    """The validation loader, whose batches are kept in memory after the first pass when they fit.
+
+    Evaluation transforms are deterministic, so every epoch (and the EMA's evaluation) would decode
+    and resize the same images again; on the small datasets of short runs that is most of the
+    evaluation's time. Past ``budget`` bytes the batches stream from the loader as usual.
+    """
+
+    def __init__(self, loader: Any, budget: int = 512 << 20) -> None:
+        self.loader, self.budget, self.kept = loader, budget, None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        keep, size = [], 0
+        for batch in self.loader:
+            if keep is not None:
+                size += sum(t.numel() * t.element_size() for t in _tensors(batch))
+                if size <= self.budget:
+                    keep.append(batch)
+                else:
+                    keep = None
+            yield batch
+        self.kept = keep
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
