@@ -1,10 +1,15 @@
 """Tiny classification folders and a 4-block MobileOne for tests that run the engine or the command line."""
 
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mobileone.tasks import resolve_config
 from mobileone.tasks.classification.task import ClassificationTask
@@ -78,3 +83,25 @@ def poison_loss(monkeypatch, at_call: int, action):
         return REAL_LOSS(self, net, images, targets, cfg)
 
     monkeypatch.setattr(ClassificationTask, "loss", loss)
+
+
+def finite(path: Path) -> bool:
+    return all(torch.isfinite(v).all() for v in load_file(path).values() if v.is_floating_point())
+
+
+def write_bomb(path: Path, side: int = 20000) -> Path:
+    """A tiny PNG whose header claims side x side pixels (more than PIL's bomb limit of 179 M)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    b[16:24] = struct.pack(">II", side, side)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    path.write_bytes(bytes(b))
+    return path
+
+
+def apple_file(tmp_path: Path, model) -> Path:
+    """A plain state dict, as Apple's files are, so the metadata can only come from a JSON beside it."""
+    path = tmp_path / "model.pth"
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,21 +1,23 @@
 """The run directory: one run per folder, never over files that are not a run's, and a deployable best at any time."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from mobileone import create_model, save_checkpoint
 from mobileone.cli import main
+from mobileone.engine.rundir import RunDir, RunDirError
+from mobileone.tasks import resolve_config, train
 
-from .classification_data import TINY, cli_train, make_data, poison_loss
+from .classification_data import ROOT, TINY, cli_train, config, poison_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("task", ["classify", "detect", "segment"])
@@ -80,3 +82,61 @@ def test_a_best_fused_that_lags_behind_best_is_written_again_at_the_end(tmp_path
     out = tmp_path / "run"
     assert main(cli_train(data, out, "--epochs", "1")) == 0
     assert len(calls) == 2 and json.loads((out / "best_fused.json").read_text())["epoch"] == 1
+
+
+def test_two_runs_cannot_share_an_out_folder(tmp_path, data):
+    out = tmp_path / "run"
+    with RunDir(out):  # another run owns it (this process: alive)
+        lock = json.loads((out / ".lock").read_text())
+        assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname()
+        with pytest.raises(RunDirError, match=rf"in use by another run \(process {os.getpid()} on host"):
+            train(config(out, data))
+        assert not (out / "config.json").exists()
+    assert not (out / ".lock").exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with pytest.warns(UserWarning, match=rf"locked by process {dead.pid}, which is no longer running"):
+        train(config(out, data))
+    assert (out / "best.safetensors").exists() and not (out / ".lock").exists()
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".lock").write_text(json.dumps({"pid": 1, "host": "gpu-node-7"}))
+    with pytest.raises(RunDirError, match="on host gpu-node-7"):
+        train(config(tmp_path / "other", data))
+
+
+@pytest.mark.slow  # a training subprocess: about 5-15 s on 2 busy cores
+def test_a_second_process_on_a_running_out_folder_stops(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mobileone", *cli_train(data, out, "--epochs", "200")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        assert main(cli_train(data, out, "--epochs", "2")) == 2
+        assert f"in use by another run (process {first.pid} on host {socket.gethostname()}" in capsys.readouterr().err
+        assert main(["train", "--resume", str(out), "--workers", "0"]) == 2  # nor can it be resumed meanwhile
+        assert "in use by another run" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == first.pid  # a kill -9 leaves its lock ...
+    with pytest.warns(UserWarning, match=f"locked by process {first.pid}, which is no longer running"), RunDir(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()  # ... which the next run takes over
+
+
+def test_options_that_fail_validation_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="does not exist|no train/ folder"):
+        train(resolve_config(data=str(tmp_path / "missing"), out=str(out), workers=0))
+    assert not out.exists() or not any(Path(out).iterdir())

@@ -280,6 +280,8 @@ def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> 
     """
     path = Path(source) if not isinstance(source, dict) else None
     obj = _read_file(path) if path else source
+    if path:
+        _refuse_other_tasks(path, obj)
     sd, layout = to_apple_layout(_unwrap(obj, use_ema, str(path or "state dict")))
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -289,6 +291,19 @@ def read_checkpoint(source: str | os.PathLike | dict, use_ema: bool = False) -> 
         "read %s: %s layout, %s, %d classes", path or "state dict", layout, "fused" if fused else "unfused", num_classes
     )
     return Checkpoint(sd, layout, fused, config, num_classes, meta)
+
+
+def _refuse_other_tasks(path: Path, obj: Any) -> None:
+    """A detector's or segmenter's file is named for what it is, not read as a broken classifier."""
+    try:
+        task = (embedded_metadata(path, obj) or {}).get("task", "classify")
+    except CheckpointError:
+        return  # unusable metadata: the tensors decide, with a warning
+    if task != "classify":
+        raise CheckpointError(
+            f"{path} is a {task} checkpoint, not a classifier; use it with --task {task} (or load_detector / "
+            "load_segmenter in Python)"
+        )
 
 
 class MetadataError(CheckpointError):
@@ -594,6 +609,23 @@ def embedded_metadata(path: str | os.PathLike, obj: Any = None) -> dict[str, Any
     if not isinstance(value, dict):
         raise MetadataError(f"the metadata embedded in {path} is a {type(value).__name__}, not an object")
     return value
+
+
+def checkpoint_task(path: str | os.PathLike) -> str | None:
+    """The task a checkpoint was written for (``classify``, ``detect``, ``segment``); None when it is unreadable.
+
+    Files without our metadata (Apple's, timm's, mmpretrain's) are classifiers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = None if path.suffix == ".safetensors" else _read_file(path)
+        meta = embedded_metadata(path, obj)
+    except Exception:  # truncated, corrupt, not a checkpoint: the command's own loader says why
+        return None
+    task = (meta or {}).get("task", "classify")
+    return task if isinstance(task, str) else None
 
 
 def save_checkpoint(model: MobileOne, path: str | os.PathLike, **meta: Any) -> Path:

@@ -9,6 +9,7 @@ call on their copy of the dataset.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,7 @@ def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, trai
         workers = 0  # read once and kept (trainer._KeptBatches): starting processes would cost more
     common: dict[str, Any] = {
         "num_workers": workers,
+        "worker_init_fn": ignore_termination if workers else None,
         "pin_memory": env.device.type == "cuda",
         "collate_fn": collate,
         "persistent_workers": workers > 0,
@@ -106,6 +108,15 @@ def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, trai
         return DataLoader(ds, per_rank, sampler=sampler, drop_last=True, **common)
     shard = Subset(ds, range(env.rank, len(ds), env.world))
     return DataLoader(shard, max(1, per_rank // cfg.accum_steps) * 2, shuffle=False, **common)
+
+
+def ignore_termination(worker_id: int) -> None:
+    """Data workers leave SIGTERM to the training process, which stops the run cleanly and then ends them.
+
+    A cluster's time limit (or ``timeout``) signals the whole process group; a worker that died of it
+    first would turn the clean stop into a "DataLoader worker exited unexpectedly" error.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def all_reduce_sum(values: torch.Tensor, env: Env) -> torch.Tensor:
