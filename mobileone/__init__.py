@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import _startup  # noqa: F401  (before torch: the command's OpenMP wait policy)
 from .core.checkpoint import (
     Checkpoint,
     CheckpointError,

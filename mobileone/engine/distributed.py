@@ -48,8 +48,7 @@ def setup_env(cfg: TrainConfig) -> Env:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cpu_plan(cfg.workers, cfg.threads, world, use_cuda)[1])
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -72,11 +71,35 @@ def setup_env(cfg: TrainConfig) -> Env:
     return Env(device, rank, world, dtype, cl, owns)
 
 
-def default_workers(world: int = 1) -> int:
-    """Loader processes per rank that fit the machine: up to 4, leaving a core for the training process."""
+def process_cores(world: int = 1) -> int:
+    """The cores this process may use: its CPU affinity shared among the ranks on this machine."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores // max(1, local_world) - 1))
+    return max(1, cores // max(1, local_world))
+
+
+def cpu_plan(workers: int | None, threads: int | None, world: int = 1, gpu: bool = False) -> tuple[int, int]:
+    """Data-loading processes and compute threads of one rank, chosen together: never more than its cores.
+
+    On a CPU the compute threads do the work: a loader process per 4 cores (at most 4), the rest
+    threads (2 cores: no loader process, 2 threads). On a GPU the loaders feed it: up to 4, one
+    core left for the training process. What the user sets is kept; the other fills the rest.
+    """
+    cores = process_cores(world)
+    if workers is None:
+        if threads is not None:
+            workers = cores - threads - (1 if gpu else 0)
+        else:
+            workers = cores - 1 if gpu else cores // 4
+        workers = max(0, min(4, workers))
+    if threads is None:
+        threads = max(1, cores - workers)
+    return workers, threads
+
+
+def default_workers(world: int = 1, gpu: bool = False) -> int:
+    """Loader processes per rank that fit the machine beside the compute threads (see :func:`cpu_plan`)."""
+    return cpu_plan(None, None, world, gpu)[0]
 
 
 class EpochSampler(DistributedSampler):
@@ -93,7 +116,7 @@ SMALL_VAL = 2000  # validation images per rank below which they are read in the 
 def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, train: bool) -> DataLoader:
     """The training loader (shuffled per epoch, the same batches for any world size) or this rank's val shard."""
     per_rank = cfg.batch_size // env.world
-    workers = cfg.workers if cfg.workers is not None else default_workers(env.world)
+    workers = cpu_plan(cfg.workers, cfg.threads, env.world, env.device.type == "cuda")[0]
     if not train and len(ds) // env.world < SMALL_VAL:
         workers = 0  # read once and kept (trainer._KeptBatches): starting processes would cost more
     common: dict[str, Any] = {
