@@ -240,23 +240,9 @@ def export_detector(
     ``atol`` / ``rtol``: the raw form's check tolerance (``atol + rtol * max |output|``; default 1e-4 each).
     The file reaches ``out`` only once its check passed; a failed one is kept as ``NAME.failed.EXT``.
     """
-    out = Path(out)
-    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), "onnx")
-    if format not in FORMATS:
-        raise ValueError(f"detectors export to {list(FORMATS)}, not {format!r}")
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if form == "nms" and format != "onnx":
-        raise ValueError(f"the NMS form is ONNX only (NonMaxSuppression); export --raw for {format}")
-    if out.suffix != FORMATS[format]:
-        out = out.with_suffix(FORMATS[format])
+    out, format = _target(Path(out), format, form, atol is not None or rtol is not None)
     max_detections = model.config.max_detections if max_detections is None else max_detections
     MAX_DETECTIONS.check("max_detections", max_detections)
-    if form == "nms" and (atol is not None or rtol is not None):
-        raise ValueError(
-            "--atol / --rtol set the raw form's tolerance; the NMS form's check matches the detections one to one "
-            f"(labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL})"
-        )
     fused, fused_now = fused_detector(model)
     fused.config.max_detections = max_detections  # the copy's eager post-processing is what the check compares to
     size = fused.config.img_size
@@ -285,6 +271,23 @@ def export_detector(
 
     report.check = write_checked(out, write, compare if check else None, READERS[format]) or "not run"
     return report
+
+
+def _target(out: Path, format: str | None, form: str, tolerance: bool) -> tuple[Path, str]:
+    """The file and format of an export (the suffix names the format), or a ValueError for what cannot be."""
+    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), "onnx")
+    if format not in FORMATS:
+        raise ValueError(f"detectors export to {list(FORMATS)}, not {format!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "nms" and format != "onnx":
+        raise ValueError(f"the NMS form is ONNX only (NonMaxSuppression); export --raw for {format}")
+    if form == "nms" and tolerance:
+        raise ValueError(
+            "--atol / --rtol set the raw form's tolerance; the NMS form's check matches the detections one to one "
+            f"(labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL})"
+        )
+    return (out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])), format
 
 
 def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw) -> None:

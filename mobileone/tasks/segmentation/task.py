@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
+from ...core.files import atomic_write
 from ...core.model import init_branches
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env, all_reduce_sum
@@ -225,6 +226,6 @@ def draw_predictions(model: nn.Module, dataset: SegmentationDataset, out: Path, 
     if names:
         fig.suptitle(f"classes: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
