@@ -172,15 +172,6 @@ def test_every_option_of_every_command_says_its_default(capsys):
     assert not missing, f"options whose help does not say their default: {missing}"
 
 
-def test_no_wd_anneal_holds_the_tasks_weight_decay(tmp_path, monkeypatch):
-    import mobileone.commands.train as command
-
-    seen = []
-    monkeypatch.setattr(command, "run_training", lambda cfg: seen.append(cfg) or {})
-    assert main(["train", "--task", "detect", "--no-wd-anneal", "--out", str(tmp_path / "r")]) == 0
-    assert seen[0].weight_decay == seen[0].weight_decay_end == 4e-5  # detection's, held (not annealed to 1e-4)
-
-
 def test_warnings_print_in_one_line_without_source(tmp_path, tiny):
     path = mobileone.save_checkpoint(tiny, tmp_path / "model.safetensors", epoch=1)
     (tmp_path / "model.json").write_text('{"config": "not an object"}')

@@ -12,10 +12,10 @@ from mobileone.tasks import train
 from mobileone.tasks.classification.data import (
     ImageFolderDataset,
     UnreadableImageError,
-    image_size,
     load_image,
 )
 from mobileone.tasks.classification.evaluate import evaluate_checkpoint
+from mobileone.tasks.images import image_size
 
 from .classification_data import config, make_data, write_bomb
 

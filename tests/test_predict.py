@@ -172,3 +172,19 @@ def test_a_classifier_is_never_given_another_tasks_file(tmp_path, task_files, ca
 
     with pytest.raises(ExportError, match="is a segment model .*, not a classify one"):
         predict_onnx(seg_onnx, image)
+
+
+def test_predict_never_replaces_a_picture_it_did_not_draw(tmp_path, task_files, capsys):
+    images = task_files["detect data"] / "val"
+    first = sorted(p for p in images.iterdir() if p.suffix in (".png", ".jpg"))[0]
+    out = tmp_path / "pred"
+    out.mkdir()
+    mine = out / f"{first.stem}_boxes.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(mine)
+    before = mine.read_bytes()
+    assert main(["predict", "--checkpoint", str(task_files["detect"]), str(first), "--out", str(out)]) == 2
+    assert f"{mine} already exists and was not written by mobileone" in capsys.readouterr().err
+    assert mine.read_bytes() == before
+    mine.unlink()
+    argv = ["predict", "--checkpoint", str(task_files["detect"]), str(first), "--out", str(out)]
+    assert main(argv) == 0 and main(argv) == 0  # its own pictures it replaces

@@ -151,8 +151,8 @@ def add_train(sub: argparse._SubParsersAction, task_defaults: TaskDefaults | Non
 
 
 def train_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields the user set (None: unset), with ``--no-ema`` applied (``--no-wd-anneal`` needs
-    the resolved weight decay: see ``commands.train``)."""
+    """The TrainConfig fields the user set (None: unset), with ``--no-ema`` applied (``--no-wd-anneal`` is
+    ``resolve_config``'s ``hold_weight_decay``)."""
     opts = {f.name: getattr(args, f.name) for f in TrainConfig.__dataclass_fields__.values() if f.metadata["cli"]}
     if args.no_ema:
         opts["ema_decay"] = 0.0

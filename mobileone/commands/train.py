@@ -8,10 +8,10 @@ import signal
 import sys
 from collections.abc import Iterator
 
+import mobileone.tasks as tasks
+
 from ..core.files import DiskFullError
 from ..engine.rundir import RunDir
-from ..tasks import resolve_config
-from ..tasks import train as run_training
 from .arguments import train_options
 
 
@@ -38,12 +38,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = resolve_config(**train_options(args))
-    if args.no_wd_anneal and not cfg.resume:
-        cfg.weight_decay_end = cfg.weight_decay  # the task's weight decay, held (paper ablation)
+    cfg = tasks.resolve_config(hold_weight_decay=args.no_wd_anneal, **train_options(args))
     try:
         with sigterm_as_interrupt():
-            run_training(cfg)
+            tasks.train(cfg)
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"\nmobileone train: {how}. {_what_is_kept(cfg.out)}", file=sys.stderr)

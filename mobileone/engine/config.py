@@ -127,6 +127,9 @@ class TrainConfig:
         128, "schedule", "global batch, over all processes and micro-batches", Range(1, None, integer=True)
     )
     auto_batch: bool = option(False, "schedule", "the batch was not set: lowered when the data is small", cli=False)
+    auto_epochs: bool = option(
+        False, "schedule", "not set (own data): raised to a floor of steps on small data", cli=False
+    )
     accum_steps: int = option(
         1, "schedule", "split each batch into this many micro-batches", Range(1, None, integer=True)
     )
@@ -135,6 +138,9 @@ class TrainConfig:
     progressive: bool = option(False, "schedule", "0.71x, 0.86x, 1x --img-size over the run (160 -> 192 -> 224)")
     # --- augmentation
     img_size: int = option(224, "augmentation", "final training size, also the evaluation size", IMG_SIZE)
+    auto_img_size: bool = option(
+        False, "augmentation", "not set (own data): lowered to the images' own size", cli=False
+    )
     crop_pct: float = option(0.875, "augmentation", "evaluation crop ratio", FRACTION)
     crop_scale: tuple[float, float] = option(
         (0.08, 1.0), "augmentation", "random-resized-crop area range", nargs=2, metavar=("MIN", "MAX")
@@ -271,13 +277,19 @@ def _resumed(task: Task, explicit: dict[str, Any], names: set[str]) -> TrainConf
     return TrainConfig(**values).validate()
 
 
-def resolve_config(task: Task, recipe: str | None = None, **explicit: Any) -> TrainConfig:
+def resolve_config(
+    task: Task, recipe: str | None = None, hold_weight_decay: bool = False, **explicit: Any
+) -> TrainConfig:
     """Defaults <- recipe <- task (and its variant and built-in data) <- what the user gave (not None).
 
     Without a recipe: ``finetune`` when fine-tuning from ``pretrained`` (classification), else ``short``.
     With ``resume`` the run's saved ``config.json`` is used, and only ``RESUMABLE`` options may change.
+    ``hold_weight_decay`` (``--no-wd-anneal``): the weight decay the run resolves to (the task's, the
+    recipe's or ``weight_decay``) is held to the end instead of annealed.
     """
     explicit = {k: v for k, v in explicit.items() if v is not None}
+    if hold_weight_decay and "weight_decay_end" in explicit:
+        raise ValueError("--no-wd-anneal holds the weight decay constant; drop --weight-decay-end (or the flag)")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(explicit) - names
     if unknown:
@@ -292,8 +304,26 @@ def resolve_config(task: Task, recipe: str | None = None, **explicit: Any) -> Tr
         variant = resolve_variant(variant)
     values = {**RECIPES[recipe], **task.defaults(recipe, variant, explicit.get("data") is None)}
     values.update(explicit)
+    if hold_weight_decay:
+        values["weight_decay_end"] = values.get("weight_decay", TrainConfig.weight_decay)
     values["recipe"], values["task"] = recipe, task.name
     values["auto_batch"] = "batch_size" not in explicit
+    own_data = explicit.get("data") is not None
+    values["auto_img_size"] = own_data and "img_size" not in explicit
+    values["auto_epochs"] = own_data and "epochs" not in explicit and "steps_per_epoch" not in explicit
     cfg = TrainConfig(**values).validate()
     task.validate(cfg, frozenset(explicit))
+    check_batch_floor(cfg, task.min_batch)
     return cfg
+
+
+def check_batch_floor(cfg: TrainConfig, min_batch: int, world: int = 1) -> None:
+    """Refuse a batch whose micro-batches (per process) are smaller than a model's BatchNorm needs."""
+    micro = cfg.batch_size // (world * cfg.accum_steps)
+    if micro < min_batch:
+        split = f" over {world} processes" if world > 1 else ""
+        raise ValueError(
+            f"this {cfg.task} model trains on at least {min_batch} images per micro-batch (BatchNorm in train "
+            f"mode over its 1x1 maps needs two values); --batch-size {cfg.batch_size} with --accum-steps "
+            f"{cfg.accum_steps}{split} gives {micro}: raise --batch-size"
+        )

@@ -8,6 +8,7 @@ call on their copy of the dataset.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+log = logging.getLogger("mobileone")
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -131,6 +134,25 @@ def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, trai
         return DataLoader(ds, per_rank, sampler=sampler, drop_last=True, **common)
     shard = Subset(ds, range(env.rank, len(ds), env.world))
     return DataLoader(shard, max(1, per_rank // cfg.accum_steps) * 2, shuffle=False, **common)
+
+
+def too_small_to_step(x: torch.Tensor | None, cfg: TrainConfig, env: Env, min_batch: int, where: str) -> bool:
+    """Whether a step must be skipped because a micro-batch is below the model's BatchNorm floor (unreadable
+    images left fewer than it): decided by every rank together, so that none waits for the others."""
+    size = len(x) // cfg.accum_steps if x is not None else 0
+    small = x is not None and size < min_batch
+    if env.world > 1:  # a rank without images or with too few makes every rank skip the step
+        votes = all_reduce_sum(torch.tensor([float(small), float(x is None)], device=env.device), env)
+        small = bool(votes[0] > 0) or (x is not None and bool(votes[1] > 0))
+    if small and env.main:
+        log.warning(
+            "skipped %s: a micro-batch of %d image(s) (unreadable images left out) is below the %d that "
+            "BatchNorm needs in this model",
+            where,
+            size,
+            min_batch,
+        )
+    return small
 
 
 def ignore_termination(worker_id: int) -> None:

@@ -50,6 +50,7 @@ class Progress:
 
 def epoch_line(task: Task, r: dict[str, Any], epochs: int) -> str:
     bad = f"  skipped images {r['bad_images']}" if r["bad_images"] else ""
+    bad += f"  skipped steps {r['skipped_steps']}" if r.get("skipped_steps") else ""
     return (
         f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  {task.epoch_line(r)}  lr {r['lr']:.2e}  "
         f"wd {r['weight_decay']:.1e}  {r['images_per_second']:.0f} img/s  {r['img_size']} px  "

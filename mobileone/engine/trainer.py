@@ -23,8 +23,9 @@ from torch import nn
 
 from ..core.checkpoint import embedded_metadata
 from ..core.fusion import reparameterizable_modules, reparameterize_model
-from .config import TrainConfig
-from .distributed import Env, KeptBatches, all_reduce_sum, make_loader, setup_env, to_device
+from .config import TrainConfig, check_batch_floor
+from .data_fit import fit_epochs, fit_image_size
+from .distributed import Env, KeptBatches, all_reduce_sum, make_loader, setup_env, to_device, too_small_to_step
 from .progress import Progress, epoch_line
 from .rundir import RunDir, plot_curves
 from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
@@ -64,7 +65,12 @@ def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # Everything that can fail on the user's input fails here, before a file is written.
     data = task.load_data(cfg, env)
+    if not cfg.resume:  # a resumed run keeps the size and epochs its config.json holds
+        fit_image_size(cfg, task.image_sides(data), task.min_img_size, env.main)
+    task.set_eval_transform(data, cfg)
     per_epoch = _steps_per_epoch(cfg, len(data.train), env, task.min_batch)
+    if not cfg.resume:
+        fit_epochs(cfg, per_epoch, len(data.train), env.main)
     model = task.build_model(cfg, data.classes)
     with run if env.main else contextlib.nullcontext():
         return _loop(cfg, task, env, run, data, model, per_epoch)
@@ -159,7 +165,7 @@ def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, e
     """One pass over ``loader`` (at most ``per_epoch`` steps): the epoch's loss, speed and where its time went."""
     s.net.train()
     report = Progress(cfg, env, s.per_epoch, epoch)
-    loss_sum, seen, bad, t0 = torch.zeros((), device=env.device), 0, 0, time.perf_counter()
+    loss_sum, seen, bad, short, t0 = torch.zeros((), device=env.device), 0, 0, 0, time.perf_counter()
     spent = dict.fromkeys(("data", "step", "ema"), 0.0)
     tick = t0
 
@@ -174,9 +180,10 @@ def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, e
         lap("data")
         bad += _handle_bad(bad_paths, cfg)
         lr, wd = _set_schedule(s, cfg)
-        loss = None
-        if x is not None:
-            where = f"step {s.step + 1} (epoch {epoch + 1}, batch {b + 1})"
+        where, loss = f"step {s.step + 1} (epoch {epoch + 1}, batch {b + 1})", None
+        if too_small_to_step(x, cfg, env, task.min_batch, where):
+            short += 1
+        elif x is not None:
             loss = _step(s.net, task, s.optimizer, s.scaler, x, y, cfg, env, where, last_good)
             lap("step")
             if s.ema is not None:
@@ -203,6 +210,7 @@ def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, e
         "weight_decay": wd,
         "images_per_second": seen / train_seconds,
         "bad_images": bad,
+        "skipped_steps": short,
         "train_seconds": train_seconds,
         **{f"{k}_seconds": v for k, v in spent.items()},
     }
@@ -250,6 +258,7 @@ def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env, min_batch: int = 1
                 stacklevel=3,
             )
             cfg.batch_size = fitting
+    check_batch_floor(cfg, min_batch, env.world)
     per_epoch = images // cfg.batch_size
     if per_epoch == 0:
         raise DataError(f"{images} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size")

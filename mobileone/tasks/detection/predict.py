@@ -7,7 +7,6 @@ detectors do; ``model.preprocess`` gives the input size, mean and std, ``model.c
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,9 +18,9 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
-from ...core.files import write_bytes
-from ..classification.data import UnreadableImageError, load_image
 from ..classification.predict import image_files
+from ..images import UnreadableImageError, load_image
+from ..pictures import save_png
 from .data import eval_transform
 
 Detector = Callable[[Tensor], list[dict[str, Tensor]]]
@@ -34,7 +33,7 @@ def predict_detections(
     out: str | os.PathLike | None = None,
     min_score: float = 0.3,
 ) -> list[dict[str, Any]]:
-    """Detect objects in image files; with ``out``, draw each image's detections (``out/<name>.png``).
+    """Detect objects in image files; with ``out``, draw each image's detections (``out/<name>_boxes.png``).
 
     Returns one dict per image: ``{"image", "width", "height", "detections": [{"class", "label", "score",
     "box"}], "picture"}`` with boxes as ``[x0, y0, x1, y1]`` in the image's pixels, every detection the
@@ -65,7 +64,7 @@ def predict_detections(
         ]
         record = {"image": str(path), "width": w, "height": h, "detections": found}
         if out is not None:
-            record["picture"] = str(draw(img, found, Path(out) / f"{Path(path).stem}.png", min_score))
+            record["picture"] = str(draw(img, found, Path(out) / f"{Path(path).stem}_boxes.png", min_score))
         results.append(record)
     return results
 
@@ -79,14 +78,7 @@ def draw(img: Image.Image, detections: list[dict[str, Any]], path: Path, min_sco
         labels = [f"{d['class']} {d['score']:.2f}" for d in kept]
         width = max(1, round(max(img.size) / 200))
         canvas = draw_bounding_boxes(canvas, boxes, labels, colors="red", width=width)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_bytes(path, _png(canvas))
-
-
-def _png(canvas: Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return save_png(Image.fromarray(canvas.permute(1, 2, 0).numpy()), path)
 
 
 def coco_records(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ std, ``model.class_names`` the names.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,9 +19,9 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from ...core.files import write_bytes
-from ..classification.data import UnreadableImageError, load_image
 from ..classification.predict import image_files
+from ..images import UnreadableImageError, load_image
+from ..pictures import save_png
 from .data import eval_transform, voc_palette
 
 Segmenter = Callable[[Tensor], dict[str, Tensor]]
@@ -68,7 +67,6 @@ def _name(names: list[str], c: int) -> str:
 
 def write_pictures(img: Image.Image, labels: np.ndarray, stem: Path, alpha: float) -> dict[str, str]:
     """The mask as a palette PNG (Pascal VOC's colours) and the overlay of those colours on the image."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     palette = voc_palette()
     mask = Image.fromarray(labels)  # "L"; a palette makes it "P"
     mask.putpalette(palette.reshape(-1).tolist())
@@ -77,7 +75,5 @@ def write_pictures(img: Image.Image, labels: np.ndarray, stem: Path, alpha: floa
     overlay = Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8))
     paths = {"mask": stem.with_name(f"{stem.name}_mask.png"), "overlay": stem.with_name(f"{stem.name}_overlay.png")}
     for key, picture in (("mask", mask), ("overlay", overlay)):
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        write_bytes(paths[key], buffer.getvalue())
+        save_png(picture, paths[key])
     return {k: str(v) for k, v in paths.items()}
