@@ -79,4 +79,4 @@ CLASSES = Range(1, 100_000, integer=True)
 MAX_DETECTIONS = Range(1, 100_000, integer=True)
 TOLERANCE = Range(0.0, None)  # atol / rtol of an export check
 FRACTION = Range(0.0, 1.0, low_open=True)  # crop ratio and other (0, 1] fractions
-SECONDS = Range(0.0, None, low_open=True)
+SECONDS = Range(0.0, None, unit="seconds")
