@@ -65,6 +65,8 @@ def cli_train(data: Path, out: Path, *extra: str) -> list[str]:
         "0",
         "--no-progress",
         "--no-ema",
+        "--epochs",  # own data without --epochs gets a floor of 500 steps; a later --epochs wins
+        "1",
         *extra,
     ]
 
