@@ -197,7 +197,7 @@ def test_files_respect_the_umask(tmp_path, tiny, umask, mode):
 
 @pytest.mark.parametrize("name", ["last.safetensors", "last.pth"])
 def test_a_kill_between_weights_and_json_never_pairs_them_wrongly(tmp_path, tiny, monkeypatch, name):
-    import mobileone.core.checkpoint as ck
+    import mobileone.core.checkpoint.storage as ck
 
     tiny.class_names = ["x", "y", "z"]
     path = save_checkpoint(tiny, tmp_path / name, epoch=1)

@@ -138,7 +138,7 @@ def test_checkpoints_rebuild_their_model(tmp_path):
     with pytest.raises(CheckpointError, match="classify checkpoint, not a segmentation model"):
         load_segmenter(tmp_path / "classifier.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_segmenter(tmp_path / "broken.safetensors")
 
 

@@ -30,9 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models._utils import IntermediateLayerGetter
@@ -40,7 +38,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from ...core.checkpoint import CheckpointError, embedded_metadata, load_checkpoint, write_weights
+from ...core.checkpoint import CheckpointError, load_checkpoint, read_task_weights, write_weights
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from ...core.factory import create_model
 from ...core.fusion import fold_conv_bn, reparameterize_model
@@ -476,26 +474,7 @@ def save_segmenter(model: Segmenter, path: str | os.PathLike, **meta: Any) -> Pa
 
 def read_segmenter_info(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, state dict) of a file :func:`save_segmenter` wrote; a clear error for any other file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            obj: Any = load_file(path)
-            info, sd = embedded_metadata(path), obj
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            info = embedded_metadata(path, obj)
-            sd = obj.get("state_dict") if isinstance(obj, dict) else None
-    except Exception as e:  # safetensors / pickle / zip errors: a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
-    if not info or info.get("task") != "segment" or not isinstance(sd, dict):
-        what = f"a {info.get('task', 'classify')} checkpoint" if info else "not a checkpoint written by mobileone"
-        raise CheckpointError(
-            f"{path} is {what}, not a segmentation model; use a run's best.safetensors, "
-            "best_fused.safetensors or last.safetensors from `mobileone train --task "
-            "segment`"
-        )
+    sd, info = read_task_weights(path, "segment")
     return info, sd
 
 
