@@ -62,7 +62,7 @@ def _register_tasks(task: str | None) -> None:
         if task in (None, "detect"):
             from .tasks.detection import model as _detection  # noqa: F401
         if task in (None, "segment"):
-            from .tasks.segmentation import model as _segmentation  # noqa: F401
+            from .tasks.segmentation import builders as _segmentation  # noqa: F401
     except ImportError as e:
         if task is not None:
             raise ImportError(f"{task} models need torchvision: pip install 'mobileone[train]' ({e})") from e

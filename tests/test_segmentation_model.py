@@ -8,14 +8,13 @@ from torch import nn
 
 import mobileone
 from mobileone import CheckpointError, MobileOneConfig, create_model, reparameterize_model, save_checkpoint
+from mobileone.tasks.segmentation.builders import deeplabv3_s0, lraspp_mnv3
 from mobileone.tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from mobileone.tasks.segmentation.model import (
     ATROUS_RATES,
     Segmenter,
     create_segmenter,
-    deeplabv3_s0,
     load_segmenter,
-    lraspp_mnv3,
     save_segmenter,
 )
 

@@ -22,7 +22,8 @@ from torchvision.transforms.v2 import functional as TF
 from ..classification.predict import image_files
 from ..images import UnreadableImageError, load_image
 from ..pictures import save_png
-from .data import eval_transform, voc_palette
+from .data import eval_transform
+from .masks import voc_palette
 
 Segmenter = Callable[[Tensor], dict[str, Tensor]]
 

@@ -29,8 +29,9 @@ from ...engine.task import DataError, Task, TaskData
 from ..images import short_sides
 from ..peer_init import zero_init_residuals
 from .builtin import builtin_scenes
-from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform, voc_palette
+from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform
 from .evaluate import confusion_over, predict
+from .masks import voc_palette
 from .metrics import segmentation_scores
 from .model import IGNORE_INDEX, MNV3, Segmenter, create_segmenter, load_segmenter, save_segmenter
 
