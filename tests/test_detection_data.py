@@ -337,7 +337,7 @@ def test_boxes_drawn_on_the_stored_pixels_of_an_exif_photo_turn_with_it(tmp_path
 
 
 def test_images_resized_after_annotation_are_scored_in_the_files_pixels(tmp_path, scenes):
-    from mobileone.tasks.detection.task import detection_metrics
+    from mobileone.tasks.detection.evaluate import detection_metrics
 
     def doubled(split, data):  # annotated on images twice the size of the files on disk
         for img in data["images"]:

@@ -34,14 +34,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from ..core.files import writable_folder
 from ..core.fusion import reparameterize_model
+from ..core.ranges import MAX_DETECTIONS
 from ..tasks.detection.augment import to_image_pixels
 from ..tasks.detection.evaluate import detection_metrics, val_loader
 from ..tasks.detection.model import Detector, DetectorConfig, postprocess
-from .common import ExportError, package_version, require
-from .coreml import coreml_op_counts
-from .executorch import executorch_method, to_executorch
+from .common import ExportError, package_version, require, write_checked
+from .coreml import coreml_op_counts, read_coreml_metadata
+from .executorch import executorch_method, read_executorch_metadata, to_executorch
 from .export import sample_images
 from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata, to_onnx
 
@@ -232,14 +232,52 @@ def export_detector(
     check: bool = True,
     check_inputs: Tensor | None = None,
     from_raw: str | Path | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> DetectionExportReport:
     """Fuse ``model``, export it in ``form`` (``raw`` or ``nms``, ONNX only) and check the file.
 
     ``check_inputs`` are normalized images at the detector's size (default: real photographs);
     raises :class:`ExportError` when the exported file disagrees with PyTorch. ``from_raw``: the
     NMS form is built on this raw ONNX export of the same detector instead of exporting again.
+    ``atol`` / ``rtol``: the raw form's check tolerance (``atol + rtol * max |output|``; default 1e-4 each).
+    The file reaches ``out`` only once its check passed; a failed one is kept as ``NAME.failed.EXT``.
     """
-    out = Path(out)
+    out, format = _target(Path(out), format, form, atol is not None or rtol is not None)
+    max_detections = model.config.max_detections if max_detections is None else max_detections
+    MAX_DETECTIONS.check("max_detections", max_detections)
+    fused, fused_now = fused_detector(model)
+    fused.config.max_detections = max_detections  # the copy's eager post-processing is what the check compares to
+    size = fused.config.img_size
+    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    meta = detector_metadata(fused, form, max_detections)
+    report = DetectionExportReport(out, format, form, fused_now)
+    if check and check_inputs is None:
+        check_inputs = sample_images(4, size, meta["mean"], meta["std"])
+
+    def write(tmp: Path) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            if format == "onnx":
+                _export_onnx(fused, tmp, example, form, dynamic_batch, max_detections, meta, report, from_raw)
+            elif format == "executorch":
+                constants = {
+                    "mobileone_metadata": json.dumps(meta),
+                    **{k: meta[k] for k in ("mean", "std", "input_size")},
+                }
+                to_executorch(RawDetector(fused).eval(), tmp, example, dynamic_batch, constants)
+            else:
+                _export_coreml(fused, tmp, example, meta)
+
+    def compare(tmp: Path) -> str:
+        tolerance = {} if form == "nms" else {"atol": atol, "rtol": rtol}
+        return CHECKS[(format, form)](tmp, fused, check_inputs, dynamic_batch, **tolerance)
+
+    report.check = write_checked(out, write, compare if check else None, READERS[format]) or "not run"
+    return report
+
+
+def _target(out: Path, format: str | None, form: str, tolerance: bool) -> tuple[Path, str]:
+    """The file and format of an export (the suffix names the format), or a ValueError for what cannot be."""
     format = format or next((f for f, s in FORMATS.items() if out.suffix == s), "onnx")
     if format not in FORMATS:
         raise ValueError(f"detectors export to {list(FORMATS)}, not {format!r}")
@@ -247,42 +285,12 @@ def export_detector(
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if form == "nms" and format != "onnx":
         raise ValueError(f"the NMS form is ONNX only (NonMaxSuppression); export --raw for {format}")
-    if out.suffix != FORMATS[format]:
-        out = out.with_suffix(FORMATS[format])
-    max_detections = max_detections or model.config.max_detections
-    if max_detections < 1:
-        raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-    writable_folder(out.parent, "; choose another --out")
-    fused, fused_now = fused_detector(model)
-    fused.config.max_detections = max_detections  # the copy's eager post-processing is what the check compares to
-    size = fused.config.img_size
-    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
-    meta = detector_metadata(fused, form, max_detections)
-    report = DetectionExportReport(out, format, form, fused_now)
-    with torch.inference_mode(False), torch.no_grad():
-        if format == "onnx":
-            _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw)
-        elif format == "executorch":
-            to_executorch(
-                RawDetector(fused).eval(),
-                out,
-                example,
-                dynamic_batch,
-                {
-                    "mobileone_metadata": json.dumps(meta),
-                    "mean": meta["mean"],
-                    "std": meta["std"],
-                    "input_size": meta["input_size"],
-                },
-            )
-        else:
-            _export_coreml(fused, out, example, meta)
-    if not check:
-        return report
-    if check_inputs is None:
-        check_inputs = sample_images(4, size, meta["mean"], meta["std"])
-    report.check = CHECKS[(format, form)](out, fused, check_inputs, dynamic_batch)
-    return report
+    if form == "nms" and tolerance:
+        raise ValueError(
+            "--atol / --rtol set the raw form's tolerance; the NMS form's check matches the detections one to one "
+            f"(labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL})"
+        )
+    return (out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])), format
 
 
 def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw) -> None:
@@ -319,7 +327,7 @@ def _export_coreml(fused: Detector, out: Path, example: Tensor, meta: dict[str, 
             outputs=[ct.TensorType(name=n) for n in RAW_OUTPUTS],
             convert_to="mlprogram",
         )
-    mlmodel.short_description = f"{meta['variant']} (fused SSDLite, raw outputs: {meta['outputs']})"
+    mlmodel.short_description = f"{meta['variant']} (fused {meta['architecture']}, raw outputs: {meta['outputs']})"
     for key, value in meta.items():
         mlmodel.user_defined_metadata[key] = json.dumps(value)
     if out.exists():
@@ -330,18 +338,22 @@ def _export_coreml(fused: Detector, out: Path, example: Tensor, meta: dict[str, 
 # --- checks ---------------------------------------------------------------------------------------------------
 
 
-def _check_raw(got: list[Tensor], fused: Detector, x: Tensor, runtime: str) -> str:
+def _check_raw(
+    got: list[Tensor], fused: Detector, x: Tensor, runtime: str, atol: float | None, rtol: float | None
+) -> str:
+    atol, rtol = RAW_RTOL if atol is None else atol, RAW_RTOL if rtol is None else rtol
     with torch.no_grad():
         expected = fused.forward_raw(x)
     for name, e, g in zip(RAW_OUTPUTS, expected, got):
         diff = float((g.float() - e).abs().max())
-        tol = RAW_RTOL * max(1.0, float(e.abs().max()))
+        tol = atol + rtol * float(e.abs().max())
         if not diff <= tol:
             raise ExportError(
                 f"{runtime}: raw output {name} differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} "
-                f"= 1e-4 relative) on {len(x)} images; the file should not be deployed"
+                f"= {atol:g} + {rtol:g} x max |output|) on {len(x)} images; the file should not be deployed"
             )
-    return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within 1e-4 relative"
+    within = f"{rtol:.0e} relative + {atol:.0e} absolute".replace("e-0", "e-")
+    return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within {within}"
 
 
 def _run_onnx(path: Path, x: Tensor, dynamic_batch: bool) -> list[list[np.ndarray]]:
@@ -352,10 +364,10 @@ def _run_onnx(path: Path, x: Tensor, dynamic_batch: bool) -> list[list[np.ndarra
     return [session.run(None, {name: x[i : i + 1].numpy()}) for i in range(len(x))]
 
 
-def check_onnx_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) -> str:
+def check_onnx_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool, atol=None, rtol=None) -> str:
     runs = _run_onnx(path, x, dynamic_batch)
     got = [torch.cat([torch.from_numpy(r[i]) for r in runs]) for i in range(2)]
-    return _check_raw(got, fused, x, f"onnxruntime {package_version('onnxruntime')}")
+    return _check_raw(got, fused, x, f"onnxruntime {package_version('onnxruntime')}", atol, rtol)
 
 
 def check_onnx_nms(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) -> str:
@@ -483,15 +495,15 @@ def _not_candidates(got: dict[str, Tensor], candidates: tuple[Tensor, Tensor]) -
     ] + ([f"... {len(bad)} such detections in all"] if len(bad) > 3 else [])
 
 
-def check_executorch_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) -> str:
+def check_executorch_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool, atol=None, rtol=None) -> str:
     method = executorch_method(path)
     batches = [x] if dynamic_batch else [x[i : i + 1] for i in range(len(x))]
     outs = [method.execute([b.contiguous()]) for b in batches]
     got = [torch.cat([o[i] for o in outs]) for i in range(2)]
-    return _check_raw(got, fused, x, f"ExecuTorch {package_version('executorch')} (XNNPACK)")
+    return _check_raw(got, fused, x, f"ExecuTorch {package_version('executorch')} (XNNPACK)", atol, rtol)
 
 
-def check_coreml_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) -> str:
+def check_coreml_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool, atol=None, rtol=None) -> str:
     ops = coreml_op_counts(path)
     convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
     if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
@@ -512,6 +524,7 @@ def check_coreml_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool
     return f"Core ML {package_version('coremltools')} (float16 compute): max |difference| {diff:.3g}"
 
 
+READERS = {"onnx": read_onnx_metadata, "executorch": read_executorch_metadata, "coreml": read_coreml_metadata}
 CHECKS = {
     ("onnx", "raw"): check_onnx_raw,
     ("onnx", "nms"): check_onnx_nms,

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import IMAGENET_MEAN, IMAGENET_STD
-from ..core.files import writable_folder
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from ..core.model import MobileOne
+from ..core.ranges import IMG_SIZE
 from . import coreml, executorch, onnx, torchscript
-from .common import ExportError
+from .common import ExportError, write_checked
 
 log = logging.getLogger("mobileone")
 
@@ -160,7 +160,8 @@ def export_model(
     with its runtime (onnxruntime, TorchScript, the ExecuTorch runtime; Core ML only on macOS,
     elsewhere a structural check) on ``check_inputs`` (default: real photographs) and compares with
     the eval-mode PyTorch model; the tolerance is ``atol + rtol * max |PyTorch output|``
-    (defaults per target in ``TARGETS``).
+    (defaults per target in ``TARGETS``). The file reaches ``out`` only once its check passed
+    (:func:`~mobileone.deploy.common.write_checked`); a failed one is kept as ``NAME.failed.EXT``.
     """
     out = Path(out)
     format = format or next((f for f, s in FORMATS.items() if out.suffix == s), None)
@@ -170,40 +171,40 @@ def export_model(
         out = out.with_suffix(FORMATS[format])
     if img_size is None:  # 0 is an invalid size, not "unset"
         img_size = int((getattr(model, "preprocess", None) or {}).get("input_size", 224))
-    if not isinstance(img_size, int) or not 16 <= img_size <= 4096:
-        raise ValueError(f"img_size must be an integer in 16..4096 (pixels), got {img_size!r}")
-    writable_folder(out.parent, "; choose another --out")
+    IMG_SIZE.check("img_size", img_size)
     reference = copy.deepcopy(model).eval()
     fused, fused_now, notes = fuse_for_export(model)
     meta = model_metadata(model, img_size)
     in_chans = getattr(model, "in_chans", 3)
     # torch.export specializes a batch of 1 to a constant, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, in_chans, img_size, img_size)
-    log.info("exporting %s (fused=%s) to %s", format, True, out)
-    with torch.inference_mode(False), torch.no_grad():
-        TARGETS[format].export(fused, out, example, meta, dynamic_batch)
+    target = TARGETS[format]
     report = ExportReport(out, format, fused_now, check="not run", notes=notes)
-    if not check:
-        return report
-    if check_inputs is None:
+    if check and check_inputs is None:
         check_inputs = sample_images(8, img_size, meta["mean"], meta["std"])
-    with torch.no_grad():
-        expected = reference(check_inputs).float()
-    got, how = TARGETS[format].verify(out, check_inputs, dynamic_batch, fused)
-    report.check = how
-    if got is None:
-        return report
-    report.max_abs_diff = float((got.float() - expected).abs().max())
-    default_atol, default_rtol = TARGETS[format].tolerance
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
-    report.tolerance = atol + rtol * float(expected.abs().max())
-    if not report.max_abs_diff <= report.tolerance:
-        raise ExportError(
-            f"{format} export at {out} differs from the PyTorch model by {report.max_abs_diff:.3g} "
-            f"(tolerance {report.tolerance:.3g}) on {len(check_inputs)} images; "
-            "the file is kept for inspection but should not be deployed"
-        )
+
+    def write(tmp: Path) -> None:
+        log.info("exporting %s (fused=%s) to %s", format, True, out)
+        with torch.inference_mode(False), torch.no_grad():
+            target.export(fused, tmp, example, meta, dynamic_batch)
+
+    def compare(tmp: Path) -> None:
+        with torch.no_grad():
+            expected = reference(check_inputs).float()
+        got, report.check = target.verify(tmp, check_inputs, dynamic_batch, fused)
+        if got is None:
+            return
+        report.max_abs_diff = float((got.float() - expected).abs().max())
+        default_atol, default_rtol = target.tolerance
+        tolerance = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+        report.tolerance = tolerance[0] + tolerance[1] * float(expected.abs().max())
+        if not report.max_abs_diff <= report.tolerance:
+            raise ExportError(
+                f"{format} export at {tmp} differs from the PyTorch model by {report.max_abs_diff:.3g} "
+                f"(tolerance {report.tolerance:.3g}) on {len(check_inputs)} images; it should not be deployed"
+            )
+
+    write_checked(out, write, compare if check else None, target.read_metadata)
     return report
 
 

@@ -36,7 +36,7 @@ from ..tasks.segmentation.evaluate import class_lut
 from ..tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from ..tasks.segmentation.model import Segmenter
 from . import torchscript
-from .common import INPUT_NAME, ExportError, package_version, require
+from .common import INPUT_NAME, ExportError, package_version, require, write_checked
 from .coreml import coreml_op_counts, read_coreml_metadata
 from .executorch import executorch_method, read_executorch_metadata, to_executorch
 from .export import sample_images
@@ -151,10 +151,9 @@ def export_segmenter(
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r} for {out}; choose one of {list(FORMATS)}")
     out = out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])
-    img_size = img_size or int(model.preprocess.get("input_size", 512))
+    img_size = int(model.preprocess.get("input_size", 512)) if img_size is None else img_size
     if not isinstance(img_size, int) or not MIN_SIDE <= img_size <= MAX_SIDE:
         raise ValueError(f"img_size must be an integer in {MIN_SIDE}..{MAX_SIDE} (pixels), got {img_size!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     reference = copy.deepcopy(model).eval()
     fused_now = not model.inference_mode
     with warnings.catch_warnings():
@@ -164,26 +163,48 @@ def export_segmenter(
     dynamic = format in DYNAMIC
     meta = segmentation_metadata(model, img_size, argmax, dynamic)
     example = torch.zeros(2 if dynamic else 1, 3, img_size, img_size)
-    with torch.inference_mode(False), torch.no_grad():
-        _EXPORTERS[format](wrapper, out, example, meta)
     report = SegmentationExportReport(out, format, fused_now)
-    if format == "coreml":
-        report.check = _coreml_structure(out, wrapper, example)
-        if sys.platform != "darwin" or not check:
-            return report
-    if not check:
-        return report
-    run, how = _RUNNERS[format](out, wrapper)
-    report.check = how
+
+    def write(tmp: Path) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            _EXPORTERS[format](wrapper, tmp, example, meta)
+
+    def compare(tmp: Path) -> None:
+        if format == "coreml":
+            report.check = _coreml_structure(tmp, wrapper, example)
+            if sys.platform != "darwin" or not check:
+                return
+        if check:
+            images = check_images(img_size, dynamic, meta["mean"], meta["std"])
+            _compare_logits(tmp, wrapper, reference, images, report, (atol, rtol))
+
+    write_checked(out, write, compare, read_segmentation_metadata)
+    return report
+
+
+def _compare_logits(
+    tmp: Path,
+    wrapper: SegmentationOutputs,
+    reference: nn.Module,
+    images: list[Tensor],
+    report: SegmentationExportReport,
+    tolerance: tuple[float | None, float | None],
+) -> None:
+    """Run the file on ``images``; fill ``report``; an :class:`ExportError` when its logits differ from PyTorch's.
+
+    ``tolerance``: (atol, rtol), None for the format's default.
+    """
+    format, argmax = report.format, wrapper.argmax
+    run, report.check = _RUNNERS[format](tmp, wrapper)
     diffs, scale, agree, labels_agree, pixels = 0.0, 0.0, 0, 0, 0
-    for x in check_images(img_size, dynamic, meta["mean"], meta["std"]):
+    for x in images:
         with torch.no_grad():
             expected = reference(x)["out"].float()
         got = [torch.as_tensor(np.asarray(t)) for t in run(x)]
         logits = got[0].float()
         if logits.shape != expected.shape:
             raise ExportError(
-                f"{format} export at {out} gives logits shaped {tuple(logits.shape)} for an input "
+                f"{format} export at {tmp} gives logits shaped {tuple(logits.shape)} for an input "
                 f"{tuple(x.shape)}; PyTorch gives {tuple(expected.shape)}"
             )
         report.sizes.append(tuple(x.shape[-2:]))
@@ -193,18 +214,16 @@ def export_segmenter(
         pixels += truth.numel()
         if argmax:
             labels_agree += int((got[1].long() == truth).sum())
-    default_atol, default_rtol = TOLERANCE.get(format, TOLERANCE["default"])
-    atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+    defaults = TOLERANCE.get(format, TOLERANCE["default"])
+    atol, rtol = (d if t is None else t for d, t in zip(defaults, tolerance, strict=True))
     report.max_abs_diff, report.tolerance = diffs, atol + rtol * scale
     report.argmax_agreement = 100.0 * agree / pixels
     report.labels_agreement = 100.0 * labels_agree / pixels if argmax else None
     if not report.max_abs_diff <= report.tolerance:
         raise ExportError(
-            f"{format} export at {out} differs from the PyTorch model by {report.max_abs_diff:.3g} "
-            f"(tolerance {report.tolerance:.3g}); the file is kept for inspection but should not be "
-            "deployed"
+            f"{format} export at {tmp} differs from the PyTorch model by {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:.3g}); it should not be deployed"
         )
-    return report
 
 
 # ----------------------------------------------------------------------------- per format
