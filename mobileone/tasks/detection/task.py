@@ -203,10 +203,12 @@ class DetectionTask(Task):
         if self.builtin:
             return build_detector_for(cfg, classes, topk_candidates=BUILTIN_TOPK)
         sides = box_sides(self.train_records, cfg.img_size)
-        check_small_boxes(sides, cfg.head or DEFAULT_HEAD, cfg.anchor_min_ratio * cfg.img_size)
         if cfg.head == "ssdlite":
             fitted = fit_ssdlite_ratios(sides, cfg.img_size) if self.fit_anchors else {}
+            smallest = fitted.get("anchor_min_ratio", cfg.anchor_min_ratio) * cfg.img_size
+            check_small_boxes(sides, cfg.head, smallest)
             return build_detector_for(cfg, classes, **fitted)
+        check_small_boxes(sides, cfg.head or DEFAULT_HEAD, 0.0)
         prior = float(sides.median()) if len(sides) else None
         return build_detector_for(cfg, classes, box_prior=prior, topk_candidates=1000)
 
