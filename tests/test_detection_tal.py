@@ -143,3 +143,26 @@ def test_raw_export_in_every_runtime(tmp_path, fmt, one_thread):
     det = tiny_tal(num_classes=2).eval()
     report = export_detector(det, tmp_path / f"det{FORMATS[fmt]}", "raw", fmt, check_inputs=torch.randn(2, 3, 64, 64))
     assert "within 1e-4 relative" in report.check or "structural only" in report.check
+
+
+def test_priors_fit_the_boxes_and_small_boxes_are_warned_about():
+    import numpy as np
+
+    from mobileone.tasks.detection.data import ImageRecord
+    from mobileone.tasks.detection.priors import box_sides, check_small_boxes, fit_ssdlite_ratios
+
+    boxes = np.array([[0, 0, s, s] for s in range(16, 64, 4)], np.float32)  # sides 16..60 on a 640 px image
+    record = ImageRecord("x.jpg", 640, 480, boxes, np.zeros(len(boxes), np.int64), np.zeros(len(boxes), bool))
+    sides = box_sides([record], 320)  # letterboxed to 320: half size
+    assert torch.allclose(sides, torch.from_numpy(boxes[:, 2] / 2))
+    fitted = fit_ssdlite_ratios(sides, 320)
+    assert 8 / 320 <= fitted["anchor_min_ratio"] <= 10 / 320 and fitted["anchor_max_ratio"] < 0.2  # not 64-304 px
+    with pytest.warns(UserWarning, match="smaller than half the smallest default box"):
+        check_small_boxes(sides, "ssdlite", 0.2 * 320)
+    with pytest.warns(UserWarning, match="finest stride"):
+        check_small_boxes(sides / 2, "tal", 0.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_small_boxes(sides, "tal", 0.0)  # 8-30 px: the stride-8 level resolves them
