@@ -157,14 +157,14 @@ class TrainConfig:
     )
     # --- detection
     mosaic: float = option(0.5, "detection", "share of training samples tiled from four images", UNIT)
-    anchor_min_ratio: float = option(
-        0.2,
+    anchor_min_ratio: float | None = option(
+        None,
         "detection",
         "ssdlite: smallest default box / image size (SSD's s_min); default: fitted to the training boxes",
         Range(0.0, 1.0, low_open=True, high_open=True),
     )
-    anchor_max_ratio: float = option(
-        0.95, "detection", "ssdlite: largest default box / image size; default: fitted", FRACTION
+    anchor_max_ratio: float | None = option(
+        None, "detection", "ssdlite: largest default box / image size; default: fitted", FRACTION
     )
     score_thresh: float = option(0.001, "detection", "lowest score kept for evaluation", BELOW_ONE)
     nms_thresh: float = option(0.55, "detection", "IoU of per-class NMS", FRACTION)
@@ -218,7 +218,8 @@ class TrainConfig:
             raise ValueError(
                 f"crop_scale must be two numbers 0 < min <= max <= 1 (area fractions), got {self.crop_scale}"
             )
-        if self.anchor_min_ratio >= self.anchor_max_ratio:
+        low, high = self.anchor_min_ratio or 0.0, self.anchor_max_ratio or 1.0
+        if low >= high:
             raise ValueError(
                 f"anchor_min_ratio ({self.anchor_min_ratio}) must be below anchor_max_ratio ({self.anchor_max_ratio})"
             )

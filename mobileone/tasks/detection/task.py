@@ -27,7 +27,7 @@ from ...engine.distributed import Env
 from ...engine.task import DataError, Task, TaskData
 from .augment import DenseTrainData, letterbox_transform
 from .builtin import digit_scenes
-from .config import DEFAULT_HEAD, HEADS
+from .config import DEFAULT_HEAD, HEADS, DetectorConfig
 from .data import DetectionDataset, collate_detection, load_splits, train_transform
 from .evaluate import detection_metrics, predict_loader
 from .model import PEER, Detector, create_detector, load_detector, save_detector
@@ -88,9 +88,9 @@ def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any)
         if not cfg.branches:
             config = config.replace(k=1, stem_k=1, scale_branch=False, skip_branch=False)
         arch = config.to_dict()
+    anchors = {"anchor_min_ratio": cfg.anchor_min_ratio, "anchor_max_ratio": cfg.anchor_max_ratio}
     options = {
-        "anchor_min_ratio": cfg.anchor_min_ratio,
-        "anchor_max_ratio": cfg.anchor_max_ratio,
+        **{k: v for k, v in anchors.items() if v is not None},  # None: DetectorConfig's SSD defaults
         "score_thresh": cfg.score_thresh,
         "nms_thresh": cfg.nms_thresh,
         "max_detections": cfg.max_detections,
@@ -120,7 +120,6 @@ class DetectionTask(Task):
 
     def __init__(self) -> None:
         self.builtin = False
-        self.fit_anchors = True  # SSDLite's default boxes follow the data unless --anchor-min/max-ratio are given
         self.val_data: DetectionDataset | None = None  # its records are the ground truth of evaluate()
         self.train_records: list = []
 
@@ -132,8 +131,6 @@ class DetectionTask(Task):
             cfg.head = DEFAULT_HEAD
         if cfg.head not in HEADS:
             raise ValueError(f"--head {cfg.head} is a segmentation head; detection heads: {', '.join(HEADS)}")
-        if given:
-            self.fit_anchors = not {"anchor_min_ratio", "anchor_max_ratio"} & given
         if cfg.k is None and cfg.data is not None and not cfg.pretrained and not cfg.arch and cfg.variant != PEER:
             # S0 alone trains k = 4 conv branches a layer; on a CPU budget one branch trains about 2x faster and
             # fuses into the very same network (docs/detection.md: the ablation). A checkpoint keeps its own k.
@@ -204,9 +201,10 @@ class DetectionTask(Task):
             return build_detector_for(cfg, classes, topk_candidates=BUILTIN_TOPK)
         sides = box_sides(self.train_records, cfg.img_size)
         if cfg.head == "ssdlite":
-            fitted = fit_ssdlite_ratios(sides, cfg.img_size) if self.fit_anchors else {}
-            smallest = fitted.get("anchor_min_ratio", cfg.anchor_min_ratio) * cfg.img_size
-            check_small_boxes(sides, cfg.head, smallest)
+            given = cfg.anchor_min_ratio is not None or cfg.anchor_max_ratio is not None
+            fitted = {} if given else fit_ssdlite_ratios(sides, cfg.img_size)  # fitted unless either is given
+            smallest = fitted.get("anchor_min_ratio", cfg.anchor_min_ratio or DetectorConfig.anchor_min_ratio)
+            check_small_boxes(sides, cfg.head, smallest * cfg.img_size)
             return build_detector_for(cfg, classes, **fitted)
         check_small_boxes(sides, cfg.head or DEFAULT_HEAD, 0.0)
         prior = float(sides.median()) if len(sides) else None
