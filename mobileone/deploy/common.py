@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# A loaded export: one batch in (normalized NCHW float32), the outputs in the PyTorch module's order out.
+Runner = Callable[[Tensor], list[Tensor]]
 
 
 class ExportError(RuntimeError):
@@ -26,7 +30,14 @@ class ExportError(RuntimeError):
 # executorch's dependencies trigger.
 NOISY_LOGGERS = ("coremltools", "torch.utils._pytree")
 # Lines that ExecuTorch's native runtime writes straight to stderr while probing the CPU.
-NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
+# LiteRT's converter and interpreter log through absl / TensorFlow straight to stderr as well.
+NATIVE_NOISE = (
+    "[cpuinfo_utils.cpp:",
+    "WARNING: All log messages before absl::InitializeLog()",
+    "I0000 ",
+    "W0000 ",
+    "INFO: Created TensorFlow Lite",
+)
 
 
 @contextlib.contextmanager
@@ -67,6 +78,21 @@ def filtered_native_stderr(noise: tuple[str, ...] = NATIVE_NOISE) -> Iterator[No
             sys.stderr.write("".join(kept))
 
 
+@contextlib.contextmanager
+def silenced_stdout() -> Iterator[None]:
+    """Run a block with standard output (Python's and file descriptor 1) discarded: converters that narrate."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def require(module: str, extra: str = "export") -> Any:
     """Import an optional dependency, or say which extra installs it."""
     try:
@@ -76,6 +102,22 @@ def require(module: str, extra: str = "export") -> Any:
         raise ImportError(
             f"{module.split('.')[0]} is needed for this and is not installed: pip install 'mobileone[{extra}]'"
         ) from e
+
+
+def sidecar(path: str | Path) -> Path:
+    """The JSON file beside an export whose format has no place for metadata (``model.tflite.json``)."""
+    return Path(f"{path}.json")
+
+
+def write_sidecar(path: str | Path, meta: dict[str, Any]) -> None:
+    sidecar(path).write_text(json.dumps(meta, indent=2))
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(sidecar(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read the metadata of {path} from {sidecar(path)}: {e}") from e
 
 
 def run_batches(run: Callable[[Tensor], Tensor], x: Tensor, dynamic_batch: bool) -> Tensor:
