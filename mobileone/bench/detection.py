@@ -24,8 +24,9 @@ import torch
 
 from ..core.complexity import count_macs, count_params
 from ..deploy.common import package_version, require
-from ..deploy.detection import RAW_OUTPUTS, RawDetector, add_nms, export_detector, fused_detector
+from ..deploy.detection import RAW_OUTPUTS, RawDetector, export_detector, fused_detector
 from ..deploy.onnx import onnx_session, to_onnx
+from ..deploy.onnx_nms import add_nms
 from ..tasks.detection.model import SSDLiteDetector, create_detector, load_detector
 from .timing import cpu_name, time_calls
 

@@ -38,6 +38,14 @@ def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: st
     ov.save_model(ir, str(out), compress_to_fp16=False)
 
 
+def convert_onnx(onnx_path: Path, out: Path, meta: dict) -> None:
+    """Convert an ONNX file (e.g. a detector with NMS in its graph) to IR with float32 weights."""
+    ov = require("openvino", EXTRA)
+    ir = ov.convert_model(str(onnx_path))
+    ir.set_rt_info(json.dumps(meta), ["mobileone", "metadata"])
+    ov.save_model(ir, str(out), compress_to_fp16=False)
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     ov = require("openvino", EXTRA)
     model = ov.Core().read_model(str(path))
