@@ -26,6 +26,7 @@ from .deploy.common import ExportError
 from .engine.rundir import RunDir, RunDirError
 
 TASKS = ["classify", "detect", "segment"]
+EXPORT_FORMATS = ["onnx", "torchscript", "executorch", "coreml", "tflite", "openvino", "ncnn"]
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
@@ -321,17 +322,28 @@ def _task_command(args: argparse.Namespace, command: str) -> int:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="fuse, export to onnx/torchscript/executorch/coreml, and check the file")
+    p = sub.add_parser(
+        "export", help="fuse, export to onnx/torchscript/executorch/coreml/tflite/openvino/ncnn, and check the file"
+    )
     p.add_argument("--task", choices=TASKS, default="classify")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--variant", help="s0..s4, random weights (for trying a deployment pipeline)")
     src.add_argument("--checkpoint", help="any checkpoint load_checkpoint reads (unfused ones are fused)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "executorch", "coreml"])
-    p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pte or .mlpackage)")
+    p.add_argument("--format", required=True, choices=[*EXPORT_FORMATS, "all"], help="all: every installed target")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file (.onnx, .pt, .pte, .mlpackage, .tflite, .xml, .param); a folder with --format all",
+    )
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's, else 224)")
     p.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
     p.add_argument("--num-classes", type=int, help="classes of a --variant model (default 1000; detect 80)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
+    p.add_argument(
+        "--check-data", help="classify: check on the held-out images of this folder (its val/) instead of samples"
+    )
+    p.add_argument("--check-images", type=int, default=400, help="classify: images of --check-data (default 400)")
+    p.add_argument("--threads", type=int, help="--format all: threads for the latency column (default 2)")
     p.add_argument("--atol", type=float, help="check tolerance: atol + rtol * max |output| (defaults per format)")
     p.add_argument("--rtol", type=float)
     form = p.add_mutually_exclusive_group()
@@ -347,7 +359,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         dest="detect_form",
         action="store_const",
         const="nms",
-        help="detect: only the form with NMS in the graph (ONNX)",
+        help="detect: only the form with NMS in the graph (ONNX, OpenVINO)",
     )
     p.add_argument(
         "--max-detections",
@@ -362,33 +374,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if args.task != "classify":
-        return _task_command(args, "export")
-    from .deploy import ExportError, export_model
+    from .commands.export import export
 
-    if args.checkpoint:
-        model = load_checkpoint(args.checkpoint)
-    else:
-        model = create_model(args.variant, num_classes=args.num_classes or 1000, inference_mode=True)
-    try:
-        report = export_model(
-            model,
-            args.out,
-            args.format,
-            args.img_size,
-            args.dynamic_batch,
-            not args.no_check,
-            rtol=args.rtol,
-            atol=args.atol,
-        )
-    except ImportError as e:
-        print(f"mobileone export: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"mobileone export: check failed: {e}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    return export(args)
 
 
 def add_quantize(sub: argparse._SubParsersAction) -> None:

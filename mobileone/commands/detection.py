@@ -21,7 +21,7 @@ from ..deploy.detection import compare_detections, evaluate_onnx_detector, expor
 from ..deploy.onnx import onnx_session
 from ..tasks import resolve_config, train
 from ..tasks.detection.builtin import digit_scenes
-from ..tasks.detection.model import create_detector, load_detector
+from ..tasks.detection.model import load_detector
 from ..tasks.detection.task import evaluate_detector, val_loader
 from . import write_json
 
@@ -53,43 +53,6 @@ def evaluate(args: argparse.Namespace) -> int:
     if r["unreadable_images"]:
         print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
     write_json(args.json, r)
-    return 0
-
-
-def _detector_for_export(args: argparse.Namespace):
-    if args.checkpoint:
-        model = load_detector(args.checkpoint)
-        if args.img_size and args.img_size != model.config.img_size:
-            raise ValueError(
-                f"{args.checkpoint} was trained at {model.config.img_size} px and its default boxes are "
-                f"laid out for it; --img-size {args.img_size} cannot change that"
-            )
-        return model
-    name = args.variant if args.variant.startswith("ssdlite") else f"ssdlite_{args.variant}"
-    torch.manual_seed(0)
-    return create_detector(name, args.num_classes or 80, args.img_size or 320).eval()
-
-
-def export(args: argparse.Namespace) -> int:
-    """``mobileone export --task detect``: the fused detector, raw and/or with NMS in the graph, each checked."""
-    model = _detector_for_export(args)
-    form = args.detect_form
-    forms = [form] if form else (["raw", "nms"] if args.format == "onnx" else ["raw"])
-    out, raw = Path(args.out), None
-    try:
-        for f in forms:
-            path = out if len(forms) == 1 or f == "raw" else out.with_name(f"{out.stem}_nms{out.suffix or '.onnx'}")
-            report = export_detector(
-                model, path, f, args.format, args.dynamic_batch, args.max_detections, not args.no_check, from_raw=raw
-            )
-            raw = report.path if f == "raw" else raw
-            print(report.summary())
-    except ImportError as e:
-        print(f"mobileone export: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"mobileone export: check failed: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

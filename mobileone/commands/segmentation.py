@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,9 +24,10 @@ from ..tasks import resolve_config, train
 from ..tasks.segmentation.builtin import builtin_scenes
 from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_splits
 from ..tasks.segmentation.evaluate import evaluate_checkpoint
-from ..tasks.segmentation.model import create_segmenter, load_segmenter
+from ..tasks.segmentation.model import load_segmenter
 from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE
 from . import write_json
+from .export import segmenter_name
 
 DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 8, 64
 
@@ -67,43 +67,6 @@ def evaluate(args: argparse.Namespace) -> int:
     if r["unreadable_images"]:
         print(f"warning: {r['unreadable_images']} unreadable images were skipped", file=sys.stderr)
     write_json(args.json, r)
-    return 0
-
-
-def segmenter_name(variant: str) -> str:
-    """``s0`` -> ``deeplabv3_s0``; full names (``lraspp_s0``, ``deeplabv3_mnv3``) pass through."""
-    key = variant.lower()
-    return key if key.startswith(("deeplabv3", "lraspp")) else f"deeplabv3_{key}"
-
-
-def export(args: argparse.Namespace) -> int:
-    """``mobileone export --task segment``: the folded segmenter, dynamic height and width, checked."""
-    if args.checkpoint:
-        model = load_segmenter(args.checkpoint)
-    else:
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = create_segmenter(segmenter_name(args.variant), num_classes=args.num_classes or 21)
-        model.preprocess["input_size"] = args.img_size or 512
-    try:
-        report = export_segmenter(
-            model,
-            args.out,
-            args.format,
-            args.img_size,
-            argmax=args.argmax,
-            check=not args.no_check,
-            rtol=args.rtol,
-            atol=args.atol,
-        )
-    except ImportError as e:
-        print(f"mobileone export: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"mobileone export: check failed: {e}", file=sys.stderr)
-        return 1
-    print(report.summary())
     return 0
 
 

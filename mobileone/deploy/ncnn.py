@@ -52,6 +52,9 @@ def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: st
         produced = Path(tmp) / "model.ncnn.param"
         if not produced.exists():
             raise ExportError(f"pnnx did not convert the model to ncnn (no {produced.name} written)")
+        unsupported = sorted({ln.split()[0] for ln in produced.read_text().splitlines()[2:] if "." in ln.split()[0]})
+        if unsupported:  # pnnx leaves the torch ops ncnn has no layer for as they are; ncnn cannot load them
+            raise ExportError(f"ncnn has no layer for {unsupported}; export without it (segment: without --argmax)")
         shutil.move(produced, out)
         shutil.move(produced.with_suffix(".bin"), weights_path(out))
     write_sidecar(out, meta | {"outputs_order": names})
