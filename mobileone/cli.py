@@ -445,7 +445,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--runtimes",
         default="eager,onnxruntime",
-        help="comma list of eager, channels_last, compile, onnxruntime, executorch",
+        help="comma list of eager, channels_last, compile, onnxruntime, executorch, litert, openvino, ncnn",
     )
     p.add_argument(
         "--batch-sizes",
@@ -454,9 +454,14 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--img-size", type=int, help="default 224; detect 320")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="bench_results", help="folder for results.md/.csv/.json, latency_vs_macs.png")
+    p.add_argument(
+        "--out",
+        default="bench_results",
+        help="folder for results.md/.csv/.json and the plots (detect_results.*, segment_results.* for the tasks)",
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (batch 1)")
     p.add_argument("--iters", type=int, default=30, help="at least this many timed runs (batch 1)")
+    p.add_argument("--rounds", type=int, default=3, help="batch 1 in this many rounds alternating between models")
     p.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds per measurement")
     p.add_argument("--no-studies", action="store_true", help="skip the 30-layer activation and skip/SE studies")
     p.add_argument(
@@ -481,6 +486,7 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         iters=args.iters,
         min_time=args.min_time,
+        rounds=args.rounds,
         studies=not args.no_studies,
     )
     try:
@@ -489,7 +495,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"mobileone bench: {e}", file=sys.stderr)
         return 2
     print((Path(args.out) / "results.md").read_text())
-    print(f"written: {args.out}/results.md, results.csv, results.json, latency_vs_macs.png")
+    print(f"written: {args.out}/results.md, results.csv, results.json, latency_vs_macs.png, latency_vs_top1.png")
     return 1 if result["errors"] else 0
 
 

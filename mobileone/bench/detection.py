@@ -28,7 +28,7 @@ from ..deploy.detection import RAW_OUTPUTS, RawDetector, export_detector, fused_
 from ..deploy.onnx import onnx_session, to_onnx
 from ..deploy.onnx_nms import add_nms
 from ..tasks.detection.model import SSDLiteDetector, create_detector, load_detector
-from .timing import cpu_name, time_calls
+from .timing import alternate_rounds, cpu_name
 
 DEFAULT_MODELS = ("ssdlite_s0", "ssdlite_s1", "ssdlite_mnv3")
 RUNTIMES = ("eager", "onnxruntime")
@@ -106,20 +106,13 @@ def _export_unfused(model: SSDLiteDetector, path: Path, nms: bool) -> None:
         onnx.save(proto, str(path))
 
 
-def alternate_rounds(
+def alternate_medians(
     runners: dict[Any, Callable[[], Any]], rounds: int = 3, warmup: int = 5, iters: int = 20, min_time: float = 0.5
 ) -> tuple[dict[Any, list[float]], dict[Any, float]]:
-    """Median (ms) of every runner in each of ``rounds`` rounds, each round timing every runner once, and
-    each runner's fastest call (ms). Alternating exposes a machine that gets busy part-way."""
-    medians: dict[Any, list[float]] = {k: [] for k in runners}
-    minima: dict[Any, float] = {}
-    with torch.inference_mode():
-        for r in range(rounds):
-            for key, fn in runners.items():
-                times = time_calls(fn, warmup if r == 0 else 1, iters, min_time)
-                medians[key].append(float(np.median(times)) * 1e3)
-                minima[key] = min(minima.get(key, float("inf")), float(times.min()) * 1e3)
-    return medians, minima
+    """Median (ms) of every runner in each of ``rounds`` alternating rounds, and each runner's fastest call (ms)."""
+    times = alternate_rounds(runners, rounds, warmup, iters, min_time)
+    medians = {k: [float(np.median(t)) * 1e3 for t in v] for k, v in times.items()}
+    return medians, {k: min(float(t.min()) for t in v) * 1e3 for k, v in times.items()}
 
 
 def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
@@ -140,7 +133,7 @@ def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
             }
             with torch.no_grad():
                 runners.update(_entries(name, model, cfg, x, Path(tmp)))
-        medians, minima = alternate_rounds(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
+        medians, minima = alternate_medians(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
     rows = [
         {
             "model": k[0],

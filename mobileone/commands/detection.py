@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, alternate_rounds, detection_benchmark
+from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, alternate_medians, detection_benchmark
 from ..deploy.common import ExportError
 from ..deploy.detection import compare_detections, evaluate_onnx_detector, export_detector
 from ..deploy.onnx import onnx_session
@@ -138,7 +138,7 @@ def demo(args: argparse.Namespace) -> int:
         feed = {session.get_inputs()[0].name: x1.numpy()}
         runners[f"onnxruntime fused {'+ NMS' if form == 'nms' else 'raw'}"] = lambda s=session, f=feed: s.run(None, f)
     torch.set_num_threads(threads)
-    medians, _ = alternate_rounds(runners, rounds=3, warmup=3, iters=10, min_time=0.3)
+    medians, _ = alternate_medians(runners, rounds=3, warmup=3, iters=10, min_time=0.3)
     ms = {k: sorted(v)[len(v) // 2] for k, v in medians.items()}
     spread = max(max(v) / min(v) - 1 for v in medians.values())
     timing = ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())

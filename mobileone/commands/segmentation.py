@@ -90,8 +90,8 @@ def bench(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"mobileone bench: {e}", file=sys.stderr)
         return 2
-    print((Path(args.out) / "results.md").read_text())
-    print(f"written: {args.out}/results.md, results.json")
+    print((Path(args.out) / "segment_results.md").read_text())
+    print(f"written: {args.out}/segment_results.md, segment_results.json")
     return 1 if result["errors"] else 0
 
 

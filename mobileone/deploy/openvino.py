@@ -26,7 +26,7 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: str, names: list[str]) -> None:
     """Convert ``model`` at ``example``'s shape (batch dynamic when asked) and save float32 weights."""
     ov = require("openvino", EXTRA)
-    shape = [-1 if dynamic != "none" else 1, example.shape[1]] + [
+    shape = [-1 if dynamic != "none" else example.shape[0], example.shape[1]] + [
         -1 if dynamic == "size" else s for s in example.shape[2:]
     ]
     with warnings.catch_warnings():
