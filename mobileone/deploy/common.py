@@ -33,6 +33,7 @@ NOISY_LOGGERS = ("coremltools", "torch.utils._pytree")
 # LiteRT's converter and interpreter log through absl / TensorFlow straight to stderr as well.
 NATIVE_NOISE = (
     "[cpuinfo_utils.cpp:",
+    "[threadpool.cpp:",
     "WARNING: All log messages before absl::InitializeLog()",
     "I0000 ",
     "W0000 ",

@@ -73,7 +73,8 @@ def set_threads(threads: int | None) -> None:
         require("executorch.runtime", EXTRA)
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-        _unsafe_reset_threadpool(threads)
+        with filtered_native_stderr():
+            _unsafe_reset_threadpool(threads)
 
 
 def load(path: str | Path, threads: int | None = None) -> Runner:
