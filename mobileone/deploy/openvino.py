@@ -24,7 +24,15 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
 def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: str, names: list[str]) -> None:
-    """Convert ``model`` at ``example``'s shape (batch dynamic when asked) and save float32 weights."""
+    """Convert ``model`` at ``example``'s shape (batch, or batch and size, dynamic when asked), float32 weights."""
+    ov = require("openvino", EXTRA)
+    ir = convert_module(model, example, dynamic, names)
+    ir.set_rt_info(json.dumps(meta), ["mobileone", "metadata"])
+    ov.save_model(ir, str(out), compress_to_fp16=False)
+
+
+def convert_module(model: nn.Module, example: Tensor, dynamic: str, names: list[str]) -> Any:
+    """The in-memory OpenVINO model of ``model``, its outputs named ``names``."""
     ov = require("openvino", EXTRA)
     shape = [-1 if dynamic != "none" else example.shape[0], example.shape[1]] + [
         -1 if dynamic == "size" else s for s in example.shape[2:]
@@ -34,8 +42,7 @@ def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: st
         ir = ov.convert_model(model, example_input=example, input=[ov.PartialShape(shape)])
     for output, name in zip(ir.outputs, names, strict=True):
         output.get_tensor().set_names({name})
-    ir.set_rt_info(json.dumps(meta), ["mobileone", "metadata"])
-    ov.save_model(ir, str(out), compress_to_fp16=False)
+    return ir
 
 
 def convert_onnx(onnx_path: Path, out: Path, meta: dict) -> None:

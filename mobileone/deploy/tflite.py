@@ -55,14 +55,35 @@ def load(path: str | Path, threads: int | None = None) -> Runner:
     in_name = signature[key]["inputs"][0]
     out_names = sorted(signature[key]["outputs"], key=lambda n: int(n.rsplit("_", 1)[-1]) if n[-1].isdigit() else 0)
 
+    in_detail = runner.get_input_details()[in_name]
+    out_details = runner.get_output_details()
+
     def run_one(x: Tensor) -> list[Tensor]:
-        result = runner(**{in_name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
-        return [torch.from_numpy(np.array(result[n])) for n in out_names]
+        result = runner(**{in_name: _to_input(x.numpy(), in_detail)})
+        return [torch.from_numpy(_from_output(np.array(result[n]), out_details[n])) for n in out_names]
 
     shape = interpreter.get_input_details()[0]["shape"]
     with filtered_native_stderr():  # the first call creates the XNNPACK delegate, which says so on stderr
         run_one(torch.zeros(*shape))
     return run_one
+
+
+def _to_input(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """A float32 input as the model takes it: quantized with its scale and zero point when it takes integers."""
+    dtype = detail["dtype"]
+    if dtype == np.float32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _from_output(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """An output as float32 (dequantized) when it is a quantized integer tensor, else as it is."""
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if np.issubdtype(y.dtype, np.integer) and scale:
+        return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+    return y
 
 
 def runtime_name() -> str:
