@@ -26,6 +26,7 @@ from .deploy.common import ExportError
 from .engine.rundir import RunDir, RunDirError
 
 TASKS = ["classify", "detect", "segment"]
+INT8_RUNTIMES = ["onnxruntime", "executorch", "litert", "openvino", "ncnn"]
 EXPORT_FORMATS = ["onnx", "torchscript", "executorch", "coreml", "tflite", "openvino", "ncnn"]
 
 
@@ -380,29 +381,54 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="post-training static INT8 (onnxruntime) of the fused model")
-    p.add_argument("--checkpoint", required=True, help="any checkpoint load_checkpoint reads")
-    p.add_argument("--calib-data", required=True, help="image folder to calibrate on (its train/ if present)")
-    p.add_argument("--out", required=True, help="INT8 .onnx to write (the fp32 export goes beside it, *.fp32.onnx)")
+    p = sub.add_parser(
+        "quantize",
+        help="static INT8 for a runtime (onnxruntime, executorch, litert, openvino, ncnn), checked in that runtime",
+        description="Quantizes the fused model with the runtime's own tool, measures the task's metric of the fp32 "
+        "and the INT8 file in that runtime, and while INT8 loses more than --max-drop tries per-channel weights, the "
+        "other calibration, then the most sensitive layers in float; exit 3 if still over.",
+    )
+    p.add_argument("--task", choices=TASKS, default="classify")
+    p.add_argument("--runtime", choices=INT8_RUNTIMES, default="onnxruntime", help="default onnxruntime")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint of the task (unfused ones are fused)")
+    p.add_argument("--calib-data", required=True, help="any folder of images to calibrate on (its train/ if present)")
+    p.add_argument("--out", required=True, help="INT8 file to write (the fp32 export goes beside it, *.fp32.*)")
+    p.add_argument("--eval-data", help="the task's data whose val split scores fp32 and INT8 (default --calib-data)")
+    p.add_argument("--json", metavar="OUT", help="write {task, runtime, metric, fp32, int8, drop} and the steps")
+    p.add_argument("--max-drop", type=float, default=1.0, help="points of the metric INT8 may lose (default 1)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's")
     p.add_argument("--num-calib", type=int, default=300, help="calibration images (default 300)")
-    p.add_argument("--method", default="minmax-avg", choices=["minmax", "minmax-avg", "entropy", "percentile"])
+    p.add_argument(
+        "--method",
+        default="minmax-avg",
+        choices=["minmax", "minmax-avg", "entropy", "percentile", "histogram"],
+        help="activation calibration; runtimes other than onnxruntime: minmax or histogram",
+    )
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument(
         "--keep-float",
-        default="first3",
-        help="float layers: none, or +-joined first, firstN, last, depthwise (default first3)",
+        help="float layers: none, or +-joined first, firstN, last, depthwise (default: onnxruntime classify first3)",
     )
-    p.add_argument("--reduce-range", action="store_true", help="7-bit weights (old x86 int8 kernels saturate)")
-    p.add_argument("--eval-data", help="also report fp32 and INT8 top-1 on this folder (its val/ if present)")
-    p.add_argument("--study", action="store_true", help="compare all calibration settings on --eval-data")
+    p.add_argument("--reduce-range", action="store_true", help="--study: 7-bit weights (old x86 int8 kernels)")
+    p.add_argument("--study", action="store_true", help="onnxruntime, classify: compare calibration settings")
+    g = p.add_argument_group("quantization-aware training")
+    g.add_argument("--qat", action="store_true", help="fine-tune the fused model with fake quantization first")
+    g.add_argument("--train-data", help="--qat: the task's training data")
+    g.add_argument("--epochs", type=int, default=1, help="--qat: epochs (default 1)")
+    g.add_argument("--lr", type=float, default=1e-3, help="--qat: learning rate (default 1e-3)")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .deploy.evaluate_onnx import evaluate_onnx
+    if not args.study:
+        from .commands.quantize import quantize
+
+        return quantize(args)
     from .deploy.quantize import QuantSettings, quantization_study, quantize_model, study_table
 
-    settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, args.reduce_range)
+    if args.task != "classify" or args.runtime != "onnxruntime":
+        raise ValueError("--study compares onnxruntime's settings for classification: drop --task / --runtime")
+    method = args.method if args.method != "histogram" else "percentile"
+    settings = QuantSettings(method, not args.per_tensor, args.keep_float or "first3", args.reduce_range)
     model = load_checkpoint(args.checkpoint)
     try:
         fp32, int8 = quantize_model(model, args.calib_data, args.out, settings, args.img_size, args.num_calib)
@@ -410,21 +436,14 @@ def run_quantize(args: argparse.Namespace) -> int:
         print(f"mobileone quantize: {e}", file=sys.stderr)
         return 2
     print(f"INT8 ({settings.label()}, {args.num_calib} calibration images): {int8}  (fp32 export: {fp32})")
-    if args.study:
-        rows = quantization_study(
-            fp32,
-            args.calib_data,
-            args.eval_data or args.calib_data,
-            num_calib=args.num_calib,
-            out_dir=Path(args.out).parent / "study",
-        )
-        print(study_table(rows))
-    elif args.eval_data:
-        a, b = evaluate_onnx(fp32, args.eval_data), evaluate_onnx(int8, args.eval_data)
-        print(
-            f"top-1 on {b['images']} images: fp32 {a['top1']:.2f} %, INT8 {b['top1']:.2f} % "
-            f"(drop {a['top1'] - b['top1']:.2f} points)"
-        )
+    rows = quantization_study(
+        fp32,
+        args.calib_data,
+        args.eval_data or args.calib_data,
+        num_calib=args.num_calib,
+        out_dir=Path(args.out).parent / "study",
+    )
+    print(study_table(rows))
     return 0
 
 

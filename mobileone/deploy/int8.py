@@ -212,7 +212,7 @@ def _openvino(graph: Graph, calibration: Tensor, out: Path, recipe: Recipe, meta
         weights_quantization_params=params.QuantizationParameters(per_channel=recipe.per_channel),
         activations_range_estimator_params=ranges.MINMAX if recipe.method == "minmax" else ranges.MEAN_QUANTILE,
     )
-    patterns = [f".*{re.escape(name)}(/|\\.|$).*" for name in recipe.keep_float]
+    patterns = [f"(.*\\.)?{re.escape(name)}/.*" for name in recipe.keep_float]  # __module.<name>/aten::...
     with silenced_stdout():
         quantized = nncf.quantize(
             ir,
