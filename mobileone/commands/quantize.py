@@ -15,6 +15,7 @@ from ..deploy.calibration import calibration_batch
 from ..deploy.common import ExportError
 from ..deploy.int8 import Graph, Recipe, task_graph, weighted_layers
 from ..deploy.int8_check import quantize_checked
+from ..deploy.qat import qat_finetune
 from .export import BUILDERS
 
 HISTOGRAM = ("entropy", "percentile", "histogram")  # onnxruntime's names for the non-MinMax calibrations
@@ -45,9 +46,9 @@ def quantize(args: argparse.Namespace) -> int:
     method = "histogram" if args.method in HISTOGRAM else "minmax"
     recipe = Recipe(not args.per_tensor, method, keep_float_layers(keep, graph))
     if args.qat:
-        from .qat import qat_finetune
-
-        graph = qat_finetune(args, graph)
+        if not args.train_data:
+            raise ValueError("--qat needs --train-data: the task's training data to fine-tune on")
+        graph = qat_finetune(graph, args.train_data, args.epochs, args.lr)
     calibration = calibration_batch(args.calib_data, graph.meta, args.num_calib)
     eval_data = args.eval_data or args.calib_data
     try:
