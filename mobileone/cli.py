@@ -481,6 +481,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (batch 1)")
     p.add_argument("--iters", type=int, default=30, help="at least this many timed runs (batch 1)")
     p.add_argument("--rounds", type=int, default=3, help="batch 1 in this many rounds alternating between models")
+    p.add_argument(
+        "--precisions", default="fp32", help="comma list of fp32, int8 (each runtime's own static INT8; classify)"
+    )
     p.add_argument("--min-time", type=float, default=1.0, help="and at least this many seconds per measurement")
     p.add_argument("--no-studies", action="store_true", help="skip the 30-layer activation and skip/SE studies")
     p.add_argument(
@@ -506,6 +509,7 @@ def run_bench(args: argparse.Namespace) -> int:
         iters=args.iters,
         min_time=args.min_time,
         rounds=args.rounds,
+        precisions=args.precisions.split(","),
         studies=not args.no_studies,
     )
     try:

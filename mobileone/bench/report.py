@@ -110,12 +110,16 @@ def paper_table(result: dict[str, Any]) -> list[str]:
     b = min(result["config"]["batch_sizes"])
     where = f"batch {b}, {result['config']['img_size']} px, {result['threads']} threads"
     lines = []
-    for runtime in dict.fromkeys(r["runtime"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["runtime"] == runtime and f"bs{b}" in r and r["deployed"]]
+    for runtime, precision in dict.fromkeys((r["runtime"], r.get("precision", "fp32")) for r in result["rows"]):
+        rows = [
+            r
+            for r in result["rows"]
+            if (r["runtime"], r.get("precision", "fp32")) == (runtime, precision) and f"bs{b}" in r and r["deployed"]
+        ]
         base = next((r[f"bs{b}"]["median_ms"] for r in rows if r["model"] == "mobilenet_v2"), None)
         lines += [
             "",
-            f"{runtime} ({rows[0]['precision'] if rows else 'fp32'}; {where}), beside the paper's Table 4 "
+            f"{runtime} ({precision}; {where}), beside the paper's Table 4 "
             "(ImageNet top-1; iPhone 12 with Core ML, the mobile column; Xeon CPU):",
             "",
             "| model | paper top-1 % | paper iPhone 12 ms | paper CPU ms | median ms here | vs MobileNetV2 "

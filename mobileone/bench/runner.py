@@ -57,6 +57,7 @@ class BenchConfig:
     iters: int = 30
     min_time: float = 1.0
     rounds: int = 3  # batch 1 is timed in this many rounds, alternating between the models of a runtime
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # int8: each runtime's own static INT8
     studies: bool = True
     micro: MicroStudy = field(default_factory=MicroStudy)
     peak_size: int = 2048  # side of the matrices whose product measures the fp32 peak
@@ -65,6 +66,8 @@ class BenchConfig:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown:
             raise ValueError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}")
+        if set(self.precisions) - {"fp32", "int8"}:
+            raise ValueError(f"precisions are fp32 and int8, got {self.precisions}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if self.threads < 1 or self.img_size < 8 or self.iters < 1 or self.rounds < 1:
@@ -105,15 +108,18 @@ def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, prog
     peak = measure_peak_gflops(cfg.threads, cfg.peak_size)
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
-    bar = tqdm(total=len(models) * len(cfg.runtimes), disable=not progress, desc="bench", unit="run")
+    bar = tqdm(
+        total=len(models) * len(cfg.runtimes) * len(cfg.precisions), disable=not progress, desc="bench", unit="run"
+    )
     sizes = {}
     for bm in models:
         model = bm.build().eval()
         sizes[bm.name] = (count_params(model), count_macs(model, cfg.img_size))
     for runtime in cfg.runtimes:
-        runtime_rows = time_runtime(cfg, models, runtime, sizes, peak, bar)
-        errors += [f"{r['model']} / {runtime}: {r['error']}" for r in runtime_rows if "error" in r]
-        rows += runtime_rows
+        for precision in cfg.precisions:
+            runtime_rows = time_runtime(cfg, models, runtime, sizes, peak, bar, precision)
+            errors += [f"{r['model']} / {runtime} {precision}: {r['error']}" for r in runtime_rows if "error" in r]
+            rows += runtime_rows
         if runtime == "compile":
             torch._dynamo.reset()
         gc.collect()
@@ -144,7 +150,13 @@ def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, prog
 
 
 def time_runtime(
-    cfg: BenchConfig, models: list[BenchModel], runtime: str, sizes: dict[str, tuple[int, int]], peak: float, bar: Any
+    cfg: BenchConfig,
+    models: list[BenchModel],
+    runtime: str,
+    sizes: dict[str, tuple[int, int]],
+    peak: float,
+    bar: Any,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Every model in one runtime: batch 1 in alternating rounds over the models, larger batches one by one."""
     rows: dict[str, dict[str, Any]] = {}
@@ -160,21 +172,23 @@ def time_runtime(
                 "family": bm.family,
                 "deployed": bm.deployed,
                 "runtime": runtime,
-                "precision": "fp32",
+                "precision": precision,
                 "params": params,
                 "macs": macs,
             }
             try:
                 built[bm.name] = bm.build().eval()
                 with torch.inference_mode(runtime not in EXPORTED):
-                    runners[bm.name] = make_runner(runtime, built[bm.name], x.clone(), cfg.threads, workdirs[bm.name])
+                    runners[bm.name] = make_runner(
+                        runtime, built[bm.name], x.clone(), cfg.threads, workdirs[bm.name], precision
+                    )
             except Exception as e:  # one failing export must not stop the run
                 rows[bm.name]["error"] = _error(e)
         bar.set_postfix_str(f"{runtime}: batch 1, {cfg.rounds} rounds")
         times = alternate_rounds(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
         for name, t in times.items():
             rows[name]["bs1"] = _with_rates(round_stats(t), 1, rows[name]["macs"], peak)
-        for b in sorted(b for b in cfg.batch_sizes if b > 1 and runtime not in BATCH1_ONLY):
+        for b in sorted(b for b in cfg.batch_sizes if b > 1 and runtime not in BATCH1_ONLY and precision == "fp32"):
             for name, model in built.items():
                 if "error" in rows[name]:
                     continue

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..deploy.executorch import executorch_method, set_threads, to_executorch
+from ..deploy.int8 import RUNTIMES as INT8_RUNTIMES
+from ..deploy.int8 import Graph, Recipe, quantize_graph
 from ..deploy.onnx import onnx_session, to_onnx
 from ..deploy.targets import TARGETS, load_export, write_export
 
@@ -76,8 +78,12 @@ def measure_peak_gflops(threads: int, size: int = 2048, seconds: float = 1.0) ->
     return 2 * size**3 / float(times.min()) / 1e9
 
 
-def make_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
-    """A no-argument callable running ``model`` on ``x`` with ``runtime``."""
+def make_runner(
+    runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path, precision: str = "fp32"
+) -> Callable[[], Any]:
+    """A no-argument callable running ``model`` on ``x`` with ``runtime`` (``precision`` int8: its INT8 file)."""
+    if precision == "int8":
+        return int8_runner(runtime, model, x, threads, workdir)
     if runtime == "eager":
         return lambda: model(x)
     if runtime == "channels_last":
@@ -110,6 +116,20 @@ def make_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir
         run = load_export(format, path, threads)
         return lambda: run(x)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+
+
+def int8_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
+    """The runtime's own static INT8 of ``model`` (calibrated on random images: latency does not depend on it)."""
+    if runtime not in INT8_RUNTIMES or runtime == "ncnn":
+        raise ValueError(f"no INT8 path for {runtime}; INT8 runs in {[r for r in INT8_RUNTIMES if r != 'ncnn']}")
+    graph = Graph("classify", model, x[:1], ["output"], {"task": "bench", "mean": [0.0] * 3, "std": [1.0] * 3})
+    calibration = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    format = INT8_RUNTIMES[runtime]
+    path = quantize_graph(runtime, graph, calibration, workdir / TARGETS[format].file_name("int8"), Recipe())
+    run = load_export(format, path, threads)
+    if len(x) > 1 and TARGETS[format].per_image:
+        raise ValueError(f"{runtime} runs batch 1 only")
+    return lambda: run(x)
 
 
 def time_model(
