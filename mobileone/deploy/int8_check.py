@@ -152,9 +152,9 @@ def remedies(recipe: Recipe, graph: Graph, calibration: Tensor) -> Iterator[tupl
         def keep(r: Recipe, k: int = k) -> Recipe:
             if not ranked:
                 ranked.extend(sensitivity(graph, calibration))
-            return dataclasses.replace(r, keep_float=tuple(ranked[:k]))
+            return dataclasses.replace(r, keep_float=tuple(dict.fromkeys(r.keep_float + tuple(ranked[:k]))))
 
-        yield f"remedy 3: the {k} most sensitive layer{'s' if k > 1 else ''} in float", keep
+        yield f"remedy 3: also the {k} most sensitive layer{'s' if k > 1 else ''} in float", keep
 
 
 def quantize_checked(
