@@ -5,7 +5,8 @@ arXiv 2212.01593): folding branches gives kernels and activations whose channels
 ranges. :func:`quantize_checked` quantizes with the runtime's own tool, measures the task's metric of the
 fp32 and the INT8 file both in that runtime, and while the drop is over ``max_drop`` tries, in order:
 per-channel weight scales, the other activation calibration, then keeping the most sensitive layers in
-float (1, 2, 4, 8 of them), found by a per-layer sensitivity pass. Every step is reported; the best file is
+float (1, 2, 4, 8 of them), found by a per-layer sensitivity pass. Remedies add up (each applies to the
+recipe kept so far; one that made things worse is dropped). Every step is reported; the best file is
 written; a drop still over the limit is an error that names quantization-aware training (``--qat``).
 """
 
@@ -189,11 +190,14 @@ def quantize_checked(
         return Step(name, recipe, value, report.fp32 - value, path)
 
     with tempfile.TemporaryDirectory(prefix="mobileone_int8_") as tmp:
-        report.steps.append(attempt("as asked", recipe, Path(tmp) / f"0{suffix}"))
+        kept = attempt("as asked", recipe, Path(tmp) / f"0{suffix}")
+        report.steps.append(kept)
         for i, (name, change) in enumerate(remedies(recipe, graph, calibration), 1):
             if report.ok:
                 break
-            report.steps.append(attempt(name, change(report.best.recipe), Path(tmp) / f"{i}{suffix}"))
+            step = attempt(name, change(kept.recipe), Path(tmp) / f"{i}{suffix}")
+            report.steps.append(step)
+            kept = step if step.drop <= kept.drop else kept  # remedies add up, unless one made things worse
         best = report.best.path
         for f in TARGETS[format].files(best):  # the file and what is written beside it (weights, metadata)
             rest = f.name[len(best.name) :] if f.name.startswith(best.name) else None

@@ -150,7 +150,7 @@ def quantize_onnx(
             extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": settings.method == "minmax-avg"},
         )
     meta = read_onnx_metadata(fp32_path)
-    quantization = {**meta.get("quantization", {}), **asdict(settings), "calibration_images": len(calibration)}
+    quantization = {**asdict(settings), **meta.get("quantization", {}), "calibration_images": len(calibration)}
     proto = onnx.load(str(out))
     set_onnx_metadata(proto, {**meta, "quantization": quantization})
     onnx.save(proto, str(out))
