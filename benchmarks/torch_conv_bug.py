@@ -13,7 +13,7 @@ process, so the verdict does not come from damage an earlier case left behind.
 
 ``--isa AVX2`` caps oneDNN's kernels at AVX2 (``ONEDNN_MAX_CPU_ISA``), which is what an AVX2-only
 CPU runs; ``native`` is this CPU's best. Each case also runs the library's workaround
-(``mobileone.core.fast_train.conv2d``) so the table shows whether it avoids the bug.
+(``mobileone.core.branch_stats.conv2d``) so the table shows whether it avoids the bug.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check(case: dict, iters: int, workaround: bool) -> str:
     conv = F.conv2d
     if workaround:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from mobileone.core.fast_train import conv2d as conv
+        from mobileone.core.branch_stats import conv2d as conv
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case["n"], case["cin"], case["size"], case["size"], generator=gen)
     w = torch.randn(case["cout"], case["cin"] // case["groups"], case["ks"], case["ks"], generator=gen)

@@ -203,8 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
         opts["branches"] = False
     if args.no_progress:
         opts["progress"] = False
-    if args.no_wd_anneal:
-        opts["weight_decay_end"] = args.weight_decay if args.weight_decay is not None else 1e-4
+    opts["hold_weight_decay"] = args.no_wd_anneal
     cfg = resolve_config(**opts)
     try:
         train(cfg)

@@ -151,3 +151,35 @@ def test_builtin_dataset_is_written_once(tmp_path):
     assert img.size == (8, 8) and np.asarray(img).max() > 100
     mtime = (root / "val").stat().st_mtime
     assert builtin_dataset(tmp_path / "digits") == root and (root / "val").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_turn_as_the_exif_orientation_turns_the_pixels(orientation):
+    from mobileone.tasks.images import TRANSPOSE, orient_boxes
+
+    stored = np.zeros((30, 50), np.uint8)  # 50 wide, 30 high
+    stored[4:11, 6:20] = 1  # the box [6, 4, 20, 11]
+    shown = Image.fromarray(stored)
+    if orientation in TRANSPOSE:
+        shown = shown.transpose(TRANSPOSE[orientation])
+    ys, xs = np.nonzero(np.asarray(shown))
+    box = orient_boxes(np.array([[6, 4, 20, 11]], np.float32), orientation, (50, 30))
+    assert box.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
+
+
+def test_a_flat_folder_of_images_is_read_without_class_folders(tmp_path):
+    from mobileone.tasks.classification.data import ImageFilesDataset
+
+    for i in range(3):
+        Image.new("RGB", (12, 10), (80 * i, 0, 0)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "more").mkdir()
+    Image.new("L", (8, 8), 9).save(tmp_path / "more" / "x.png")
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFilesDataset(tmp_path, transform=eval_transform(8))
+    items = [ds[i] for i in range(len(ds))]
+    assert [Path(p).name for x, p in items if x is None] == ["broken.png"]  # skipped and counted by its caller
+    assert len(items) == 5 and all(x.shape == (3, 8, 8) for x, _ in items if x is not None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        ImageFilesDataset(tmp_path / "empty")

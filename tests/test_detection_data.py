@@ -186,9 +186,10 @@ def test_bad_boxes_are_clipped_dropped_and_counted(tmp_path, scenes):
         a.append({"id": 901, "image_id": 1, "category_id": 2, "bbox": [10, 10, 0, 5]})  # zero width: drop
         a.append({"id": 902, "image_id": 1, "category_id": 2, "bbox": [500, 500, 10, 10]})  # wholly outside: drop
         a.append({"id": 903, "image_id": 2, "category_id": 7, "bbox": [1, 1, 5, 5]})  # unknown category: skip
-        data["images"].append({"id": 99, "file_name": "img000.png", "width": 80, "height": 64})  # no boxes: negative
+        data["images"].append({"id": 99, "file_name": "empty.png", "width": 80, "height": 64})  # no boxes: negative
 
     root = write_coco(tmp_path / "c", scenes, extra=spoil)
+    Image.new("RGB", (80, 64)).save(root / "train" / "empty.png")
     with pytest.warns(UserWarning) as caught:
         train, _ = load_splits(root)
     message = " ".join(str(w.message) for w in caught)
@@ -312,17 +313,162 @@ def test_eval_items_keep_the_file_size_for_scaling_back(tmp_path, scenes):
     assert x.shape == (3, 48, 48) and t == {"index": 0, "size": (64, 80)}
 
 
-def test_exif_rotated_photos_follow_the_size_the_annotation_was_made_on(tmp_path):
-    img, boxes, labels = scene(0)  # stored 80 x 64; EXIF orientation 6 shows it 64 wide and 80 high
+def test_boxes_drawn_on_the_stored_pixels_of_an_exif_photo_turn_with_it(tmp_path):
+    img, _, _ = scene(0)  # stored 80 x 64; EXIF orientation 6 shows it 64 wide and 80 high
+    img[5:20, 10:30] = (255, 0, 255)  # the object, in the stored pixels
     exif = Image.Exif()
     exif[0x0112] = 6
-    for name, (w, h) in (("upright", (64, 80)), ("stored", (80, 64))):
+    for name, annotated, box in (("stored", (80, 64), [10, 5, 30, 20]), ("upright", (64, 80), [44, 10, 59, 30])):
         root = tmp_path / name
-        items = [("a.jpg", img, [[1, 1, 20, 20]], [0])]
+        items = [("a.png", img, [box], [0])]
         write_coco(root, {"train": items, "val": items})
         for split in ("train", "val"):
-            Image.fromarray(img).save(root / split / "a.jpg", exif=exif)
-            _edit_json(root, lambda d, w=w, h=h: d["images"][0].update(width=w, height=h), split)
+            Image.fromarray(img).save(root / split / "a.png", exif=exif)
+            _edit_json(root, lambda d, a=annotated: d["images"][0].update(width=a[0], height=a[1]), split)
         _, val = load_splits(root)
-        _, target = DetectionDataset(val, eval_transform(32))[0]
-        assert target["size"] == (h, w), name
+        record = val.records[0]
+        assert (record.width, record.height) == (64, 80), name  # the upright file's frame, whatever the annotation's
+        image = np.asarray(DetectionDataset(val)[0][0])
+        ys, xs = np.nonzero((image == (255, 0, 255)).all(-1))
+        assert record.boxes.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], name
+
+
+# ----------------------------------------------------------------------------- one frame, identity checks, layouts
+
+
+def test_images_resized_after_annotation_are_scored_in_the_files_pixels(tmp_path, scenes):
+    from mobileone.tasks.detection.task import detection_metrics
+
+    def doubled(split, data):  # annotated on images twice the size of the files on disk
+        for img in data["images"]:
+            img.update(width=img["width"] * 2, height=img["height"] * 2)
+        for a in data["annotations"]:
+            a["bbox"] = [2 * v for v in a["bbox"]]
+
+    root = write_coco(tmp_path / "c", scenes, extra=doubled)
+    with pytest.warns(UserWarning, match=r"annotated at another size than the file's, boxes scaled .*160x128 vs 80x64"):
+        train, val = load_splits(root)
+    truth = [(n, [list(map(float, b)) for b in bx], lb) for n, _, bx, lb in scenes["val"]]
+    assert sorted(_targets(val)) == sorted(truth)
+    assert [(r.width, r.height) for r in val.records] == [(80, 64)] * len(val.records)
+    _, target = DetectionDataset(train, train=True)[0]  # training reads the same records
+    assert target["boxes"].tolist() == train.records[0].boxes.tolist()
+    # A perfect detector (the true boxes, in the files' pixels) scores 100 against the ground truth of mAP.
+    perfect = [
+        (i, torch.tensor(b, dtype=torch.float32), torch.ones(len(b)), torch.tensor(lb))
+        for i, (_, _, b, lb) in enumerate(scenes["val"])
+    ]
+    assert detection_metrics(val.records, val.classes, perfect, range(len(perfect)))["map"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    "spoil, match",
+    [
+        (lambda d: d["images"][1].update(id=1), r"1 image ids occur more than once: 1 \(2x\)"),
+        (lambda d: d["images"][1].update(id=[2]), r"images\[1\] needs an integer or string 'id', got \[2\]"),
+        (lambda d: d["images"][1].update(file_name="img000.png"), r"file names occur more than once: 'img000.png'"),
+        (lambda d: d["categories"][1].update(name="red"), r"class names occur more than once: 'red' \(2x\)"),
+        (lambda d: d["categories"][1].update(id=1), r"category ids occur more than once: 1 \(2x\)"),
+        (lambda d: d.update(annotations=[]), r"none of its 5 images has a box to train on or score"),
+    ],
+)
+def test_coco_identity_is_checked(tmp_path, scenes, spoil, match):
+    root = write_coco(tmp_path / "c", scenes)
+    _edit_json(root, spoil)
+    with pytest.raises(DataError, match=match):
+        load_splits(root)
+
+
+def test_coco_as_shipped_annotations_folder_supercategories_and_bom(tmp_path, scenes):
+    root = write_coco(tmp_path / "coco", scenes, folder_names=("train2017", "val2017"))
+    (root / "annotations").mkdir()
+    for folder in ("train2017", "val2017"):
+        data = json.loads((root / folder / "_annotations.coco.json").read_text())
+        (root / folder / "_annotations.coco.json").unlink()
+        data["categories"] = [{"id": i + 1, "name": c, "supercategory": c} for i, c in enumerate(CLASSES)]
+        if folder == "val2017":  # no blue object in val: "blue", its own supercategory, stays a class
+            data["annotations"] = [a for a in data["annotations"] if a["category_id"] == 1]
+        text = "\ufeff" + json.dumps(data)  # a byte-order mark, as Windows tools write
+        (root / "annotations" / f"instances_{folder}.json").write_text(text, encoding="utf-8")
+        captions = {"images": data["images"], "annotations": [{"image_id": 1, "caption": "x"}], "categories": []}
+        (root / "annotations" / f"captions_{folder}.json").write_text(json.dumps(captions))
+    train, val = load_splits(root)
+    assert train.classes == val.classes == CLASSES and sum(len(r.boxes) for r in train.records) > 0
+
+
+def test_roboflow_extra_category_is_still_dropped(tmp_path, scenes):
+    def roboflow(split, data):
+        data["categories"] = [{"id": 0, "name": "shapes", "supercategory": "none"}] + [
+            {**c, "supercategory": "shapes"} for c in data["categories"]
+        ]
+
+    train, _ = load_splits(write_coco(tmp_path / "c", scenes, extra=roboflow))
+    assert train.classes == CLASSES
+
+
+def test_voc_difficult_reads_true_false_and_0_1(tmp_path, scenes):
+    root = write_voc(tmp_path / "v", scenes)
+    xml = root / "Annotations" / "img000.xml"
+    for text, crowd in (("false", False), ("true", True), ("0", False), ("1", True)):
+        xml.write_text(re.sub(r"<difficult>[^<]*</difficult>", f"<difficult>{text}</difficult>", xml.read_text()))
+        train, _ = load_splits(root)
+        assert train.records[0].crowd.tolist() == [crowd] * len(train.records[0].crowd), text
+    xml.write_text(re.sub(r"<difficult>[^<]*</difficult>", "<difficult>maybe</difficult>", xml.read_text()))
+    with pytest.raises(DataError, match=r"img000.xml: object 0 \(red\) has <difficult>maybe</difficult>; expected 0"):
+        load_splits(root)
+
+
+def test_voc_duplicate_class_names_are_refused(tmp_path, scenes):
+    root = write_voc(tmp_path / "v", scenes)
+    (root / "classes.txt").write_text("red\nblue\nred\n")
+    with pytest.raises(DataError, match=r"classes.txt: 1 class names occur more than once: 'red' \(2x\)"):
+        load_splits(root)
+
+
+def test_yolo_label_files_are_matched_or_named(tmp_path, scenes):
+    root = write_yolo(tmp_path / "y", scenes)
+    labels = root / "labels" / "train"
+    (labels / "img000.txt").rename(labels / "img000.TXT")  # another case: still its image's labels
+    (labels / "img001.txt").write_text("\ufeff" + (labels / "img001.txt").read_text())  # a byte-order mark
+    (labels / "stray.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # no image of that name
+    (labels / "classes.txt").write_text("red\nblue\n")  # LabelImg's class list beside the labels: not a label file
+    with pytest.warns(UserWarning, match=r"1 label files match no image and are not used: stray.txt \(a label file"):
+        train, _ = load_splits(root)
+    expected = [(n, [list(map(float, b)) for b in bx], lb) for n, _, bx, lb in scenes["train"]]
+    got = sorted(_targets(train))
+    assert [(n, lb) for n, _, lb in got] == [(n, lb) for n, _, lb in expected]
+    for f in labels.iterdir():  # every label file named in another way: refused, never a run on 0 boxes
+        f.rename(labels / f"x_{f.name}")
+    with pytest.warns(UserWarning, match="7 label files match no image"):
+        with pytest.raises(DataError, match=r"YOLO train\): none of its 5 images has a box .*labels/<split>/<image"):
+            load_splits(root)
+
+
+def test_yolo_names_keep_hash_and_refuse_duplicates(tmp_path, scenes):
+    root = write_yolo(tmp_path / "y", scenes)
+    (root / "data.yaml").unlink()
+    (root / "classes.txt").write_text("\ufeff#1\nblue\n")  # '#1' is a name (classes.txt has no comments)
+    train, _ = load_splits(root)
+    assert train.classes == ["#1", "blue"]
+    (root / "classes.txt").write_text("red\nred\n")
+    with pytest.raises(DataError, match=r"classes.txt: 1 class names occur more than once: 'red'"):
+        load_splits(root)
+    (root / "classes.txt").unlink()
+    (root / "data.yaml").write_text("names: [red, blue, blue]\n")
+    with pytest.raises(DataError, match=r"data.yaml names: 1 class names occur more than once: 'blue'"):
+        load_splits(root)
+
+
+def test_coco_ids_of_the_wrong_type_are_skipped_and_counted(tmp_path, scenes):
+    def spoil(split, data):
+        if split == "train":
+            data["annotations"] += [
+                {"id": 900, "image_id": [1], "category_id": 1, "bbox": [1, 1, 5, 5]},
+                {"id": 901, "image_id": 1, "category_id": {"id": 1}, "bbox": [1, 1, 5, 5]},
+            ]
+
+    with pytest.warns(UserWarning) as caught:
+        load_splits(write_coco(tmp_path / "c", scenes, extra=spoil))
+    message = " ".join(str(w.message) for w in caught)
+    assert "1 annotations of unknown image ids, skipped (e.g. annotations[" in message and "image_id [1]" in message
+    assert "1 annotations of unknown category ids, skipped" in message and "category_id {'id': 1}" in message

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import mobileone
 from mobileone import create_model, reference_mode, set_fast_train
-from mobileone.core import fast_train
+from mobileone.core import branch_stats, fast_train
 from mobileone.core.model import MobileOneLayer
 
 from .conftest import TINY
@@ -114,7 +114,7 @@ def twins(module, dtype):
     return module, copy.deepcopy(module)
 
 
-@pytest.mark.parametrize("name", mobileone.list_models())
+@pytest.mark.parametrize("name", mobileone.list_models("classify"))
 def test_variants_match_reference(name):
     # Each variant's structure (blocks, k, SE, branches) at an eighth of its widths, so float64
     # stays quick; three steps without weight updates (2 x 32 px leaves the last BatchNorms 2
@@ -478,16 +478,16 @@ def test_deterministic(method, dtype, memory_format):
 def test_strided_pointwise_convs_run_at_unit_stride():
     weight = torch.randn(4, 2, 1, 1, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 2, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert fast_train.hits_strided_1x1_bug(x, weight, 2, 0)
-    assert not fast_train.hits_strided_1x1_bug(x, weight, 1, 0)
-    assert not fast_train.hits_strided_1x1_bug(x, weight.detach(), 2, 0)  # no weight gradient: unaffected
-    assert not fast_train.hits_strided_1x1_bug(x, torch.randn(4, 2, 3, 3, requires_grad=True), 2, 1)
+    assert branch_stats.hits_strided_1x1_bug(x, weight, 2, 0)
+    assert not branch_stats.hits_strided_1x1_bug(x, weight, 1, 0)
+    assert not branch_stats.hits_strided_1x1_bug(x, weight.detach(), 2, 0)  # no weight gradient: unaffected
+    assert not branch_stats.hits_strided_1x1_bug(x, torch.randn(4, 2, 3, 3, requires_grad=True), 2, 1)
     with torch.no_grad():
-        assert not fast_train.hits_strided_1x1_bug(x, weight, 2, 0)
+        assert not branch_stats.hits_strided_1x1_bug(x, weight, 2, 0)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     ws = [weight.detach().clone().requires_grad_() for _ in range(2)]
     y_ref = torch.nn.functional.conv2d(xs[0], ws[0], None, 2)  # float64 does not reach oneDNN
-    y = fast_train.conv2d(xs[1], ws[1], None, 2)
+    y = branch_stats.conv2d(xs[1], ws[1], None, 2)
     gy = torch.randn_like(y_ref)
     y_ref.backward(gy)
     y.backward(gy)
@@ -522,16 +522,16 @@ def test_custom_functions_gradients_and_saved_tensors():
     cov = (cov @ cov.T).requires_grad_()
     for fmt in (torch.contiguous_format, torch.channels_last):
         xi = x.contiguous(memory_format=fmt).requires_grad_()
-        assert torch.autograd.gradcheck(fast_train._Moments.apply, (xi,), fast_mode=True)
+        assert torch.autograd.gradcheck(branch_stats.Moments.apply, (xi,), fast_mode=True)
         for stride in (1, 2):
             conv = (stride, 1, 1, 2)
             assert torch.autograd.gradcheck(
-                lambda a, k, c=conv: fast_train._ConvMoments.apply(a, k, c), (xi, kernels), fast_mode=True
+                lambda a, k, c=conv: branch_stats.ConvMoments.apply(a, k, c), (xi, kernels), fast_mode=True
             )
             assert torch.autograd.gradcheck(
-                lambda a, c=conv: fast_train._ConvMoments.apply(a, None, c), (xi,), fast_mode=True
+                lambda a, c=conv: branch_stats.ConvMoments.apply(a, None, c), (xi,), fast_mode=True
             )
-    assert torch.autograd.gradcheck(fast_train._QuadraticForms.apply, (w, cov), fast_mode=True)
+    assert torch.autograd.gradcheck(branch_stats.QuadraticForms.apply, (w, cov), fast_mode=True)
 
     def changed_after_forward(fn, *inputs):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -541,9 +541,9 @@ def test_custom_functions_gradients_and_saved_tensors():
         sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
 
     for fn, inputs in [
-        (fast_train._Moments.apply, (x,)),
-        (lambda a, k: fast_train._ConvMoments.apply(a, k, (1, 1, 1, 2)), (x, kernels)),
-        (fast_train._QuadraticForms.apply, (w, cov)),
+        (branch_stats.Moments.apply, (x,)),
+        (lambda a, k: branch_stats.ConvMoments.apply(a, k, (1, 1, 1, 2)), (x, kernels)),
+        (branch_stats.QuadraticForms.apply, (w, cov)),
     ]:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             changed_after_forward(fn, *inputs)

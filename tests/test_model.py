@@ -25,7 +25,8 @@ SPEC_WIDTHS = {
 
 
 def test_list_models():
-    assert list_models() == [f"mobileone_s{i}" for i in range(5)] + [f"mobileone_mu{i}" for i in range(3)]
+    variants = [f"mobileone_s{i}" for i in range(5)] + [f"mobileone_mu{i}" for i in range(3)]
+    assert list_models("classify")[: len(variants)] == variants  # then any registered by other tests
 
 
 @pytest.mark.parametrize("name", ["mobileone_mu0", "mobileone_mu1", "mobileone_mu2"])

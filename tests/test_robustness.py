@@ -37,12 +37,12 @@ from mobileone.tasks.classification.data import (
     ImageFolderDataset,
     UnreadableImageError,
     collate_skip_bad,
-    image_size,
     load_image,
     train_transform,
 )
 from mobileone.tasks.classification.evaluate import evaluate_checkpoint
 from mobileone.tasks.classification.task import ClassificationTask
+from mobileone.tasks.images import image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 TINY = {"widths": [8, 16, 16, 16], "stem_width": 8, "blocks": [1, 1, 1, 1], "k": 2}

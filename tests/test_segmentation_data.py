@@ -1,6 +1,7 @@
 """Segmentation data: both layouts, joint augmentation, collation, and every bad input named in docs/segmentation.md."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,96 @@ def test_unreadable_files_come_back_as_counted_samples(tmp_path):
     assert ds[1] == (None, str(root / "train" / "images" / "001.png")) and ds[2][0] is None
     images, masks, bad = collate_masks([ds[0], ds[1], ds[2]])
     assert images.shape == (1, 3, 32, 32) and len(bad) == 2
+
+
+# ----------------------------------------------------------------------------- one reader, identity checks
+
+
+def _exif_pair(root: Path, name: str, size: tuple[int, int], mask_frame: str) -> None:
+    """An image stored sideways (EXIF orientation 6) whose left third is red (class 1), and its mask,
+    saved in the stored frame or already upright."""
+    w, h = size
+    img = np.full((h, w, 3), 20, np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    img[:, : w // 3], mask[:, : w // 3] = (230, 20, 20), 1
+    img[: h // 4, w // 2 :], mask[: h // 4, w // 2 :] = (20, 230, 20), 2
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(root / "images" / f"{name}.png", exif=exif)
+    m = Image.fromarray(mask, "L")
+    (m if mask_frame == "stored" else m.transpose(Image.Transpose.ROTATE_270)).save(root / "masks" / f"{name}.png")
+
+
+def test_exif_orientation_turns_image_and_mask_together(tmp_path):
+    root = make_masks_dataset(tmp_path / "d")
+    cases = (("wide_stored", (40, 24), "stored"), ("wide_upright", (40, 24), "upright"), ("square", (32, 32), "stored"))
+    for name, size, frame in cases:
+        _exif_pair(root / "train", name, size, frame)
+    samples, classes, _ = load_splits(root)  # the sizes of both frames pass the up-front check
+    ds = SegmentationDataset(samples["train"], classes)
+    for name, (w, h), _ in cases:
+        image, mask = ds.read(next(i for i, (p, _) in enumerate(ds.samples) if p.stem == name))
+        assert image.size == (h, w) and mask.shape == (w, h), name  # upright: the sides swap
+        pixels = np.asarray(image)
+        assert ((pixels[..., 0] > 200) == (mask == 1)).all() and ((pixels[..., 1] > 200) == (mask == 2)).all(), name
+
+
+def test_binary_masks_saved_0_255_beside_classes_txt_are_refused(tmp_path):
+    root = make_masks_dataset(tmp_path / "d")
+    (root / "classes.txt").write_text("background\nobject\n")
+    for p in (root / "train" / "masks").glob("*.png"):
+        Image.fromarray(np.where(np.asarray(Image.open(p)) > 0, 255, 0).astype(np.uint8), "L").save(p)
+    with pytest.raises(DataError, match=r"\(train\): its 8 masks hold only class 0 \('background'\) .*Binary masks"):
+        load_splits(root)
+
+
+def test_a_split_with_one_class_is_refused(tmp_path):
+    root = make_masks_dataset(tmp_path / "d")
+    for p in (root / "val" / "masks").glob("*.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(p)
+    with pytest.raises(DataError, match=r"\(val\): its 4 masks hold only class 0 .*nothing to learn or score"):
+        load_splits(root)
+
+
+def test_classes_txt_names_are_every_line(tmp_path):
+    root = make_masks_dataset(tmp_path / "d")
+    (root / "classes.txt").write_text("\ufeffbackground\n#1\ngreen\nblue\n", encoding="utf-8")
+    assert load_splits(root)[1] == ["background", "#1", "green", "blue"]
+    (root / "classes.txt").write_text("background\nred\nred\nblue\n")
+    with pytest.raises(DataError, match=r"classes.txt: 1 class names occur more than once: 'red' \(2x\)"):
+        load_splits(root)
+
+
+def test_decompression_bombs_are_unreadable_samples(tmp_path):
+    from .test_robustness import write_bomb
+
+    root = make_masks_dataset(tmp_path / "d")
+    write_bomb(root / "train" / "images" / "001.png")
+    write_bomb(_mask(root, i=2))
+    samples, classes, _ = load_splits(root)
+    ds = SegmentationDataset(samples["train"], classes)
+    assert ds[1] == (None, str(root / "train" / "images" / "001.png"))
+    assert ds[2] == (None, str(root / "train" / "images" / "002.png"))
+
+
+def test_a_bad_mask_value_reads_the_same_with_data_workers(tmp_path):
+    root = make_masks_dataset(tmp_path / "d")
+    samples, classes, _ = load_splits(root)
+    m = np.zeros((32, 32), np.uint8)
+    m[3, 3] = 9
+    Image.fromarray(m, "L").save(_mask(root, i=0))
+    ds = SegmentationDataset(samples["train"][:1], classes)
+    with pytest.raises(DataError) as in_process:
+        ds[0]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate_masks)
+    with pytest.raises(DataError) as in_worker:
+        next(iter(loader))
+    assert str(in_worker.value) == str(in_process.value) and "holds values [9]" in str(in_process.value)
+
+
+def test_voc_ids_listed_twice_are_refused(tmp_path):
+    root = make_voc_dataset(tmp_path / "voc")
+    listing = root / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text(listing.read_text() + "2007_train_001\n")
+    with pytest.raises(DataError, match=r"train.txt: 1 image ids occur more than once: '2007_train_001' \(2x\)"):
+        load_splits(root)

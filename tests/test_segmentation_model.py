@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import mobileone
 from mobileone import CheckpointError, MobileOneConfig, create_model, reparameterize_model, save_checkpoint
 from mobileone.tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from mobileone.tasks.segmentation.model import (
@@ -13,7 +14,6 @@ from mobileone.tasks.segmentation.model import (
     Segmenter,
     create_segmenter,
     deeplabv3_s0,
-    list_segmenters,
     load_segmenter,
     lraspp_mnv3,
     save_segmenter,
@@ -99,7 +99,8 @@ def test_aux_head_only_in_train_mode_and_names():
     x = torch.randn(2, 3, 32, 32)
     assert set(model.train()(x)) == {"out", "aux"} and set(model.eval()(x)) == {"out"}
     assert tiny("lraspp").aux_classifier is None and tiny(aux=False).aux_classifier is None
-    assert len(list_segmenters()) == 12 and {"deeplabv3_s4", "lraspp_s0", "deeplabv3_mnv3"} <= set(list_segmenters())
+    names = mobileone.list_models("segment")
+    assert len(names) == 18 and {"deeplabv3_s4", "lraspp_s0", "deeplabv3_mnv3", "lraspp_mu2"} <= set(names)
     assert lraspp_mnv3(num_classes=3).name == "lraspp_mnv3"
     assert create_segmenter("deeplabv3_mu0", num_classes=3).config.backbone == "mobileone_mu0"
     with pytest.raises(ValueError, match="must start with a head"):

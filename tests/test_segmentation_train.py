@@ -242,3 +242,16 @@ def test_other_formats_convert_and_are_checked(overfit_run, tmp_path, fmt):
     else:
         assert report.max_abs_diff <= report.tolerance and report.labels_agreement >= 99.9
         assert len(report.sizes) == (2 if fmt == "torchscript" else 1)  # TorchScript takes any size
+
+
+def test_batchnorm_floor_refuses_batch_1_and_skips_a_step_left_with_1_image(tmp_path, caplog):
+    data = make_masks_dataset(tmp_path / "d", n_train=4, n_val=2)
+    with pytest.raises(ValueError, match=r"at least 2 images per micro-batch .*--batch-size 1 .* gives 1"):
+        config(tmp_path / "b1", data, batch_size=1)
+    assert config(tmp_path / "lr", data, head="lraspp", batch_size=1).batch_size == 1  # no 1x1 BatchNorm there
+    with pytest.raises(ValueError, match=r"--batch-size 4 with --accum-steps 4 gives 1"):
+        config(tmp_path / "acc", data, accum_steps=4)
+    (data / "train" / "images" / "000.png").write_bytes(b"not an image")  # its batch of 2 keeps 1 image
+    summary = train(config(tmp_path / "run", data, batch_size=2, epochs=1))
+    assert summary["last"]["skipped_steps"] == 1 and summary["last"]["bad_images"] == 1
+    assert "a micro-batch of 1 image(s) (unreadable images left out) is below the 2" in caplog.text

@@ -16,9 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mobileone.engine.trainer as tr
+import mobileone.tasks
 from mobileone import create_model, init_branches, load_checkpoint, reparameterize_model, save_checkpoint
+from mobileone.cli import main
 from mobileone.core.model import RELU_PASS_SHIFT
-from mobileone.engine import DataError, TrainingError
+from mobileone.engine import DataError, TrainingError, data_fit
+from mobileone.engine.config import RECIPES
+from mobileone.engine.data_fit import fit_epochs, fit_image_size
 from mobileone.engine.schedules import (
     ema_decay_at,
     image_size_at,
@@ -409,3 +413,47 @@ def test_two_gloo_processes_match_one_process(tmp_path, data):
     assert any(not torch.allclose(a[k], init[k]) for k in a)  # the runs did train
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("task, held", [("detect", 4e-5), ("segment", 1e-4), ("classify", 1e-4)])
+def test_no_wd_anneal_holds_the_tasks_weight_decay(monkeypatch, task, held):
+    seen = []
+    monkeypatch.setattr(mobileone.tasks, "train", seen.append)
+    assert main(["train", "--task", task, "--no-wd-anneal", "--out", "unused", "--epochs", "1"]) == 0
+    assert seen[0].weight_decay == seen[0].weight_decay_end == held
+    with pytest.raises(ValueError, match="drop --weight-decay-end"):
+        resolve_config(task=task, hold_weight_decay=True, weight_decay_end=1e-5)
+
+
+def test_image_size_comes_from_the_data_when_not_given(tmp_path):
+    data = make_data(tmp_path / "d", n_train=4, n_val=2, size=28)  # 28 px images: 224 would be 64x the pixels
+    cfg = resolve_config(data=str(data), arch=TINY, out=str(tmp_path / "run"), epochs=1, batch_size=4, workers=0)
+    assert cfg.auto_img_size and cfg.img_size == 224
+    with pytest.warns(
+        UserWarning, match=r"about 28 px \(median short side\): training at 32 px instead of the default"
+    ):
+        train(cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["img_size"] == 32
+    given = config(tmp_path / "given", data, img_size=224)
+    assert not given.auto_img_size
+    with pytest.warns(UserWarning, match=r"--img-size 224 upsamples the training images \(about 28 px\) 8.0x: 64x"):
+        fit_image_size(given, [28] * 5, 32)
+    assert given.img_size == 224
+
+
+def test_small_data_gets_a_floor_of_optimizer_steps(tmp_path, data, monkeypatch):
+    cfg = resolve_config(data=str(data), out=str(tmp_path / "a"))
+    assert cfg.auto_epochs and cfg.epochs == 10
+    with pytest.warns(
+        UserWarning, match=r"35 training images make 5 steps an epoch: 10 epoch\(s\) would be 50 optimizer"
+    ):
+        fit_epochs(cfg, per_epoch=5, images=35)
+    assert cfg.epochs == 100  # 500 steps
+    for explicit in ({"epochs": 10}, {"steps_per_epoch": 2}):
+        assert not resolve_config(data=str(data), out=str(tmp_path / "b"), **explicit).auto_epochs
+    assert not resolve_config(out=str(tmp_path / "c")).auto_epochs  # built-in data: its tuned recipe
+    monkeypatch.setitem(RECIPES["short"], "epochs", 1)  # the engine applies it: 48 images / 8 = 6 steps an epoch
+    monkeypatch.setattr(data_fit, "MIN_STEPS_PER_RUN", 18)
+    opts = {"data": str(data), "arch": TINY, "out": str(tmp_path / "run"), "batch_size": 8, "img_size": 16}
+    summary = train(resolve_config(**opts, workers=0, progress=False, ema_decay=0.0))
+    assert summary["epochs"] == 3

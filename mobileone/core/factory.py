@@ -8,11 +8,14 @@ downloaded: Apple's files load with ``load_checkpoint`` (README, "Models").
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 from .checkpoint import load_checkpoint
 from .config import VARIANTS, MobileOneConfig, resolve_variant, variant_of
+from .config import register_variant as _register_config
 from .model import MobileOne
+from .registry import ModelEntry, register, register_model
 
 _MODEL_OPTIONS = ("in_chans", "features_only", "out_indices", "drop_rate")
 _REFUSED = {
@@ -79,6 +82,7 @@ def create_model(
     return model
 
 
+@register_model("classify", backbone="mobileone_s0")
 def mobileone_s0(**kwargs: Any) -> MobileOne:
     """MobileOne-S0 (paper Table 7): k = 4 branches, 2.1 M params and 275 M MACs once fused.
 
@@ -91,6 +95,7 @@ def mobileone_s0(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_s0", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_s1")
 def mobileone_s1(**kwargs: Any) -> MobileOne:
     """MobileOne-S1 (paper Table 7): k = 1, 4.8 M params and 825 M MACs once fused.
 
@@ -103,6 +108,7 @@ def mobileone_s1(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_s1", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_s2")
 def mobileone_s2(**kwargs: Any) -> MobileOne:
     """MobileOne-S2 (paper Table 7): k = 1, 7.8 M params and 1,298 M MACs once fused.
 
@@ -115,6 +121,7 @@ def mobileone_s2(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_s2", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_s3")
 def mobileone_s3(**kwargs: Any) -> MobileOne:
     """MobileOne-S3 (paper Table 7): k = 1, 10.1 M params and 1,896 M MACs once fused.
 
@@ -127,6 +134,7 @@ def mobileone_s3(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_s3", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_s4")
 def mobileone_s4(**kwargs: Any) -> MobileOne:
     """MobileOne-S4 (paper Table 7): k = 1, SE in the last 6 blocks, 14.8 M params and 2,979 M MACs once fused.
 
@@ -139,6 +147,7 @@ def mobileone_s4(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_s4", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_mu0")
 def mobileone_mu0(**kwargs: Any) -> MobileOne:
     """MobileOne-mu0 (paper Table 13, reconstructed): 0.56 M params and 69 M MACs once fused (paper 0.57 M / 68 M).
 
@@ -154,6 +163,7 @@ def mobileone_mu0(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_mu0", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_mu1")
 def mobileone_mu1(**kwargs: Any) -> MobileOne:
     """MobileOne-mu1 (paper Table 13, reconstructed): 0.98 M params and 141 M MACs once fused (paper 0.98 M / 139 M).
 
@@ -166,6 +176,7 @@ def mobileone_mu1(**kwargs: Any) -> MobileOne:
     return create_model("mobileone_mu1", **kwargs)
 
 
+@register_model("classify", backbone="mobileone_mu2")
 def mobileone_mu2(**kwargs: Any) -> MobileOne:
     """MobileOne-mu2 (paper Table 13, reconstructed): 1.31 M params and 214 M MACs once fused (paper 1.3 M / 214 M).
 
@@ -176,3 +187,15 @@ def mobileone_mu2(**kwargs: Any) -> MobileOne:
         >>> model = mobileone_mu2(num_classes=10)
     """
     return create_model("mobileone_mu2", **kwargs)
+
+
+def register_variant(name: str, config: MobileOneConfig) -> str:
+    """Make a custom architecture buildable by name (``create_model``, the CLI, ``list_models``); returns the full name.
+
+    Example:
+        >>> register_variant("tiny", MobileOneConfig(widths=(16, 32, 64, 128), stem_width=16, blocks=(1, 1, 1, 1)))
+        'mobileone_tiny'
+    """
+    key = _register_config(name, config)
+    register(ModelEntry(key, "classify", key, partial(create_model, key)))
+    return key

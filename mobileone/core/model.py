@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import branch_stats
 from . import fast_train as _fast_train
 from .config import IMAGENET_MEAN, IMAGENET_STD, MobileOneConfig
 from .fusion import fuse_branches, identity_kernel, pad_kernel
@@ -48,10 +49,10 @@ class ConvBN(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
-        if _fast_train.hits_strided_1x1_bug(x, c.weight, c.stride[0], c.padding[0]):
+        if branch_stats.hits_strided_1x1_bug(x, c.weight, c.stride[0], c.padding[0]):
             # PyTorch's CPU weight gradient of strided 1x1 convs is broken: the same conv at unit stride
             # (forward hooks on ``conv`` do not run there).
-            return self.bn(_fast_train.conv2d(x, c.weight, c.bias, c.stride[0], 0, c.dilation[0], c.groups))
+            return self.bn(branch_stats.conv2d(x, c.weight, c.bias, c.stride[0], 0, c.dilation[0], c.groups))
         return self.bn(c(x))
 
 

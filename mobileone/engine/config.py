@@ -34,9 +34,11 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # global: over all processes and accumulation steps
     auto_batch: bool = False  # the batch was not set by the user: lowered when the data is small
+    auto_epochs: bool = False  # not set by the user (own data): raised to a floor of steps on small data
     accum_steps: int = 1  # micro-batches per step (interleaved, as ranks would split the batch)
     steps_per_epoch: int | None = None  # cap on the steps of an epoch (quick runs)
     img_size: int = 224  # final training size; also the evaluation size
+    auto_img_size: bool = False  # not set by the user (own data): lowered to the images' own size
     progressive: bool = False  # 0.71x, 0.86x, 1x img_size over the run (paper: 160 -> 192 -> 224)
     crop_pct: float = 0.875
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -195,13 +197,19 @@ RECIPES: dict[str, dict[str, Any]] = {
 RESUMABLE = ("workers", "progress", "device", "threads", "log_every")
 
 
-def resolve_config(task: Task, recipe: str | None = None, **explicit: Any) -> TrainConfig:
+def resolve_config(
+    task: Task, recipe: str | None = None, hold_weight_decay: bool = False, **explicit: Any
+) -> TrainConfig:
     """Defaults <- recipe <- task (and its variant and built-in data) <- what the user gave (not None).
 
     Without a recipe: ``finetune`` when fine-tuning from ``pretrained`` (classification), else ``short``.
     With ``resume`` the run's saved ``config.json`` is used, and only ``RESUMABLE`` options may change.
+    ``hold_weight_decay`` (``--no-wd-anneal``): the weight decay the run resolves to (the task's, the
+    recipe's or ``weight_decay``) is held to the end instead of annealed.
     """
     explicit = {k: v for k, v in explicit.items() if v is not None}
+    if hold_weight_decay and "weight_decay_end" in explicit:
+        raise ValueError("--no-wd-anneal holds the weight decay constant; drop --weight-decay-end (or the flag)")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(explicit) - names
     if unknown:
@@ -235,8 +243,26 @@ def resolve_config(task: Task, recipe: str | None = None, **explicit: Any) -> Tr
         variant = resolve_variant(variant)
     values = {**RECIPES[recipe], **task.defaults(recipe, variant, explicit.get("data") is None)}
     values.update(explicit)
+    if hold_weight_decay:
+        values["weight_decay_end"] = values.get("weight_decay", TrainConfig.weight_decay)
     values["recipe"], values["task"] = recipe, task.name
     values["auto_batch"] = "batch_size" not in explicit
+    own_data = explicit.get("data") is not None
+    values["auto_img_size"] = own_data and "img_size" not in explicit
+    values["auto_epochs"] = own_data and "epochs" not in explicit and "steps_per_epoch" not in explicit
     cfg = TrainConfig(**values).validate()
     task.validate(cfg, frozenset(explicit))
+    check_batch_floor(cfg, task.min_batch)
     return cfg
+
+
+def check_batch_floor(cfg: TrainConfig, min_batch: int, world: int = 1) -> None:
+    """Refuse a batch whose micro-batches (per process) are smaller than a model's BatchNorm needs."""
+    micro = cfg.batch_size // (world * cfg.accum_steps)
+    if micro < min_batch:
+        split = f" over {world} processes" if world > 1 else ""
+        raise ValueError(
+            f"this {cfg.task} model trains on at least {min_batch} images per micro-batch (BatchNorm in train "
+            f"mode over its 1x1 maps needs two values); --batch-size {cfg.batch_size} with --accum-steps "
+            f"{cfg.accum_steps}{split} gives {micro}: raise --batch-size"
+        )

@@ -27,7 +27,18 @@ if TYPE_CHECKING:
 
 
 class DataError(ValueError):
-    """The dataset on disk cannot be used as given (missing folders, class mismatch, nothing readable)."""
+    """The dataset on disk cannot be used as given (missing folders, class mismatch, nothing readable).
+
+    A data-loader worker's exception is raised again in the training process as its type, built
+    from a text holding the worker's whole traceback; a DataError keeps only its own message
+    there, so an error reads the same with data workers as without.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if isinstance(message, str) and message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].rstrip("\n")
+        super().__init__(message)
 
 
 class NonFiniteOutputError(ValueError):
@@ -70,6 +81,7 @@ class Task(ABC):
     metric: str  # the validation metric that picks best.* (higher is better)
     metric_names: tuple[str, ...]  # metrics logged every epoch (and again for the EMA weights, "ema_" + name)
     min_batch: int = 1  # images per process and micro-batch the model needs in train mode (automatic batches keep it)
+    min_img_size: int = 32  # the smallest image size a size derived from the data may take
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
         """TrainConfig values this task sets unless the user does (after the recipe's)."""
@@ -90,6 +102,14 @@ class Task(ABC):
 
     def prepare(self, cfg: TrainConfig, env: Env, model: nn.Module) -> None:
         """Anything the loss needs besides the model (a distillation teacher), once the model is on its device."""
+        return None
+
+    def image_sides(self, data: TaskData) -> Sequence[int]:
+        """Short sides (pixels) of some training images, from which a size not given is derived; none: keep it."""
+        return []
+
+    def set_eval_transform(self, data: TaskData, cfg: TrainConfig) -> None:
+        """Install the evaluation transform, once the run's image size is known (after :meth:`load_data`)."""
         return None
 
     @abstractmethod

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..core.checkpoint import embedded_metadata
 from ..core.fusion import reparameterizable_modules, reparameterize_model
-from .config import TrainConfig
+from .config import TrainConfig, check_batch_floor
+from .data_fit import fit_epochs, fit_image_size
 from .distributed import Env, all_reduce_sum, make_loader, setup_env
 from .rundir import RunDir, plot_curves
 from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
@@ -65,7 +66,12 @@ def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # Everything that can fail on the user's input fails here, before a file is written.
     data = task.load_data(cfg, env)
+    if not cfg.resume:  # a resumed run keeps the size and epochs its config.json holds
+        fit_image_size(cfg, task.image_sides(data), task.min_img_size, env.main)
+    task.set_eval_transform(data, cfg)
     per_epoch = _steps_per_epoch(cfg, len(data.train), env, task.min_batch)
+    if not cfg.resume:
+        fit_epochs(cfg, per_epoch, len(data.train), env.main)
     model = task.build_model(cfg, data.classes)
     with run if env.main else contextlib.nullcontext():
         return _loop(cfg, task, env, run, data, model, per_epoch)
@@ -116,7 +122,7 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         loader.sampler.set_epoch(epoch)
         net.train()
         report = _Progress(cfg, env, per_epoch, epoch)
-        loss_sum, seen, bad, t0 = torch.zeros((), device=env.device), 0, 0, time.perf_counter()
+        loss_sum, seen, bad, short, t0 = torch.zeros((), device=env.device), 0, 0, 0, time.perf_counter()
         spent = dict.fromkeys(("data", "step", "ema"), 0.0)  # where the epoch's wall time goes
         tick = t0
         for b, (x, y, bad_paths) in enumerate(loader):
@@ -129,8 +135,10 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
             wd = weight_decay_at(step, total, cfg.weight_decay, cfg.weight_decay_end)
             for group in optimizer.param_groups:
                 group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
-            if x is not None:
-                where = f"step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
+            where, loss = f"step {step + 1} (epoch {epoch + 1}, batch {b + 1})", None
+            if _too_small(x, cfg, env, task.min_batch, where):
+                short += 1
+            elif x is not None:
                 loss = _step(net, task, optimizer, scaler, x, y, cfg, env, where, lambda: _last_good(run, history))
                 now = time.perf_counter()
                 spent["step"], tick = spent["step"] + now - tick, now
@@ -141,7 +149,7 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
                 loss_sum += loss * len(x)
                 seen += len(x)
             step += 1
-            report.update(b + 1, seen, loss if x is not None else None)
+            report.update(b + 1, seen, loss)
             tick = time.perf_counter()
         report.close()
         train_seconds = time.perf_counter() - t0
@@ -173,6 +181,7 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
             "img_size": size,
             "augment_strength": strength,
             "bad_images": bad,
+            "skipped_steps": short,
             "train_seconds": train_seconds,
             **{f"{k}_seconds": v for k, v in spent.items()},
             "eval_seconds": time.perf_counter() - t_eval,
@@ -202,6 +211,7 @@ def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env, min_batch: int = 1
                 stacklevel=3,
             )
             cfg.batch_size = fitting
+    check_batch_floor(cfg, min_batch, env.world)
     per_epoch = images // cfg.batch_size
     if per_epoch == 0:
         raise DataError(f"{images} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size")
@@ -288,6 +298,25 @@ def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, 
     scaler.step(optimizer)
     scaler.update()
     return total
+
+
+def _too_small(x: torch.Tensor | None, cfg: TrainConfig, env: Env, min_batch: int, where: str) -> bool:
+    """Whether a step must be skipped because a micro-batch is below the model's BatchNorm floor (unreadable
+    images left fewer than it): decided by every rank together, so that none waits for the others."""
+    size = len(x) // cfg.accum_steps if x is not None else 0
+    small = x is not None and size < min_batch
+    if env.world > 1:  # a rank without images or with too few makes every rank skip the step
+        votes = all_reduce_sum(torch.tensor([float(small), float(x is None)], device=env.device), env)
+        small = bool(votes[0] > 0) or (x is not None and bool(votes[1] > 0))
+    if small and env.main:
+        log.warning(
+            "skipped %s: a micro-batch of %d image(s) (unreadable images left out) is below the %d that "
+            "BatchNorm needs in this model",
+            where,
+            size,
+            min_batch,
+        )
+    return small
 
 
 def _last_good(run: RunDir, history: list[dict[str, Any]]) -> str:
@@ -380,6 +409,7 @@ class _Progress:
 
 def _epoch_line(task: Task, r: dict[str, Any], epochs: int) -> str:
     bad = f"  skipped images {r['bad_images']}" if r["bad_images"] else ""
+    bad += f"  skipped steps {r['skipped_steps']}" if r.get("skipped_steps") else ""
     return (
         f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  {task.epoch_line(r)}  lr {r['lr']:.2e}  "
         f"wd {r['weight_decay']:.1e}  {r['images_per_second']:.0f} img/s  {r['img_size']} px  "

@@ -3,7 +3,7 @@
 Users' folders hold CMYK JPEGs, 16-bit PNGs, palette GIF-likes, rotated phone photos, half-copied
 files, decompression bombs, stray ``Thumbs.db``, hidden ``.ipynb_checkpoints`` and ``._x.jpg``
 files, and symlinks (loops included); none of that may crash a data-loader worker or become a
-class. :func:`load_image` is the one image reader of every task: it raises
+class. :func:`load_image` (``mobileone.tasks.images``, the one image reader of every task) raises
 :class:`UnreadableImageError` for anything it cannot decode. Bad files come back as ``None``
 samples that :func:`collate_skip_bad` drops and counts, so the training loop can warn, record
 the count in its metrics, or stop with the file's name (``strict``). :func:`scan_image_tree`
@@ -30,63 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import get_worker_info
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from ...engine.task import DataError
-
-
-class UnreadableImageError(OSError):
-    """An image file that cannot be decoded: empty, truncated, corrupt, not an image, or a decompression bomb."""
-
-
-def load_image(path: str | os.PathLike, upright: bool = True) -> Image.Image:
-    """Open any image PIL reads as 8-bit RGB: grayscale, RGBA/LA, palette, CMYK and 16-bit converted.
-
-    ``upright``: apply the EXIF orientation, as viewers do (phones store photos sideways and record
-    the rotation); annotations made on the pixels as stored (boxes, masks) need ``upright=False``
-    or the same rotation. Raises :class:`UnreadableImageError` naming the file for anything that
-    does not decode, including a decompression bomb (an image claiming more than
-    ``PIL.Image.MAX_IMAGE_PIXELS`` x 2 pixels, which would take gigabytes of memory).
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
-        raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    if upright:
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
-        except Exception:  # a damaged EXIF block: the pixels are fine, use them as stored
-            pass
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and 32-bit grayscale: convert("RGB") would clip everything above 255 to white.
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        # Transparent pixels become white, as viewers show them, instead of their hidden colour.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def image_size(path: str | os.PathLike, upright: bool = True) -> tuple[int, int]:
-    """(width, height) of the image :func:`load_image` returns, from the file header (no pixels decoded)."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            turned = upright and img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
-    except Exception as e:
-        raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    return (h, w) if turned else (w, h)
+from ..images import UnreadableImageError, load_image
 
 
 def is_hidden(name: str) -> bool:
@@ -254,6 +206,35 @@ class ImageFolderDataset(ImageFolder):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(img), target
+
+
+class ImageFilesDataset(Dataset):
+    """Every image under a folder in any layout (flat, class folders, nested): what needs images but no labels
+    (INT8 calibration). Items are ``(tensor, path)``, or ``(None, path)`` for a file that does not decode;
+    files are found as :func:`scan_image_tree` finds them, with a warning for what was left out."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist")
+        scan = scan_image_tree(root)
+        scan.warn(root)
+        exts = tuple(IMG_EXTENSIONS)
+        self.root, self.transform = root, transform
+        self.files = [f for f in scan.files if f.suffix.lower() in exts]
+        if not self.files:
+            raise DataError(f"{root} holds no images (extensions {', '.join(exts)}), in it or in any sub-folder")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, str]:
+        path = self.files[index]
+        try:
+            img = load_image(path)
+        except UnreadableImageError:
+            return None, str(path)
+        return (self.transform(img) if self.transform else img), str(path)
 
 
 def collate_skip_bad(batch: list[tuple[Any, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:

@@ -24,6 +24,7 @@ from ...core.model import MobileOne, init_branches
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env, all_reduce_sum
 from ...engine.task import DataError, Task, TaskData
+from ..images import short_sides
 from .data import ImageFolderDataset, builtin_dataset, check_splits, collate_skip_bad, eval_transform, train_transform
 from .evaluate import accuracy_counts
 
@@ -124,7 +125,7 @@ class ClassificationTask(Task):
                     f"{root}/val/<class>/... (ImageFolder layout)"
                 )
         train_ds = ImageFolderDataset(root / "train", seed=cfg.seed)
-        val_ds = ImageFolderDataset(root / "val", transform=eval_transform(cfg.img_size, cfg.crop_pct))
+        val_ds = ImageFolderDataset(root / "val")
         check_splits(train_ds, val_ds)
         if len(train_ds.classes) == 1:
             warnings.warn(
@@ -153,6 +154,12 @@ class ClassificationTask(Task):
         if not teacher.inference_mode:
             teacher = reparameterize_model(teacher.eval())
         self.teacher = teacher.to(env.device).eval().requires_grad_(False)
+
+    def image_sides(self, data: TaskData) -> list[int]:
+        return short_sides([path for path, _ in data.train.samples])
+
+    def set_eval_transform(self, data: TaskData, cfg: TrainConfig) -> None:
+        data.val.transform = eval_transform(cfg.img_size, cfg.crop_pct)
 
     def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
         data.train.transform = train_transform(size, cfg.crop_scale, cfg.hflip, cfg.augment, cfg.magnitude * strength)

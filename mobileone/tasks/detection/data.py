@@ -11,15 +11,20 @@ Three layouts, detected automatically (``--data-format`` forces one):
   ``<split>/labels`` (Roboflow), one ``class cx cy w h`` line per box (normalized; polygons become
   their bounding box), class names from ``data.yaml`` (``names``) or ``classes.txt``.
 
-Every split becomes a list of :class:`ImageRecord` (boxes xyxy in pixels of the image as viewers
-show it, EXIF orientation applied, as Ultralytics, CVAT and Roboflow's auto-orient have it; a
-file whose recorded size is that of its pixels as stored is read as stored; 0-based labels).
-Bad annotations never reach a data-loader worker: boxes reaching outside the image are clipped,
-boxes of zero or negative area dropped, annotations of unknown categories skipped, each counted
-and reported once per split; images without boxes stay, as negatives; a malformed
-file stops with a message naming the file and the entry. Images that do not decode are skipped
-and counted by the training loop, as in classification. Crowd regions (COCO ``iscrowd``) and VOC
-``difficult`` objects are not trained on and are ignored by the evaluation, as COCO's does.
+Every split becomes a list of :class:`ImageRecord` in **one frame**, the pixels of the image file as
+viewers show it (EXIF orientation applied, as Ultralytics, CVAT and Roboflow's auto-orient have it),
+converted once, when the annotations are read: boxes annotated on the pixels as stored turn with
+the image, and boxes of an image resized after annotation (its recorded ``width``/``height`` are
+not the file's) are scaled to the file, counted and reported (``mobileone.tasks.images``). Training,
+validation, the COCO ground truth of mAP and ``eval`` all read these records. Bad annotations
+never reach a data-loader worker: boxes reaching outside the image are clipped, boxes of zero or
+negative area dropped, annotations of unknown categories skipped, each counted and reported once
+per split; images without boxes stay, as negatives; a malformed file stops with a message naming
+the file and the entry. What no single file shows is refused (``mobileone.tasks.datasets_check``):
+duplicate image ids or file names, duplicate class names, a split without a box; label files that
+match no image are warned about by name. Images that do not decode are skipped and counted by the
+training loop, as in classification. Crowd regions (COCO ``iscrowd``) and VOC ``difficult``
+objects (1/0 or true/false) are not trained on and are ignored by the evaluation, as COCO's does.
 
 Augmentation (torchvision transforms v2 with ``tv_tensors.BoundingBoxes``) is SSD's: photometric
 distortion, zoom-out, IoU crop, flip, resize to the square input; it is seeded per sample from
@@ -32,9 +37,10 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +54,27 @@ from torchvision.transforms import v2
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from ...engine.task import DataError
-from ..classification.data import image_size, load_image
+from ..classification.data import scan_image_tree
+from ..datasets_check import (
+    check_class_names,
+    pair_by_stem,
+    read_names,
+    read_text,
+    refuse_duplicates,
+    require_boxes,
+    warn_unmatched,
+)
+from ..images import ImageHeader, UnreadableImageError, boxes_to_file_frame, load_image_and_boxes, read_headers
 
 log = logging.getLogger("mobileone")
 FORMATS = ("coco", "voc", "yolo")
 TRAIN_NAMES, VAL_NAMES = ("train",), ("val", "valid", "validation")
+COCO_OTHER_FILES = ("captions_", "panoptic_", "image_info_")  # COCO annotation files without object boxes
+BOXES_HINT = {  # where each layout keeps the boxes, for the message of a split without any
+    "coco": " (each 'annotations' entry with a 'bbox' and the 'image_id' of an 'images' entry)",
+    "voc": " (<object> entries in Annotations/<id>.xml for the ids of ImageSets/Main/<split>.txt)",
+    "yolo": " (labels/<split>/<image stem>.txt beside images/<split>/, one 'class cx cy w h' line per box)",
+}
 CLIP_TOLERANCE = 0.01  # pixels a box may reach past the border before it counts as clipped (float rounding)
 
 
@@ -107,24 +129,50 @@ def _checked_box(split: Split, where: str, box: Sequence[float], width: int, hei
     return [x1, y1, x2, y2]
 
 
-def _record(path: Path, width: int, height: int, boxes: list, labels: list, crowd: list) -> ImageRecord:
+def _record(path: Path, size: tuple[int, int], boxes: list, labels: list, crowd: list) -> ImageRecord:
     return ImageRecord(
         str(path),
-        int(width),
-        int(height),
+        int(size[0]),
+        int(size[1]),
         np.asarray(boxes, np.float32).reshape(-1, 4),
         np.asarray(labels, np.int64),
         np.asarray(crowd, bool),
     )
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as viewers show the image (EXIF orientation applied), from the file header;
-    (0, 0) when it does not open (the training loop skips it as unreadable)."""
-    try:
-        return image_size(path)
-    except OSError:
-        return 0, 0
+@dataclass
+class _Image:
+    """One image while its annotations are read: boxes in the annotation's frame until :meth:`record`."""
+
+    path: Path
+    annotated: tuple[int, int] | None  # (width, height) the annotation says; None: not given
+    objects: list[tuple[str, list[float], int, bool]] = field(default_factory=list)  # (where, xyxy, label, crowd)
+
+    def record(self, split: Split, header: ImageHeader | None) -> ImageRecord:
+        """The record in the upright file's pixels (see :func:`boxes_to_file_frame`), bad boxes clipped or dropped."""
+        size = header.size if header else (self.annotated or (0, 0))
+        raw = np.asarray([o[1] for o in self.objects], np.float32).reshape(-1, 4)
+        boxes, scaled = boxes_to_file_frame(raw, self.annotated, header)
+        if scaled and len(boxes):
+            split.note(
+                "images annotated at another size than the file's, boxes scaled to the file",
+                f"{self.path.name}: {self.annotated[0]}x{self.annotated[1]} vs {size[0]}x{size[1]}",
+            )
+        kept, labels, crowd = [], [], []
+        for (where, _, label, is_crowd), box in zip(self.objects, boxes):
+            checked = _checked_box(split, where, box, *size)
+            if checked is not None:
+                kept.append(checked)
+                labels.append(label)
+                crowd.append(is_crowd)
+        return _record(self.path, size, kept, labels, crowd)
+
+
+def _records(split: Split, images: Sequence[_Image]) -> Split:
+    """Every image's record, its size read from the file's header (a few threads for large datasets)."""
+    headers = read_headers([im.path for im in images])
+    split.records = [im.record(split, h) for im, h in zip(images, headers)]
+    return split
 
 
 def _number(value: Any, what: str) -> float:
@@ -133,14 +181,11 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
-    """A COCO json (images, annotations, categories) whose ``file_name`` entries live under ``image_dir``."""
+def _load_json(json_path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(json_path).read_text())
+        data = json.loads(read_text(json_path))
     except json.JSONDecodeError as e:
         raise DataError(f"{json_path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{json_path}: cannot be read ({e})") from e
     if not isinstance(data, dict):
         raise DataError(
             f"{json_path}: expected a COCO object with images, annotations and categories, got a {type(data).__name__}"
@@ -150,39 +195,70 @@ def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
             raise DataError(
                 f"{json_path}: the {key!r} list is missing or not a list (COCO needs images, annotations, categories)"
             )
-    cats: dict[int, str] = {}
-    for i, c in enumerate(data["categories"]):
+    return data
+
+
+def _coco_categories(json_path: Path, data: dict[str, Any]) -> dict[int, str]:
+    """Category id -> name, without the extra category Roboflow adds: the dataset's name, used by no
+    annotation, the supercategory of every other category and not its own (COCO's own categories often
+    are their own supercategory: "person" in "person")."""
+    categories = data["categories"]
+    for i, c in enumerate(categories):
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
             raise DataError(f"{json_path}: categories[{i}] needs an integer 'id' and a string 'name', got {c!r:.120}")
-        cats[c["id"]] = c["name"]
-    used = {a.get("category_id") for a in data["annotations"] if isinstance(a, dict)}
-    # Roboflow exports add the dataset's name as an unused category that is every class's supercategory.
-    supers = {c.get("supercategory") for c in data["categories"] if isinstance(c, dict)}
-    cats = {k: v for k, v in cats.items() if k in used or v not in supers}
+    refuse_duplicates(
+        [c["id"] for c in categories], "category ids", f"{json_path}", "give every category an id of its own"
+    )
+    used = {c for a in data["annotations"] if isinstance(a, dict) and isinstance(c := a.get("category_id"), int)}
+
+    def roboflow_extra(c: dict) -> bool:
+        others = [o for o in categories if o is not c]
+        return (
+            c["id"] not in used
+            and bool(others)
+            and c.get("supercategory") != c["name"]
+            and all(o.get("supercategory") == c["name"] for o in others)
+        )
+
+    cats = {c["id"]: c["name"] for c in categories if not roboflow_extra(c)}
+    check_class_names([cats[k] for k in sorted(cats)], f"{json_path} categories")
+    return cats
+
+
+def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
+    """A COCO json (images, annotations, categories) whose ``file_name`` entries live under ``image_dir``."""
+    data = _load_json(json_path)
+    cats = _coco_categories(json_path, data)
     cat_ids = sorted(cats)
     label_of = {cid: i for i, cid in enumerate(cat_ids)}
     split = Split([], [cats[c] for c in cat_ids], source)
-    images: dict[Any, tuple[Path, int, int]] = {}
+    images: dict[Any, _Image] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+        if not isinstance(img, dict) or not isinstance(img.get("file_name"), str):
             raise DataError(f"{json_path}: images[{i}] needs an 'id' and a 'file_name', got {img!r:.120}")
+        if isinstance(img.get("id"), bool) or not isinstance(img.get("id"), (int, str)):
+            raise DataError(f"{json_path}: images[{i}] needs an integer or string 'id', got {img.get('id')!r:.60}")
         path = image_dir / img["file_name"]
         if not path.is_file() and (image_dir / Path(img["file_name"]).name).is_file():
             path = image_dir / Path(img["file_name"]).name
         w, h = img.get("width"), img.get("height")
-        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
-            w, h = _image_size(path)
-        images[img["id"]] = (path, w, h)
-    per_image: dict[Any, tuple[list, list, list]] = {k: ([], [], []) for k in images}
+        ok = isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0
+        images.setdefault(img["id"], _Image(path, (w, h) if ok else None))
+    ids = [img["id"] for img in data["images"]]
+    fix = "each image needs one entry with an id of its own (merge their annotations), or the boxes of two images mix"
+    refuse_duplicates(ids, "image ids", f"{json_path}", fix)
+    refuse_duplicates([img["file_name"] for img in data["images"]], "file names", f"{json_path} images", fix)
     for i, a in enumerate(data["annotations"]):
         where = f"annotations[{i}] (id {a.get('id') if isinstance(a, dict) else '?'})"
         if not isinstance(a, dict):
             raise DataError(f"{json_path}: {where} is not an object")
-        if a.get("image_id") not in images:
-            split.note("annotations of unknown image ids, skipped", f"{where}: image_id {a.get('image_id')!r}")
+        image_id = a.get("image_id")
+        if not isinstance(image_id, Hashable) or image_id not in images:
+            split.note("annotations of unknown image ids, skipped", f"{where}: image_id {image_id!r:.40}")
             continue
-        if a.get("category_id") not in label_of:
-            split.note("annotations of unknown category ids, skipped", f"{where}: category_id {a.get('category_id')!r}")
+        category = a.get("category_id")
+        if not isinstance(category, Hashable) or category not in label_of:
+            split.note("annotations of unknown category ids, skipped", f"{where}: category_id {category!r:.40}")
             continue
         bbox = a.get("bbox")
         try:
@@ -191,16 +267,10 @@ def read_coco(json_path: Path, image_dir: Path, source: str) -> Split:
             x, y, w, h = (_number(v, "each bbox value") for v in bbox)
         except ValueError as e:
             raise DataError(f"{json_path}: {where}: {e}") from e
-        path, iw, ih = images[a["image_id"]]
-        box = _checked_box(split, f"{path.name} {where}", (x, y, x + w, y + h), iw, ih)
-        if box is not None:
-            boxes, labels, crowd = per_image[a["image_id"]]
-            boxes.append(box)
-            labels.append(label_of[a["category_id"]])
-            crowd.append(bool(a.get("iscrowd", 0)))
-    for key, (path, w, h) in images.items():
-        split.records.append(_record(path, w, h, *per_image[key]))
-    return split
+        image = images[image_id]
+        crowd = bool(a.get("iscrowd", 0))
+        image.objects.append((f"{image.path.name} {where}", [x, y, x + w, y + h], label_of[category], crowd))
+    return _records(split, list(images.values()))
 
 
 def _xml_text(node: ET.Element, tag: str, where: str) -> str:
@@ -210,13 +280,24 @@ def _xml_text(node: ET.Element, tag: str, where: str) -> str:
     return child.text.strip()
 
 
-VocImage = tuple[Path, int, int, list[tuple[int, str, list[float], bool]], Path]
+def _flag(node: ET.Element, tag: str, where: str) -> bool:
+    """A VOC yes/no field (``<difficult>``, ``<truncated>``): 1/0, true/false, yes/no; absent is no."""
+    text = (node.findtext(tag) or "0").strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", ""):
+        return False
+    raise ValueError(f"{where} has <{tag}>{text}</{tag}>; expected 0 or 1 (or true/false)")
+
+
+VocImage = tuple[_Image, list[tuple[int, str, list[float], bool]], Path]
 
 
 def parse_voc(root: Path, split_name: str) -> list[VocImage]:
     """The images of ``ImageSets/Main/<split>.txt`` with their objects (index, name, xyxy, difficult)."""
     ids_file = root / "ImageSets" / "Main" / f"{split_name}.txt"
-    ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in read_text(ids_file).splitlines() if line.strip()]
+    refuse_duplicates(ids, "image ids", str(ids_file), "list each image once, or its boxes count twice")
     parsed = []
     for image_id in ids:
         xml_path = root / "Annotations" / f"{image_id}.xml"
@@ -238,8 +319,7 @@ def parse_voc(root: Path, split_name: str) -> list[VocImage]:
                     raise ValueError(f"object {j} ({name}) has no <bndbox>")
                 where = f"object {j} ({name}) <bndbox>"
                 box = [float(_xml_text(bnd, t, where)) for t in ("xmin", "ymin", "xmax", "ymax")]
-                difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "")
-                objects.append((j, name, box, difficult))
+                objects.append((j, name, box, _flag(obj, "difficult", f"object {j} ({name})")))
         except ValueError as e:
             raise DataError(f"{xml_path}: {e}") from e
         filename = (tree.findtext("filename") or "").strip()
@@ -247,9 +327,7 @@ def parse_voc(root: Path, split_name: str) -> list[VocImage]:
         if image is None or not image.is_file():
             found = sorted((root / "JPEGImages").glob(f"{image_id}.*"))
             image = found[0] if found else root / "JPEGImages" / f"{image_id}.jpg"
-        if w <= 0 or h <= 0:
-            w, h = _image_size(image)
-        parsed.append((image, w, h, objects, xml_path))
+        parsed.append((_Image(image, (w, h) if w > 0 and h > 0 else None), objects, xml_path))
     return parsed
 
 
@@ -257,20 +335,17 @@ def voc_split(parsed: list[VocImage], classes: list[str], source: str) -> Split:
     """Records of parsed VOC images against a class list (objects of other classes are skipped, counted)."""
     split = Split([], list(classes), source)
     label_of = {c: i for i, c in enumerate(classes)}
-    for image, w, h, objects, xml_path in parsed:
-        boxes, labels, crowd = [], [], []
+    images = []
+    for image, objects, xml_path in parsed:
+        image = _Image(image.path, image.annotated)
         for j, name, box, difficult in objects:
             where = f"{xml_path.name} object {j} ({name})"
             if name not in label_of:
                 split.note("objects of unknown classes, skipped", where)
                 continue
-            checked = _checked_box(split, where, box, w, h)
-            if checked is not None:
-                boxes.append(checked)
-                labels.append(label_of[name])
-                crowd.append(difficult)
-        split.records.append(_record(image, w, h, boxes, labels, crowd))
-    return split
+            image.objects.append((where, box, label_of[name], difficult))
+        images.append(image)
+    return _records(split, images)
 
 
 def _yolo_names(root: Path) -> list[str]:
@@ -280,21 +355,21 @@ def _yolo_names(root: Path) -> list[str]:
             import yaml
 
             try:
-                data = yaml.safe_load(path.read_text())
+                data = yaml.safe_load(read_text(path))
             except yaml.YAMLError as e:
                 raise DataError(f"{path}: malformed YAML ({e})") from e
             names = data.get("names") if isinstance(data, dict) else None
             if isinstance(names, dict) and all(isinstance(k, int) for k in names):
                 if sorted(names) != list(range(len(names))):
                     raise DataError(f"{path}: names must be numbered 0..{len(names) - 1}, got ids {sorted(names)}")
-                return [str(names[i]) for i in range(len(names))]
+                return check_class_names([str(names[i]) for i in range(len(names))], f"{path} names")
             if isinstance(names, list) and names:
-                return [str(n) for n in names]
+                return check_class_names([str(n) for n in names], f"{path} names")
             raise DataError(f"{path}: expected 'names' as a list or a mapping 0: name, 1: name, ...; got {names!r:.80}")
     for name in ("classes.txt", "obj.names"):
         path = root / name
         if path.is_file():
-            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            return read_names(path)
     raise DataError(f"{root}: YOLO data needs its class names in data.yaml ('names: [...]') or classes.txt")
 
 
@@ -310,16 +385,41 @@ def _yolo_split_dirs(root: Path, names: Sequence[str]) -> tuple[Path, Path] | No
     return None
 
 
-def read_yolo(root: Path, images_dir: Path, labels_dir: Path, classes: list[str], source: str) -> Split:
-    """A YOLO split: every image under ``images_dir``, its ``labels_dir/<stem>.txt`` (none: a negative)."""
-    split = Split([], list(classes), source)
+YOLO_NAME_FILES = ("classes.txt", "obj.names")  # LabelImg writes classes.txt beside the label files
+
+
+def _yolo_files(images_dir: Path, labels_dir: Path) -> tuple[list[Path], dict[Path, Path]]:
+    """The images of a split and each one's label file; label files that match no image are warned about."""
     exts = tuple(IMG_EXTENSIONS)
-    files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in exts and not p.name.startswith("."))
-    for image in files:
-        label_file = labels_dir / image.relative_to(images_dir).with_suffix(".txt")
-        w, h = _image_size(image)
+    images = [p for p in scan_image_tree(images_dir).files if p.suffix.lower() in exts]
+    labels = [
+        p
+        for p in scan_image_tree(labels_dir).files
+        if p.suffix.lower() == ".txt" and p.name.lower() not in YOLO_NAME_FILES
+    ]
+    pairs, unmatched = pair_by_stem(images, images_dir, labels, labels_dir, "label file")
+    warn_unmatched(
+        unmatched,
+        labels_dir,
+        "label files",
+        f"a label file is named after its image: {images_dir}/a.jpg -> {labels_dir}/a.txt",
+    )
+    return images, pairs
+
+
+def read_yolo(root: Path, images_dir: Path, labels_dir: Path, classes: list[str], source: str) -> Split:
+    """A YOLO split: every image under ``images_dir`` with its ``labels_dir/<stem>.txt`` (none: a negative).
+
+    Coordinates are fractions of the image as viewers show it (Ultralytics reads images upright).
+    """
+    split = Split([], list(classes), source)
+    files, label_of = _yolo_files(images_dir, labels_dir)
+    headers = read_headers(files)
+    for image, header in zip(files, headers):
+        label_file = label_of.get(image)
+        w, h = header.size if header else (0, 0)
         boxes, labels = [], []
-        lines = label_file.read_text().splitlines() if label_file.is_file() else []
+        lines = read_text(label_file).splitlines() if label_file else []
         for n, line in enumerate(lines, 1):
             fields = line.split()
             if not fields:
@@ -350,7 +450,7 @@ def read_yolo(root: Path, images_dir: Path, labels_dir: Path, classes: list[str]
             if checked is not None:
                 boxes.append(checked)
                 labels.append(cls)
-        split.records.append(_record(image, w, h, boxes, labels, [False] * len(boxes)))
+        split.records.append(_record(image, (w, h), boxes, labels, [False] * len(boxes)))
     return split
 
 
@@ -376,24 +476,15 @@ def _coco_files(root: Path) -> dict[str, tuple[Path, Path]] | None:
             found[split] = (jsons[0], folder)
     annotations = root / "annotations"
     if annotations.is_dir():
-        for p in sorted(annotations.glob("*.json")):
-            tag = p.stem.lower().removeprefix("instances_")
-            split = "train" if "train" in tag else "val" if "val" in tag else None
+        # COCO ships captions_*, person_keypoints_* (people only) and instances_* (every object) side by side.
+        jsons = [p for p in annotations.glob("*.json") if not p.name.lower().startswith(COCO_OTHER_FILES)]
+        for p in sorted(jsons, key=lambda p: (not p.name.lower().startswith("instances_"), p.name)):
+            tag = re.sub(r"^(instances|person_keypoints|stuff)_", "", p.stem, flags=re.IGNORECASE)
+            split = "train" if "train" in tag.lower() else "val" if "val" in tag.lower() else None
             if split is None or split in found:
                 continue
-            image_dir = next(
-                (
-                    d
-                    for d in (
-                        root / p.stem.removeprefix("instances_"),
-                        root / "images" / p.stem.removeprefix("instances_"),
-                        root / "images",
-                    )
-                    if d.is_dir()
-                ),
-                root,
-            )
-            found[split] = (p, image_dir)
+            folders = (root / tag, root / "images" / tag, root / "images")
+            found[split] = (p, next((d for d in folders if d.is_dir()), root))
     return found or None
 
 
@@ -442,7 +533,7 @@ def load_splits(root: str | os.PathLike, data_format: str = "auto") -> tuple[Spl
         parsed = {sp: parse_voc(root, sp) for sp in ("train", "val")}
         names = {sp: sorted({o[1] for *_, objects, _ in p for o in objects}) for sp, p in parsed.items()}
         if listed:
-            classes = [ln.strip() for ln in listed.read_text().splitlines() if ln.strip()]
+            classes = read_names(listed)
         else:
             classes, extra = names["train"], sorted(set(names["val"]) - set(names["train"]))
             if extra:
@@ -470,14 +561,15 @@ def load_splits(root: str | os.PathLike, data_format: str = "auto") -> tuple[Spl
             f"{root}: train and val have different class lists ({change}); both splits must use the "
             "same categories, in the same order"
         )
+    if not train.classes:
+        raise DataError(f"{root}: no object classes found")
     for s in (train, val):
         if not s.records:
             raise DataError(f"{s.source}: no images")
         message = s.report()
         if message:
             warnings.warn(message, stacklevel=2)
-    if not train.classes:
-        raise DataError(f"{root}: no object classes found")
+        require_boxes(s.records, s.source, BOXES_HINT[fmt])
     return train, val
 
 
@@ -551,23 +643,14 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         r = self.records[index]
+        keep = ~r.crowd if self.train else slice(0, 0)
         try:
-            img = load_image(r.path)
-            if img.size == (r.height, r.width) != (r.width, r.height):  # annotated on the pixels as stored
-                img = load_image(r.path, upright=False)
-        except (OSError, ValueError, SyntaxError):
+            img, boxes = load_image_and_boxes(r.path, r.boxes[keep], (r.width, r.height))
+        except UnreadableImageError:
             return None, r.path
-        w, h = img.size
         if not self.train:
-            return (self.transform(img) if self.transform else img), {"index": index, "size": (h, w)}
-        keep = ~r.crowd
-        boxes = torch.from_numpy(r.boxes[keep])
-        if (w, h) != (r.width, r.height) and r.width > 0 and r.height > 0:  # annotation and file disagree: scale
-            boxes = boxes * torch.tensor([w / r.width, h / r.height] * 2)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-            "labels": torch.from_numpy(r.labels[keep]),
-        }
+            return (self.transform(img) if self.transform else img), {"index": index, "size": (r.height, r.width)}
+        target = {"boxes": boxes, "labels": torch.from_numpy(r.labels[keep])}
         if self.transform is None:
             return img, target
         seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index

@@ -52,9 +52,9 @@ from ...core.checkpoint import (
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from ...core.fusion import fold_conv_bn
 from ...core.model import MobileOne, MobileOneLayer, init_branches
+from ...core.registry import PEER, ModelEntry, list_registered, normalize_name, register, register_model
 from ..peer_init import zero_init_residuals
 
-PEER = "mnv3"  # the MobileNetV3-Large peer's backbone name
 EXTRA_CHANNELS = (512, 256, 256, 128)  # SSDLite's four extra blocks (torchvision, MobileNetV2 paper section 6.2)
 NEG_TO_POS = 3.0  # hard negatives per positive (SSD)
 
@@ -393,16 +393,14 @@ def build_detector(
 
 
 def _backbone_name(name: str) -> str:
-    key = name.lower().removeprefix("ssdlite_").removeprefix("ssdlite320_")
-    if key in (PEER, "mobilenet_v3_large"):
+    """The backbone a detector name carries: ``ssdlite_s0`` -> ``mobileone_s0``, ``ssdlite_mnv3`` -> the peer."""
+    tail = normalize_name(name).replace("ssdlite320_", "ssdlite_").removeprefix("ssdlite_")
+    if tail == PEER:
         return PEER
     try:
-        return resolve_variant(key)
+        return resolve_variant(tail)
     except ValueError:
-        raise ValueError(
-            f"unknown detector {name!r}; choose ssdlite_s0 .. ssdlite_s4, ssdlite_mu0 .. ssdlite_mu2 or "
-            "ssdlite_mnv3 (the MobileNetV3-Large peer)"
-        ) from None
+        raise ValueError(f"unknown detector {name!r}; choose one of {list_registered('detect')}") from None
 
 
 def create_detector(
@@ -457,6 +455,7 @@ def create_detector(
     return detector
 
 
+@register_model("detect", backbone="mobileone_s0", head="ssdlite")
 def ssdlite_s0(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     """SSDLite on MobileOne-S0 (k = 4 branches; 256 and 1024 channels at strides 16 and 32).
 
@@ -472,6 +471,7 @@ def ssdlite_s0(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     return create_detector("ssdlite_s0", num_classes, **kwargs)
 
 
+@register_model("detect", backbone="mobileone_s1", head="ssdlite")
 def ssdlite_s1(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     """SSDLite on MobileOne-S1 (512 and 1280 channels at strides 16 and 32); paper: 25.7 mAP on COCO.
 
@@ -485,6 +485,7 @@ def ssdlite_s1(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     return create_detector("ssdlite_s1", num_classes, **kwargs)
 
 
+@register_model("detect", backbone="mobileone_s2", head="ssdlite")
 def ssdlite_s2(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     """SSDLite on MobileOne-S2 (640 and 2048 channels at strides 16 and 32); paper: 26.6 mAP on COCO.
 
@@ -498,6 +499,7 @@ def ssdlite_s2(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     return create_detector("ssdlite_s2", num_classes, **kwargs)
 
 
+@register_model("detect", backbone="mobileone_s3", head="ssdlite")
 def ssdlite_s3(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     """SSDLite on MobileOne-S3 (768 and 2048 channels at strides 16 and 32); paper: 27.3 mAP on COCO.
 
@@ -511,6 +513,7 @@ def ssdlite_s3(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     return create_detector("ssdlite_s3", num_classes, **kwargs)
 
 
+@register_model("detect", backbone="mobileone_s4", head="ssdlite")
 def ssdlite_s4(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     """SSDLite on MobileOne-S4 (SE blocks; 896 and 2048 channels at strides 16 and 32); paper: 29.4 mAP on COCO.
 
@@ -524,6 +527,7 @@ def ssdlite_s4(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     return create_detector("ssdlite_s4", num_classes, **kwargs)
 
 
+@register_model("detect", backbone=PEER, head="ssdlite")
 def ssdlite_mnv3(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     """The peer: torchvision's SSDLite MobileNetV3-Large trunk (reduced tail, no weights) with the same
     extra blocks, head, default boxes and loss as the MobileOne detectors, for fair comparisons.
@@ -538,7 +542,9 @@ def ssdlite_mnv3(num_classes: int = 80, **kwargs: Any) -> SSDLiteDetector:
     return create_detector("ssdlite_mnv3", num_classes, **kwargs)
 
 
-DETECTORS = {f.__name__: f for f in (ssdlite_s0, ssdlite_s1, ssdlite_s2, ssdlite_s3, ssdlite_s4, ssdlite_mnv3)}
+for _micro in ("mu0", "mu1", "mu2"):  # the micro variants build by name, without a documented builder each
+    _name = f"ssdlite_{_micro}"
+    register(ModelEntry(_name, "detect", f"mobileone_{_micro}", partial(create_detector, _name), "ssdlite"))
 
 
 def save_detector(model: SSDLiteDetector, path: str | os.PathLike, **meta: Any) -> Path:

@@ -135,6 +135,7 @@ class DetectionTask(Task):
     metric = "map"
     metric_names = ("map", "map_50", "map_75")
     min_batch = 2  # BatchNorm over the 1x1 maps of the last extra block needs two images
+    min_img_size = 64  # the extra blocks halve 1/32 of the input three more times
 
     def __init__(self) -> None:
         self.builtin = False
@@ -144,12 +145,6 @@ class DetectionTask(Task):
         return {**DETECT_DEFAULTS, **(BUILTIN_DEFAULTS if builtin else {})}
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
-        if cfg.batch_size // cfg.accum_steps < self.min_batch:
-            raise ValueError(
-                f"detection trains on at least {self.min_batch} images per micro-batch (BatchNorm over "
-                f"the 1x1 maps of the last extra block); --batch-size {cfg.batch_size} with "
-                f"--accum-steps {cfg.accum_steps} gives fewer"
-            )
         if cfg.progressive:
             raise ValueError(
                 "--progressive changes the image size, but a detector's default boxes are laid out for "
@@ -184,12 +179,18 @@ class DetectionTask(Task):
         root = Path(cfg.data) if cfg.data else digit_scenes()
         train_split, val_split = load_splits(root, cfg.data_format)
         train_ds = DetectionDataset(train_split, train=True, seed=cfg.seed)
-        val_ds = DetectionDataset(val_split, eval_transform(cfg.img_size))
+        val_ds = DetectionDataset(val_split)
         self.val_data = val_ds
         return TaskData(train_ds, val_ds, list(train_split.classes))
 
     def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
         return build_detector_for(cfg, classes, **({"topk_candidates": BUILTIN_TOPK} if self.builtin else {}))
+
+    def image_sides(self, data: TaskData) -> list[int]:
+        return [min(r.width, r.height) for r in data.train.records]
+
+    def set_eval_transform(self, data: TaskData, cfg: TrainConfig) -> None:
+        data.val.transform = eval_transform(cfg.img_size)
 
     def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
         if self.builtin:
@@ -201,12 +202,6 @@ class DetectionTask(Task):
         return collate_detection
 
     def loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
-        if len(images) < self.min_batch:
-            raise DataError(
-                f"a micro-batch of {len(images)} image(s) reached the detector (unreadable images skipped, "
-                f"or --batch-size split over processes and --accum-steps); it needs {self.min_batch}: "
-                "raise --batch-size"
-            )
         losses = net(images, targets)
         return losses["bbox_regression"] + losses["classification"]
 

@@ -10,10 +10,16 @@ Two layouts are read, and told apart by their folders:
 
 What users' folders get wrong is caught up front with a message that says what was found and what
 to do: a mask of another size than its image, RGB (colour-coded) or 16-bit masks, JPEG masks,
-class lists that differ between train and val. An image without a mask is skipped with a warning
-that counts them; a mask value that is neither a class nor 255 stops with the file's name (it is
-checked as each mask is read). Unreadable files come back as ``(None, path)`` samples, which
-:func:`collate_masks` drops and the engine counts, as for classification.
+class lists that differ between train and val, repeated class names (every line of ``classes.txt``
+is a name), a split whose masks hold fewer than two classes besides 255 (binary masks saved as
+0/255 included: every object pixel would be "ignore"). An image without a mask is skipped with a
+warning that counts them, masks without an image are named; a mask value that is neither a class
+nor 255 stops with the file's name (it is checked as each mask is read, with the same one-line
+message in a data worker). Images and masks are read together by ``mobileone.tasks.images``: the
+image's EXIF orientation turns its mask too (a mask of the stored size was made on the pixels as
+stored; one of the upright size is used as it is). Unreadable files, decompression bombs included,
+come back as ``(None, path)`` samples, which :func:`collate_masks` drops and the engine counts, as
+for classification.
 
 Augmentation (torchvision transforms v2, image and ``tv_tensors.Mask`` together): random scale of
 the short side to 0.5-2x the crop size, a random crop padded with the ignore index, a horizontal
@@ -25,13 +31,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -39,7 +45,8 @@ from torchvision.transforms import v2
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from ...engine.task import DataError
-from ..classification.data import load_image
+from ..datasets_check import pair_by_stem, read_names, read_text, refuse_duplicates, require_classes, warn_unmatched
+from ..images import UnreadableImageError, load_image_and_mask, open_image, read_header
 from .model import IGNORE_INDEX
 
 VOC_CLASSES = (
@@ -130,13 +137,23 @@ def check_mask_mode(path: Path, img: Image.Image) -> None:
     )
 
 
+def decode_mask(path: Path, img: Image.Image) -> np.ndarray:
+    """An opened mask file as a (H, W) uint8 array of class indices (palette PNGs give their indices)."""
+    check_mask_mode(path, img)
+    img.load()
+    return np.array(img, dtype=np.uint8)
+
+
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask as a (H, W) uint8 array of class indices (palette PNGs give their indices, not their colours)."""
-    path = Path(path)
-    with Image.open(path) as img:
-        check_mask_mode(path, img)
-        img.load()
-        return np.asarray(img, dtype=np.uint8) if img.mode == "1" else np.array(img, dtype=np.uint8)
+    """A mask file as stored, as a (H, W) uint8 array of class indices; bombs and undecodable files raise
+    :class:`UnreadableImageError`."""
+    with open_image(path) as img:
+        try:
+            return decode_mask(Path(path), img)
+        except (OSError, ValueError, SyntaxError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise UnreadableImageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
 
 
 def check_mask_values(mask: np.ndarray, num_classes: int, path: Path | str) -> None:
@@ -194,30 +211,21 @@ def mask_folder_samples(split_dir: Path) -> tuple[list[Sample], list[Path]]:
         if not d.is_dir():
             raise DataError(f"{d} does not exist; the masks layout needs {split_dir}/images/ and {split_dir}/masks/")
     exts = tuple(IMG_EXTENSIONS)
-    images: dict[str, Path] = {}
-    for p in _files(images_dir):
-        if p.suffix.lower() not in exts:
-            continue
-        if p.stem in images:
-            raise DataError(
-                f"{images[p.stem].name} and {p.name} in {images_dir} share the stem {p.stem!r}, so they "
-                "would share one mask; rename one"
-            )
-        images[p.stem] = p
-    masks = {p.stem: p for p in _files(masks_dir) if p.suffix.lower() in exts}
-    lossy = [p.name for p in masks.values() if p.suffix.lower() not in (".png", ".bmp", ".tif", ".tiff")]
+    images = [p for p in _files(images_dir) if p.suffix.lower() in exts]
+    masks = [p for p in _files(masks_dir) if p.suffix.lower() in exts]
+    lossy = [p.name for p in masks if p.suffix.lower() not in (".png", ".bmp", ".tif", ".tiff")]
     if lossy:
         raise DataError(
             f"{masks_dir} holds lossy masks ({', '.join(lossy[:5])}): JPEG compression changes class "
             "indices at every edge; save masks as PNG"
         )
-    missing = sorted(p for stem, p in images.items() if stem not in masks)
-    orphans = sorted(p.name for stem, p in masks.items() if stem not in images)
-    if orphans:
-        warnings.warn(
-            f"{masks_dir}: {len(orphans)} mask(s) have no image and are unused, e.g. {orphans[:3]}", stacklevel=2
-        )
-    return [(images[s], masks[s]) for s in sorted(images) if s in masks], missing
+    refuse_duplicates(
+        [p.stem for p in masks], "mask stems", str(masks_dir), "keep one mask per image stem (a.png, not also a.bmp)"
+    )
+    pairs, orphans = pair_by_stem(images, images_dir, masks, masks_dir, "mask")
+    warn_unmatched(orphans, masks_dir, "mask(s)", "a mask is named after its image: images/a.jpg -> masks/a.png")
+    missing = [p for p in images if p not in pairs]
+    return [(p, pairs[p]) for p in images if p in pairs], missing
 
 
 def voc_samples(root: Path, split: str) -> tuple[list[Sample], list[Path]]:
@@ -225,7 +233,8 @@ def voc_samples(root: Path, split: str) -> tuple[list[Sample], list[Path]]:
     listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not listing.is_file():
         raise DataError(f"{listing} does not exist; a VOC layout lists each split's image ids there")
-    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in read_text(listing).splitlines() if line.strip()]
+    refuse_duplicates(ids, "image ids", str(listing), "list each image once, or it weighs twice in training and mIoU")
     samples, missing, no_image = [], [], []
     for i in ids:
         image, mask = root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png"
@@ -249,9 +258,8 @@ def read_classes(root: Path) -> list[str] | None:
     for where in (root, root / "train", root / "val"):
         f = where / "classes.txt"
         if f.is_file():
-            found[f] = [n.strip() for n in f.read_text().splitlines() if n.strip() and not n.startswith("#")]
-    lists = list(found.values())
-    if not lists:
+            found[f] = read_names(f)
+    if not found:
         return None
     for f, names in found.items():
         if len(names) < 2:
@@ -259,8 +267,6 @@ def read_classes(root: Path) -> list[str] | None:
                 f"{f} lists {len(names)} class(es); segmentation needs at least 2 (e.g. background and "
                 "one object class), one name per line"
             )
-        if len(set(names)) != len(names):
-            raise DataError(f"{f} lists a class twice: {sorted({n for n in names if names.count(n) > 1})}")
         if len(names) > IGNORE_INDEX:
             raise DataError(f"{f} lists {len(names)} classes; at most {IGNORE_INDEX} fit 8-bit masks")
     first_file, first = next(iter(found.items()))
@@ -281,21 +287,20 @@ def read_classes(root: Path) -> list[str] | None:
 
 
 def check_pairs(samples: Sequence[Sample]) -> None:
-    """Headers only (no pixels): every mask is 8-bit indices and has its image's size; a DataError listing offenders."""
+    """Headers only (no pixels): every mask is 8-bit indices and has its image's size, as stored or as
+    shown upright (:func:`load_image_and_mask`); a DataError listing offenders."""
     wrong_size = []
     for image, mask in samples:
         try:
-            with Image.open(mask) as m:
+            with open_image(mask) as m:
                 check_mask_mode(mask, m)
                 mask_size = m.size
-            with Image.open(image) as i:
-                image_size = i.size
-        except (OSError, UnidentifiedImageError, SyntaxError):
-            continue  # unreadable files are skipped and counted when they are loaded
-        if mask_size != image_size:
-            wrong_size.append(
-                f"{mask.name} {mask_size[0]}x{mask_size[1]} vs image {image.name} {image_size[0]}x{image_size[1]}"
-            )
+            header = read_header(image)
+        except OSError:
+            continue  # unreadable files (bombs too) are skipped and counted when they are loaded
+        if mask_size not in (header.stored, header.size):
+            w, h = header.size
+            wrong_size.append(f"{mask.name} {mask_size[0]}x{mask_size[1]} vs image {image.name} {w}x{h}")
     if wrong_size:
         raise DataError(
             f"{len(wrong_size)} mask(s) differ in size from their image (width x height): "
@@ -307,12 +312,21 @@ def check_pairs(samples: Sequence[Sample]) -> None:
 def mask_histogram(samples: Sequence[Sample]) -> np.ndarray:
     """Pixel counts of each mask value 0..255 over the readable masks (reads every mask once)."""
     counts = np.zeros(256, dtype=np.int64)
-    for _, mask in samples:
-        try:
-            counts += np.bincount(read_mask(mask).ravel(), minlength=256)
-        except (OSError, UnidentifiedImageError, SyntaxError):
-            continue
+    for mask in readable_masks(samples):
+        counts += np.bincount(mask.ravel(), minlength=256)
     return counts
+
+
+def readable_masks(samples: Sequence[Sample], classes: Sequence[str] | None = None) -> Iterator[np.ndarray]:
+    """The masks that decode, one at a time (values checked against ``classes`` when given)."""
+    for _, path in samples:
+        try:
+            mask = read_mask(path)
+        except OSError:
+            continue
+        if classes is not None:
+            check_mask_values(mask, len(classes), path)
+        yield mask
 
 
 def infer_classes(train: Sequence[Sample], val: Sequence[Sample], root: Path) -> list[str]:
@@ -373,6 +387,8 @@ def load_splits(
         classes = list(VOC_CLASSES)
     else:
         classes = read_classes(root) or infer_classes(found.get("train", []), found.get("val", []), root)
+    for split, samples in found.items():  # a mask or two each, unless there is nothing to learn
+        require_classes(readable_masks(samples, classes), classes, f"{root} ({split})")
     return found, classes, fmt
 
 
@@ -435,19 +451,13 @@ class SegmentationDataset(Dataset):
         self.epoch = epoch
 
     def read(self, index: int) -> tuple[Image.Image, np.ndarray] | None:
-        """The image and its checked mask (class indices, re-numbered by ``lut``), or None when unreadable."""
+        """The upright image and its checked mask in the same frame (class indices, re-numbered by ``lut``),
+        or None when either does not decode."""
         image_path, mask_path = self.samples[index]
         try:
-            image, mask = load_image(image_path), read_mask(mask_path)
-        except DataError:
-            raise
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            image, mask = load_image_and_mask(image_path, mask_path, decode_mask)
+        except UnreadableImageError:
             return None
-        if mask.shape != (image.height, image.width):
-            raise DataError(
-                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} "
-                f"{image.width}x{image.height}; a mask must match its image pixel for pixel"
-            )
         check_mask_values(mask, len(self.classes), mask_path)
         return image, (self.lut[mask] if self.lut is not None else mask)
 

@@ -45,12 +45,13 @@ from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfi
 from ...core.factory import create_model
 from ...core.fusion import fold_conv_bn, reparameterize_model
 from ...core.model import MobileOneLayer
+from ...core.registry import PEER, PEER_ALIASES, ModelEntry, list_registered, normalize_name, register, register_model
 
 HEADS = ("deeplabv3", "lraspp")
 IGNORE_INDEX = 255  # mask value of pixels that count neither in the loss nor in the metrics (VOC's boundaries)
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 HEAD_CHANNELS = {"deeplabv3": 256, "lraspp": 128}  # ASPP width / LR-ASPP inter channels (torchvision's)
-MNV3 = "mnv3"  # the MobileNetV3-Large peer
+MNV3 = PEER  # the MobileNetV3-Large peer
 
 
 @dataclass(frozen=True)
@@ -198,16 +199,15 @@ def parse_segmenter_name(name: str) -> tuple[str, str | None]:
     """``"deeplabv3_s0"`` -> (``"deeplabv3"``, ``"mobileone_s0"``); ``"lraspp"`` -> (``"lraspp"``, None)."""
     if not isinstance(name, str):
         raise TypeError(f"a segmenter name must be a string, got {type(name).__name__}")
-    key = name.lower().replace("-", "_")
-    head, _, backbone = key.partition("_")
+    head, _, backbone = normalize_name(name).partition("_")
     if head not in HEADS:
         raise ValueError(
             f"unknown segmenter {name!r}: it must start with a head, {' or '.join(HEADS)} "
-            f"(e.g. deeplabv3_s0, lraspp_mnv3); known: {list_segmenters()}"
+            f"(e.g. deeplabv3_s0, lraspp_mnv3); known: {list_registered('segment')}"
         )
     if not backbone:
         return head, None
-    if backbone in (MNV3, "mobilenet_v3_large"):
+    if backbone in PEER_ALIASES:
         return head, MNV3
     return head, resolve_variant(backbone.removeprefix("mobileone_"))
 
@@ -282,6 +282,7 @@ def _fold(model: Segmenter) -> Segmenter:
         return reparameterize_model(model.eval(), inplace=True)
 
 
+@register_model("segment", backbone="mobileone_s0", head="deeplabv3")
 def deeplabv3_s0(**kwargs: Any) -> Segmenter:
     """DeepLabV3 on MobileOne-S0 (the paper's VOC mIoU: 73.7): ASPP on the dilated stage 4, aux head on stage 3.
 
@@ -295,6 +296,7 @@ def deeplabv3_s0(**kwargs: Any) -> Segmenter:
     return create_segmenter("deeplabv3_s0", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s1", head="deeplabv3")
 def deeplabv3_s1(**kwargs: Any) -> Segmenter:
     """DeepLabV3 on MobileOne-S1 (the paper's VOC mIoU: 77.3).
 
@@ -307,6 +309,7 @@ def deeplabv3_s1(**kwargs: Any) -> Segmenter:
     return create_segmenter("deeplabv3_s1", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s2", head="deeplabv3")
 def deeplabv3_s2(**kwargs: Any) -> Segmenter:
     """DeepLabV3 on MobileOne-S2 (the paper's VOC mIoU: 77.9).
 
@@ -319,6 +322,7 @@ def deeplabv3_s2(**kwargs: Any) -> Segmenter:
     return create_segmenter("deeplabv3_s2", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s3", head="deeplabv3")
 def deeplabv3_s3(**kwargs: Any) -> Segmenter:
     """DeepLabV3 on MobileOne-S3 (the paper's VOC mIoU: 78.8).
 
@@ -331,6 +335,7 @@ def deeplabv3_s3(**kwargs: Any) -> Segmenter:
     return create_segmenter("deeplabv3_s3", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s4", head="deeplabv3")
 def deeplabv3_s4(**kwargs: Any) -> Segmenter:
     """DeepLabV3 on MobileOne-S4 (the paper's VOC mIoU: 80.1, trained without SE; this backbone keeps its SE).
 
@@ -343,6 +348,7 @@ def deeplabv3_s4(**kwargs: Any) -> Segmenter:
     return create_segmenter("deeplabv3_s4", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s0", head="lraspp")
 def lraspp_s0(**kwargs: Any) -> Segmenter:
     """LR-ASPP on MobileOne-S0: the light phone head (stage 4 gated by its global average + stage 2).
 
@@ -355,6 +361,7 @@ def lraspp_s0(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_s0", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s1", head="lraspp")
 def lraspp_s1(**kwargs: Any) -> Segmenter:
     """LR-ASPP on MobileOne-S1.
 
@@ -367,6 +374,7 @@ def lraspp_s1(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_s1", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s2", head="lraspp")
 def lraspp_s2(**kwargs: Any) -> Segmenter:
     """LR-ASPP on MobileOne-S2.
 
@@ -379,6 +387,7 @@ def lraspp_s2(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_s2", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s3", head="lraspp")
 def lraspp_s3(**kwargs: Any) -> Segmenter:
     """LR-ASPP on MobileOne-S3.
 
@@ -391,6 +400,7 @@ def lraspp_s3(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_s3", **kwargs)
 
 
+@register_model("segment", backbone="mobileone_s4", head="lraspp")
 def lraspp_s4(**kwargs: Any) -> Segmenter:
     """LR-ASPP on MobileOne-S4.
 
@@ -403,6 +413,7 @@ def lraspp_s4(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_s4", **kwargs)
 
 
+@register_model("segment", backbone=PEER, head="deeplabv3")
 def deeplabv3_mnv3(**kwargs: Any) -> Segmenter:
     """The peer: the same DeepLabV3 head (and aux head) on torchvision's MobileNetV3-Large, no weights.
 
@@ -417,6 +428,7 @@ def deeplabv3_mnv3(**kwargs: Any) -> Segmenter:
     return create_segmenter("deeplabv3_mnv3", **kwargs)
 
 
+@register_model("segment", backbone=PEER, head="lraspp")
 def lraspp_mnv3(**kwargs: Any) -> Segmenter:
     """The peer: LR-ASPP on torchvision's MobileNetV3-Large (torchvision's ``lraspp_mobilenet_v3_large``), no weights.
 
@@ -429,28 +441,16 @@ def lraspp_mnv3(**kwargs: Any) -> Segmenter:
     return create_segmenter("lraspp_mnv3", **kwargs)
 
 
-SEGMENTERS = {
-    f.__name__: f
-    for f in (
-        deeplabv3_s0,
-        deeplabv3_s1,
-        deeplabv3_s2,
-        deeplabv3_s3,
-        deeplabv3_s4,
-        lraspp_s0,
-        lraspp_s1,
-        lraspp_s2,
-        lraspp_s3,
-        lraspp_s4,
-        deeplabv3_mnv3,
-        lraspp_mnv3,
-    )
-}
+for _head in HEADS:  # the micro variants build by name, without a documented builder each
+    for _micro in ("mu0", "mu1", "mu2"):
+        _name = f"{_head}_{_micro}"
+        register(ModelEntry(_name, "segment", f"mobileone_{_micro}", partial(create_segmenter, _name), _head))
 
 
 def list_segmenters() -> list[str]:
-    """The names of the documented builders (any ``{head}_{variant}``, e.g. ``lraspp_mu1``, also works)."""
-    return list(SEGMENTERS)
+    """Deprecated: ``mobileone.list_models("segment")``."""
+    warnings.warn('list_segmenters() is deprecated: use mobileone.list_models("segment")', FutureWarning, stacklevel=2)
+    return list_registered("segment")
 
 
 def segmenter_info(model: Segmenter, **meta: Any) -> dict[str, Any]:
@@ -519,7 +519,6 @@ __all__ = [
     "ATROUS_RATES",
     "HEADS",
     "IGNORE_INDEX",
-    "SEGMENTERS",
     "Segmenter",
     "SegmenterConfig",
     "create_segmenter",

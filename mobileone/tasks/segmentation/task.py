@@ -25,6 +25,7 @@ from ...core.model import init_branches
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env, all_reduce_sum
 from ...engine.task import DataError, Task, TaskData
+from ..images import short_sides
 from ..peer_init import zero_init_residuals
 from .builtin import builtin_scenes
 from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform, voc_palette
@@ -98,11 +99,14 @@ class SegmentationTask(Task):
     name = "segment"
     metric = "miou"
     metric_names = ("miou", "pixel_acc")
+    min_img_size = 64  # crops of at least 4x4 cells at output stride 16
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
         return {**SEGMENT_DEFAULTS, **(BUILTIN_DEFAULTS if builtin else {})}
 
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
+        # DeepLabV3's image pooling normalizes 1x1 maps: BatchNorm needs two images; LR-ASPP has no such layer.
+        self.min_batch = 1 if cfg.head == "lraspp" else 2
         if cfg.head == "lraspp" and "aux_weight" in given and cfg.aux_weight > 0:
             raise ValueError("--aux-weight weighs DeepLabV3's auxiliary head; LR-ASPP has none (--head deeplabv3)")
         if cfg.augment != "none":
@@ -146,6 +150,9 @@ class SegmentationTask(Task):
 
     def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
         return build_segmenter(cfg, classes)
+
+    def image_sides(self, data: TaskData) -> list[int]:
+        return short_sides([image for image, _ in data.train.samples])
 
     def set_train_transform(self, data: TaskData, cfg: TrainConfig, size: int, strength: float) -> None:
         data.train.transform = train_transform(size, cfg.hflip)

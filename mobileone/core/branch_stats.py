@@ -1,0 +1,226 @@
+"""The batch statistics of MobileOne branches, with backward passes cheaper than autograd's.
+
+The fast train path (``fast_train.py``, docs/fast-train.md) needs each branch's batch mean and
+variance, never its output: these autograd Functions compute them from the input's moments, a
+conv's output moments, or quadratic forms of a covariance, each with a hand-written backward that
+reads its input once. :func:`conv2d` holds the workaround for PyTorch's broken CPU weight gradient
+of strided 1x1 convs, used here, on the fast path and by the per-branch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def hits_strided_1x1_bug(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
+    """Whether ``conv2d(x, weight)`` would take PyTorch's broken CPU weight gradient for strided 1x1 convs.
+
+    PyTorch's CPU weight gradient of a strided 1x1 conv (oneDNN's ``jit_1x1:avx2`` backward-weights
+    kernel, on CPUs without AVX-512, channels_last input, few input channels) writes out of bounds:
+    wrong gradients with 2 threads, heap corruption and aborts with 1 (docs/fast-train.md, section 6).
+    Seen in torch 2.12.1, 2.13.0 and 2.15.0, the newest release when checked; reproduced by
+    ``benchmarks/torch_conv_bug.py``. Which shapes it hits depends on the CPU, so every strided
+    1x1 conv on CPU whose weight gradient is taken counts.
+    """
+    return (
+        x.device.type == "cpu"
+        and weight.shape[-1] == weight.shape[-2] == 1
+        and stride > 1
+        and padding == 0
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+    )
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d`` (square int geometry) that avoids PyTorch's strided 1x1 bug (:func:`hits_strided_1x1_bug`).
+
+    A 1x1 conv without padding reads only every ``stride``-th row and column, so there it runs as
+    the unit-stride conv of that subsampled input: the same function, without the broken kernel.
+    """
+    if hits_strided_1x1_bug(x, weight, stride, padding):
+        x, stride = x[:, :, ::stride, ::stride], 1
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Moments(torch.autograd.Function):
+    """Per-channel mean and centred channel covariance of ``x`` over (N, H, W), with a cheap backward.
+
+    Autograd through ``xc @ xc.T`` would run two matmuls in the backward pass; the covariance is
+    symmetric in its two factors, so one suffices: ``dx = G (x - m) + dmean / M`` with
+    ``G = (dS + dS^T) / M``, computed as ``G x`` plus a per-channel constant so that ``x`` is read
+    once. The mean's own effect on the centred covariance has zero derivative. Channels-last input
+    is used as the (M, C) matrix it already is. Computed in float32 (float64 for float64 input)
+    whatever the input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        n, c, h, w = x.shape
+        xf = x.to(stats_dtype(x.dtype))
+        if channels_last(x):
+            rows = xf.permute(0, 2, 3, 1).reshape(-1, c)  # a view: (M, C)
+            mean = rows.mean(0)
+            centred = (rows - mean).t()
+        else:
+            mean = xf.mean((0, 2, 3))
+            rows_first = xf.reshape(n, c, h * w).transpose(0, 1)
+            if torch.compiler.is_compiling():  # traced, out= takes the transposed strides and .view fails
+                centred = (rows_first - mean[:, None, None]).reshape(c, -1)
+            else:  # eager: one pass into a buffer laid out as (C, N * H * W)
+                centred = torch.empty(c, n, h * w, dtype=xf.dtype, device=x.device)
+                torch.sub(rows_first, mean[:, None, None], out=centred)
+                centred = centred.view(c, -1)
+        cov = torch.mm(centred, centred.t()).div_(centred.shape[1])
+        ctx.save_for_backward(x if ctx.needs_input_grad[0] else None, mean)
+        return mean, cov
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        n, c, h, w = x.shape
+        count = n * h * w
+        sym = (grad_cov + grad_cov.t()).div_(count)
+        const = grad_mean / count - sym @ mean
+        xf = x.to(mean.dtype)
+        if channels_last(x):
+            grad = torch.addmm(const, xf.permute(0, 2, 3, 1).reshape(-1, c), sym)  # sym is symmetric
+            return grad.view(n, h, w, c).permute(0, 3, 1, 2).to(x.dtype)
+        grad = torch.matmul(sym, xf.reshape(n, c, h * w)).add_(const[:, None])
+        return grad.view(n, c, h, w).to(x.dtype)
+
+
+def channels_last(x: Tensor) -> bool:
+    """Channels-last layout proper (a tensor with one channel or 1x1 pixels counts as contiguous)."""
+    return x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class ConvMoments(torch.autograd.Function):
+    """Batch mean and biased variance per output channel of ``conv(x, kernels[j])`` for each j.
+
+    The convs' outputs are kept for the backward pass, which needs only
+    ``dz = dmean / M + 2 dvar (z - mean) / M`` and one conv backward per kernel.
+    ``kernels=None`` takes the statistics of ``x[:, :, ::stride, ::stride]`` itself (BN-only branches).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernels: Tensor | None, conv: tuple) -> tuple[Tensor, Tensor]:
+        stride, padding, dilation, groups = conv
+        ctx.conv = conv
+        outputs, means, variances = [], [], []
+        for w in [None] if kernels is None else kernels.to(x.dtype).unbind(0):
+            z = x[:, :, ::stride, ::stride] if w is None else F.conv2d(x, w, None, stride, padding, dilation, groups)
+            mean, var = batch_moments(z)
+            if w is not None:
+                outputs.append(z)
+            means.append(mean)
+            variances.append(var)
+        means = torch.stack(means)
+        ctx.save_for_backward(x, kernels, means, *outputs)
+        return means, torch.stack(variances)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
+        x, kernels, means, *outputs = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        x_sub = x[:, :, ::stride, ::stride]
+        count = x.shape[0] * x_sub.shape[2] * x_sub.shape[3]
+        beta = 2 * grad_var / count
+        alpha = grad_mean / count - beta * means
+        shift, slope = alpha[:, None, :, None, None], beta[:, None, :, None, None]  # (B, 1, C, 1, 1)
+        need_x, need_k = ctx.needs_input_grad[:2]
+        if kernels is None:
+            if not need_x:
+                return None, None, None
+            dz = torch.addcmul(shift[0], x_sub.to(beta.dtype), slope[0]).to(x.dtype)
+            if stride == 1:
+                return dz, None, None
+            grad_x = torch.zeros_like(x)
+            grad_x[:, :, ::stride, ::stride] = dz
+            return grad_x, None, None
+        grad_x = None
+        grad_k = torch.empty_like(kernels) if need_k else None
+        for j, z in enumerate(outputs):
+            dz = torch.addcmul(shift[j], z.to(beta.dtype), slope[j]).to(x.dtype)
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dz,
+                x,
+                kernels[j].to(x.dtype),
+                None,
+                [stride] * 2,
+                [padding] * 2,
+                [dilation] * 2,
+                False,
+                [0, 0],
+                groups,
+                [need_x, need_k, False],
+            )
+            if dx is not None:
+                grad_x = dx if grad_x is None else grad_x.add_(dx)
+            if dw is not None:
+                grad_k[j] = dw
+        return grad_x, grad_k, None
+
+
+def conv_moments(x: Tensor, kernels: Tensor, conv: tuple) -> tuple[Tensor, Tensor]:
+    """:class:`ConvMoments` of ``conv(x, kernels[j])``; strided 1x1 kernels run at unit stride (:func:`conv2d`)."""
+    stride, padding, dilation, groups = conv
+    if hits_strided_1x1_bug(x, kernels, stride, padding):
+        x, conv = x[:, :, ::stride, ::stride], (1, padding, dilation, groups)
+    return ConvMoments.apply(x, kernels, conv)
+
+
+def batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``z``, in float32 (float64 for float64 input).
+
+    On CPU ``batch_norm_update_stats`` gives them in one pass without writing a normalized copy.
+    """
+    z = z.to(stats_dtype(z.dtype))
+    if z.device.type == "cpu":
+        return torch.batch_norm_update_stats(z, None, None, 0.0)
+    var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
+    return mean, var
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class QuadraticForms(torch.autograd.Function):
+    """``v[b, o] = w_bo^T S w_bo`` for kernels ``W`` (B, Cout, Cin) and a symmetric ``S``: the branch variances.
+
+    Autograd would spend two matmuls on the backward pass; with ``S`` symmetric one does:
+    ``dW = 2 g * (W S)`` (kept from the forward pass) and ``dS = (g * W)^T W``.
+    """
+
+    @staticmethod
+    def forward(ctx, kernels: Tensor, cov: Tensor) -> Tensor:
+        ws = kernels @ cov
+        ctx.save_for_backward(kernels, ws)
+        return (ws * kernels).sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        kernels, ws = ctx.saved_tensors
+        grad = grad[..., None]
+        flat = kernels.flatten(0, 1)
+        return 2 * grad * ws, (grad * kernels).flatten(0, 1).t() @ flat
+
+
+def covariance_stats(kernels: Tensor, mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``W m`` and variance ``diag(W S W^T)`` of 1x1 dense branches (kernels: (B, Cout, Cin))."""
+    kernels = kernels.to(cov.dtype)
+    return kernels @ mean, QuadraticForms.apply(kernels, cov)
