@@ -62,13 +62,13 @@ def classifier(trained: bool = False, outlier: bool = False):
 def test_calibration_takes_any_folder_of_images(tmp_path, digits):
     flat = tmp_path / "photos"
     flat.mkdir()
-    for i, p in enumerate(image_files(digits)[:5]):
+    for i, p in enumerate(image_files(digits).files[:5]):
         (flat / f"{i}{p.suffix}").write_bytes(p.read_bytes())
     (flat / "notes.txt").write_text("not an image")
     meta = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3, "task": "detect"}
     assert calibration_batch(flat, meta, 10).shape == (5, 3, 16, 16)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no image under"):
+    with pytest.raises(ValueError, match="holds no images"):
         image_files(tmp_path / "empty")
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
+from .calibration import calibration_batch
 from .common import require
-from .evaluate_onnx import accuracy, image_folder, onnx_logits
+from .evaluate_onnx import accuracy, onnx_logits
 from .export import export_model, model_metadata
 from .onnx import read_onnx_metadata, set_onnx_metadata
 
@@ -66,13 +66,8 @@ class QuantSettings:
 
 
 def calibration_images(data: str | os.PathLike, meta: dict[str, Any], num: int = 300, seed: int = 0) -> Tensor:
-    """``num`` images drawn at random from ``data`` (its ``train/`` if there is one), preprocessed as deployed."""
-    ds = image_folder(data, "train", meta)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num].tolist()
-    images = [x for x in (ds[i][0] for i in idx) if x is not None]
-    if not images:
-        raise ValueError(f"none of the {len(idx)} images drawn from {ds.root} could be read; nothing to calibrate on")
-    return torch.stack(images)
+    """``num`` images drawn at random from any folder of images (its ``train/`` if there is one), as deployed."""
+    return calibration_batch(data, meta, num, seed)
 
 
 class _Reader:
