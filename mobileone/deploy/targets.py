@@ -126,10 +126,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return target(format).module.read_metadata(path)
 
 
-def module_of(format: str) -> ModuleType:
-    return target(format).module
-
-
 def missing(format: str) -> str | None:
     """One line naming the extra to install when ``format``'s converter or runtime is missing, else None."""
     t = target(format)
