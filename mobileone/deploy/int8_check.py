@@ -147,13 +147,14 @@ def remedies(recipe: Recipe, graph: Graph, calibration: Tensor) -> Iterator[tupl
         yield "remedy 1: per-channel weight scales", lambda r: dataclasses.replace(r, per_channel=True)
     other = "histogram" if recipe.method == "minmax" else "minmax"
     yield f"remedy 2: {other} calibration", lambda r: dataclasses.replace(r, method=other)
-    ranked: list[str] = []
+    ranked: list[str] = []  # filled once, at the first use: the layers not in float yet, most sensitive first
     for k in KEEP_FLOAT_STEPS:
 
         def keep(r: Recipe, k: int = k) -> Recipe:
             if not ranked:
-                ranked.extend(sensitivity(graph, calibration))
-            return dataclasses.replace(r, keep_float=tuple(dict.fromkeys(r.keep_float + tuple(ranked[:k]))))
+                ranked.extend(n for n in sensitivity(graph, calibration) if n not in r.keep_float)
+            base = tuple(n for n in r.keep_float if n not in ranked)
+            return dataclasses.replace(r, keep_float=base + tuple(ranked[:k]))
 
         yield f"remedy 3: also the {k} most sensitive layer{'s' if k > 1 else ''} in float", keep
 
