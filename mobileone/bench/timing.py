@@ -122,7 +122,8 @@ def int8_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir
     """The runtime's own static INT8 of ``model`` (calibrated on random images: latency does not depend on it)."""
     if runtime not in INT8_RUNTIMES or runtime == "ncnn":
         raise ValueError(f"no INT8 path for {runtime}; INT8 runs in {[r for r in INT8_RUNTIMES if r != 'ncnn']}")
-    graph = Graph("classify", model, x[:1], ["output"], {"task": "bench", "mean": [0.0] * 3, "std": [1.0] * 3})
+    meta = {"task": "bench", "mean": [0.0] * 3, "std": [1.0] * 3, "input_size": list(x.shape[1:])}
+    graph = Graph("classify", model, x[:1], ["output"], meta)
     calibration = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     format = INT8_RUNTIMES[runtime]
     path = quantize_graph(runtime, graph, calibration, workdir / TARGETS[format].file_name("int8"), Recipe())

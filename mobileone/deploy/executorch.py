@@ -38,8 +38,8 @@ def to_executorch(
 
 def metadata_constants(meta: dict[str, Any]) -> dict[str, Any]:
     """Constant methods are ExecuTorch's place for metadata: the JSON, and the numbers apps need most."""
-    constants = {"mobileone_metadata": json.dumps(meta), "mean": meta["mean"], "std": meta["std"]}
-    if all(isinstance(v, int) for v in meta["input_size"]):
+    constants = {"mobileone_metadata": json.dumps(meta), "mean": meta.get("mean"), "std": meta.get("std")}
+    if all(isinstance(v, int) for v in meta.get("input_size", [None])):
         constants["input_size"] = meta["input_size"]
     return constants
 
