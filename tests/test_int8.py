@@ -14,7 +14,7 @@ from mobileone.cli import main
 from mobileone.deploy import int8_check
 from mobileone.deploy.calibration import calibration_batch, image_files
 from mobileone.deploy.common import ExportError
-from mobileone.deploy.int8 import Recipe, quantize_graph, task_graph
+from mobileone.deploy.int8 import Recipe, quantize_graph, task_graph, weighted_layers
 from mobileone.deploy.int8_check import quantize_checked
 from mobileone.deploy.targets import missing
 from mobileone.tasks.classification.data import builtin_dataset
@@ -82,6 +82,19 @@ def test_classifier_int8_is_scored_in_its_runtime(tmp_path, digits, runtime):
     assert {"task", "runtime", "metric", "fp32", "int8", "drop"} <= set(result) and result["metric"] == "top1"
     assert report.images == 360 and report.path.exists() and report.fp32_path.exists()
     assert result["drop"] == pytest.approx(result["fp32"] - result["int8"]) and len(report.steps) == 1
+
+
+def test_layers_kept_in_float_lose_their_quantizers_in_openvino(tmp_path):
+    _needs("openvino")
+    graph = classifier()
+    layers = weighted_layers(graph.module, graph.example)
+    counts = []
+    for keep in ((), tuple(layers[:3])):
+        path = quantize_graph(
+            "openvino", graph, torch.randn(4, 3, 16, 16), tmp_path / f"{len(keep)}.xml", Recipe(keep_float=keep)
+        )
+        counts.append(path.read_text().count('type="FakeQuantize"'))
+    assert counts[1] == counts[0] - 3  # each kept layer: its weights' FakeQuantize gone
 
 
 def test_detector_and_segmenter_int8_in_onnxruntime(tmp_path):
