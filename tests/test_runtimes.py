@@ -135,3 +135,22 @@ def test_bench_times_the_device_runtimes(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert all(f"{rt} (fp32; batch 1" in md for rt in runtimes) and "| mobileone_s0 | 71.4 | 0.79 |" in md
     assert (tmp_path / "latency_vs_top1.png").stat().st_size > 0
+
+
+@SLOW
+def test_detection_and_segmentation_bench_time_the_device_runtimes(tmp_path):
+    from mobileone.bench.detection import DetectionBenchConfig, detection_benchmark
+    from mobileone.bench.segmentation import SegmentationBenchConfig, run_segmentation_benchmark
+
+    _needs("openvino")
+    kw = {"threads": 1, "warmup": 0, "iters": 1, "min_time": 0.0, "out": str(tmp_path)}
+    det = DetectionBenchConfig(
+        models=["ssdlite_mnv3"], runtimes=["openvino"], img_size=64, num_classes=2, rounds=1, **kw
+    )
+    keys = {(r["fused"], r["nms"], r["runtime"]) for r in detection_benchmark(det)["rows"]}
+    assert keys == {(True, False, "openvino"), (True, True, "openvino")}  # the fused raw and NMS forms
+    assert "| ssdlite_mnv3 | unfused |" in (tmp_path / "detect_results.md").read_text()  # n/a cells, no error
+    seg = SegmentationBenchConfig(models=["lraspp_s0"], output_strides=[16], runtimes=["openvino"], img_size=64, **kw)
+    result = run_segmentation_benchmark(seg, progress=False)
+    assert not result["errors"] and all(r["openvino"]["median_ms"] > 0 for r in result["rows"])
+    assert (tmp_path / "segment_results.md").exists() and not (tmp_path / "results.md").exists()

@@ -24,14 +24,17 @@ import torch
 
 from ..core.complexity import count_macs, count_params
 from ..deploy.common import package_version, require
-from ..deploy.detection import RAW_OUTPUTS, RawDetector, export_detector, fused_detector
+from ..deploy.detection import NMS_FORMATS, RAW_OUTPUTS, RawDetector, export_detector, fused_detector
 from ..deploy.onnx import onnx_session, to_onnx
 from ..deploy.onnx_nms import add_nms
+from ..deploy.targets import TARGETS, load_export
 from ..tasks.detection.model import SSDLiteDetector, create_detector, load_detector
 from .timing import alternate_rounds, cpu_name
 
 DEFAULT_MODELS = ("ssdlite_s0", "ssdlite_s1", "ssdlite_mnv3")
-RUNTIMES = ("eager", "onnxruntime")
+# Exported runtimes time the fused raw form (and the NMS form where the runtime has the operator).
+TARGET_OF = {"executorch": "executorch", "litert": "tflite", "openvino": "openvino", "ncnn": "ncnn"}
+RUNTIMES = ("eager", "onnxruntime", *TARGET_OF)
 STABLE_ROUNDS = 0.15  # round medians of one entry further apart than this mark the run as noisy
 
 
@@ -70,6 +73,13 @@ def _entries(name: str, model: SSDLiteDetector, cfg: DetectionBenchConfig, x: to
     """``(model, fused, nms, runtime) -> callable`` for one detector."""
     fused, _ = fused_detector(model)
     out: dict[tuple, Callable[[], Any]] = {}
+    for runtime in [r for r in cfg.runtimes if r in TARGET_OF]:
+        fmt = TARGET_OF[runtime]
+        for nms in (False, True) if fmt in NMS_FORMATS else (False,):
+            path = workdir / TARGETS[fmt].file_name(f"{name}_{'nms' if nms else 'raw'}")
+            export_detector(fused, path, "nms" if nms else "raw", fmt, check=False)
+            run = load_export(fmt, path, cfg.threads)
+            out[(name, True, nms, runtime)] = lambda run=run: run(x)
     for is_fused, m in ((False, model.eval()), (True, fused)):
         if "eager" in cfg.runtimes:
             out[(name, is_fused, False, "eager")] = lambda m=m: m.forward_raw(x)
@@ -192,7 +202,11 @@ def results_markdown(result: dict[str, Any]) -> str:
             any_row = next(r for r in result["rows"] if r["model"] == name)
             params = any_row["params_fused" if fused else "params_unfused"] / 1e6
             macs = any_row["macs_fused" if fused else "macs_unfused"] / 1e6
-            cells = [f"{index[(name, fused, nms, rt)]['median_ms']:.2f}" for rt in runtimes for nms in (False, True)]
+            cells = [
+                f"{index[(name, fused, nms, rt)]['median_ms']:.2f}" if (name, fused, nms, rt) in index else "n/a"
+                for rt in runtimes
+                for nms in (False, True)
+            ]
             lines.append(
                 f"| {name} | {'fused' if fused else 'unfused'} | {params:.2f} | {macs:.0f} | {' | '.join(cells)} |"
             )
