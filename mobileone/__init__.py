@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import _startup  # noqa: F401  (before torch: the command's OpenMP wait policy)
 from .core import registry as _registry
 from .core.checkpoint import (
     Checkpoint,
@@ -61,7 +62,7 @@ def _register_tasks(task: str | None) -> None:
         if task in (None, "detect"):
             from .tasks.detection import model as _detection  # noqa: F401
         if task in (None, "segment"):
-            from .tasks.segmentation import model as _segmentation  # noqa: F401
+            from .tasks.segmentation import builders as _segmentation  # noqa: F401
     except ImportError as e:
         if task is not None:
             raise ImportError(f"{task} models need torchvision: pip install 'mobileone[train]' ({e})") from e

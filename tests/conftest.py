@@ -39,3 +39,22 @@ def one_thread():
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return settle_bn(create_model(TINY, num_classes=5))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Tiny colour classes on disk (``train/`` and ``val/``): 3 steps an epoch at batch 8."""
+    from .classification_data import make_data
+
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def tiny():
+    """A 4-block MobileOne with the BN statistics of real activations, in eval mode."""
+    from .classification_data import TINY
+
+    torch.manual_seed(0)
+    model = create_model(TINY, num_classes=3)
+    model.train()(torch.randn(4, 3, 16, 16))
+    return model.eval()

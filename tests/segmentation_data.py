@@ -51,7 +51,7 @@ def make_masks_dataset(
 
 def make_voc_dataset(root: Path, n_train: int = 4, n_val: int = 2, size: int = 32) -> Path:
     """The Pascal VOC layout: JPEGImages, palette PNGs in SegmentationClass (with the 255 boundary), ImageSets."""
-    from mobileone.tasks.segmentation.data import voc_palette
+    from mobileone.tasks.segmentation.masks import voc_palette
 
     rng = np.random.default_rng(1)
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):

@@ -46,3 +46,19 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "onnxruntime" in report and "unfused" in report
     for name in ("metrics.jsonl", "best.safetensors", "best_fused.safetensors", "model.onnx", "curves.png"):
         assert (out / name).is_file(), name
+
+
+def test_info_and_help_need_torch_alone():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from mobileone.cli import main\n"
+        "assert main(['info', 's0', '--json']) == 0 and main(['eval', '--help']) == 0\n"
+        "print('HEAVY', [m for m in ('torchvision', 'onnx', 'onnxruntime', 'matplotlib', 'PIL') if m in sys.modules])\n"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr[-2000:]

@@ -2,17 +2,20 @@
 
 import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 import torch
 
 from mobileone.engine.config import TrainConfig
-from mobileone.engine.distributed import Env, default_workers
-from mobileone.engine.trainer import _KeptBatches, _steps_per_epoch
+from mobileone.engine.distributed import Env, cpu_plan, default_workers
+from mobileone.engine.distributed import KeptBatches as _KeptBatches
+from mobileone.engine.trainer import _steps_per_epoch
 from mobileone.tasks import resolve_config, train
 
-from .test_train import TINY, make_data
+from .test_train import ROOT, TINY, make_data
 
 
 def test_default_batch_is_lowered_for_small_data_and_left_out_images_are_said():
@@ -62,12 +65,39 @@ def test_metrics_break_the_epoch_down(tmp_path):
     assert sum(parts) <= row["epoch_seconds"] * 1.01
 
 
-def test_default_workers_fit_the_machine():
+def test_workers_and_threads_never_oversubscribe_the_cores():
+    for cores in (1, 2, 3, 4, 8, 16, 64):
+        with mock.patch.object(os, "sched_getaffinity", return_value=set(range(cores)), create=True):
+            for gpu in (False, True):
+                w, t = cpu_plan(None, None, gpu=gpu)
+                assert t >= 1 and w >= 0 and w + t <= cores
+                w, t = cpu_plan(None, 1, gpu=gpu)  # what the user sets is kept, the other fits beside it
+                assert t == 1 and w + t <= max(cores, 1)
+                assert cpu_plan(1, None, gpu=gpu) == (1, max(1, cores - 1))
     with mock.patch.object(os, "sched_getaffinity", return_value=set(range(2)), create=True):
-        assert default_workers() == 1  # 2 cores: one loader process beside the training process
+        assert cpu_plan(None, None) == (0, 2)  # a CPU run on 2 cores: the threads compute, the main process loads
+        assert cpu_plan(None, None, gpu=True) == (1, 1) and default_workers(gpu=True) == 1
     with mock.patch.object(os, "sched_getaffinity", return_value=set(range(64)), create=True):
-        assert default_workers() == 4
+        assert cpu_plan(None, None) == (4, 60) and cpu_plan(None, None, gpu=True) == (4, 60)
         with mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": "8"}):
-            assert default_workers(8) == 4 and default_workers() == 4
+            assert cpu_plan(None, None, 8) == (2, 6) and cpu_plan(None, None, 8, gpu=True) == (4, 4)
     with mock.patch.object(os, "sched_getaffinity", return_value={0}, create=True):
-        assert default_workers() == 0
+        assert cpu_plan(None, None) == (0, 1) and default_workers() == 0
+
+
+def test_the_command_waits_passively_unless_the_user_says_otherwise():
+    code = "import sys; sys.orig_argv = {argv!r}\nimport os, mobileone\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def policy(argv: list[str], **extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code.format(argv=argv)], env={**env, **extra}, capture_output=True, text=True
+        )
+        return done.stdout.strip()
+
+    command = ["python", "-m", "mobileone", "train"]
+    assert policy(command) == "PASSIVE"  # set before torch starts its pools
+    assert policy(command, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's word wins
+    assert policy(command, GOMP_SPINCOUNT="10000") == "None"
+    assert policy(["python", "my_script.py"]) == "None"  # a library user's process is left alone

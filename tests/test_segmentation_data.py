@@ -12,14 +12,13 @@ from torchvision import tv_tensors
 from mobileone.engine import DataError
 from mobileone.tasks.segmentation.builtin import BUILTIN_CLASSES, make_scene
 from mobileone.tasks.segmentation.data import (
-    VOC_CLASSES,
     SegmentationDataset,
     collate_masks,
     detect_format,
     load_splits,
     train_transform,
-    voc_palette,
 )
+from mobileone.tasks.segmentation.masks import VOC_CLASSES, voc_palette
 
 from .segmentation_data import COLOURS, make_masks_dataset, make_voc_dataset
 
@@ -258,7 +257,7 @@ def test_classes_txt_names_are_every_line(tmp_path):
 
 
 def test_decompression_bombs_are_unreadable_samples(tmp_path):
-    from .test_robustness import write_bomb
+    from .classification_data import write_bomb
 
     root = make_masks_dataset(tmp_path / "d")
     write_bomb(root / "train" / "images" / "001.png")

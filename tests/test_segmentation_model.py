@@ -8,14 +8,13 @@ from torch import nn
 
 import mobileone
 from mobileone import CheckpointError, MobileOneConfig, create_model, reparameterize_model, save_checkpoint
+from mobileone.tasks.segmentation.builders import deeplabv3_s0, lraspp_mnv3
 from mobileone.tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from mobileone.tasks.segmentation.model import (
     ATROUS_RATES,
     Segmenter,
     create_segmenter,
-    deeplabv3_s0,
     load_segmenter,
-    lraspp_mnv3,
     save_segmenter,
 )
 
@@ -138,7 +137,7 @@ def test_checkpoints_rebuild_their_model(tmp_path):
     with pytest.raises(CheckpointError, match="classify checkpoint, not a segmentation model"):
         load_segmenter(tmp_path / "classifier.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_segmenter(tmp_path / "broken.safetensors")
 
 

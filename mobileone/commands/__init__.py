@@ -1,15 +1,15 @@
-"""The task-specific bodies of ``mobileone`` subcommands (``demo``, and for detect / segment also
-``eval``, ``export``, ``bench``): one module per task, each a function of the parsed arguments."""
+"""The bodies of ``mobileone`` subcommands, one module per task (``classification``, ``detection``,
+``segmentation``: a function per subcommand taking the parsed arguments and returning the exit code), plus
+``train``, ``info``, the argument layer (``arguments``) and the task of a file (``source``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
+from ..core.files import write_json_result
 
-def write_json(path: str | None, result: dict[str, Any]) -> None:
-    """``--json OUT`` of ``eval``: the result as JSON, its folder created (nothing when ``path`` is None)."""
+
+def write_json(path: str | None, result: dict[str, Any], command: str = "eval") -> None:
+    """``--json OUT``: the result as JSON, its folder created; never over a file that is not such a result."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
+        write_json_result(path, result, command)

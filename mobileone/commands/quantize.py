@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from ..deploy.calibration import calibration_batch
-from ..deploy.common import ExportError
 from ..deploy.int8 import Graph, Recipe, task_graph, weighted_layers
 from ..deploy.int8_check import quantize_checked
 from ..deploy.qat import qat_finetune
+from .classification import quantize_study
 from .export import BUILDERS
 
 HISTOGRAM = ("entropy", "percentile", "histogram")  # onnxruntime's names for the non-MinMax calibrations
@@ -39,7 +39,11 @@ def keep_float_layers(spec: str, graph: Graph) -> tuple[str, ...]:
 
 def quantize(args: argparse.Namespace) -> int:
     """Quantize, measure fp32 and INT8 in the runtime, remedy while over ``--max-drop``; exit 3 when still over."""
-    args.variant = None
+    if args.study:
+        if args.task != "classify" or args.runtime != "onnxruntime":
+            raise ValueError("--study compares onnxruntime's settings for classification: drop --task / --runtime")
+        return quantize_study(args)
+    args.variant, args.num_classes = None, None
     model = BUILDERS[args.task](args)
     graph = task_graph(args.task, model, args.img_size)
     keep = args.keep_float or ("first3" if args.runtime == "onnxruntime" and args.task == "classify" else "none")
@@ -51,14 +55,7 @@ def quantize(args: argparse.Namespace) -> int:
         graph = qat_finetune(graph, args.train_data, args.epochs, args.lr)
     calibration = calibration_batch(args.calib_data, graph.meta, args.num_calib)
     eval_data = args.eval_data or args.calib_data
-    try:
-        report = quantize_checked(args.runtime, graph, calibration, args.out, eval_data, args.max_drop, recipe)
-    except ImportError as e:
-        print(f"mobileone quantize: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"mobileone quantize: {e}", file=sys.stderr)
-        return 2
+    report = quantize_checked(args.runtime, graph, calibration, args.out, eval_data, args.max_drop, recipe)
     print(f"INT8 for {args.runtime} ({args.task}, {len(calibration)} calibration images from {args.calib_data})")
     print(report.summary())
     if args.json:

@@ -1,4 +1,4 @@
-"""Segmentation commands: ``mobileone demo|eval|export|bench --task segment``.
+"""Segmentation commands: ``mobileone demo|eval|predict|export|bench --task segment``.
 
 ``demo`` trains LR-ASPP on MobileOne-S0 on the built-in digit scenes (semi-synthetic: real digit
 scans on real photographs, pixel masks from the scans), then walks the path to deployment: mIoU of
@@ -10,24 +10,31 @@ latency unfused against fused, in about 3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..bench.segmentation import DEFAULT_MODELS, SegmentationBenchConfig, run_segmentation_benchmark
 from ..bench.timing import time_model
+from ..core.files import write_json_result
+from ..core.fusion import reparameterize_model
 from ..deploy.common import ExportError
+from ..deploy.predict_onnx import OnnxModel
 from ..deploy.segmentation import SegmentationOutputs, evaluate_onnx_segmenter, export_segmenter
 from ..tasks import resolve_config, train
 from ..tasks.segmentation.builtin import builtin_scenes
 from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_splits
 from ..tasks.segmentation.evaluate import evaluate_checkpoint
-from ..tasks.segmentation.model import load_segmenter
+from ..tasks.segmentation.model import Segmenter, load_segmenter
+from ..tasks.segmentation.predict import predict_masks
 from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE
 from . import write_json
 from .export import segmenter_name
+from .info import report
 
 DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 8, 64
 
@@ -40,7 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """``mobileone eval --task segment``: mIoU, pixel accuracy and IoU per class over full-resolution masks."""
     fmt = getattr(args, "data_format", None) or "auto"
     if args.onnx:
-        if args.img_size:
+        if args.img_size is not None:
             print(
                 "mobileone eval: --img-size is ignored for --onnx: the file runs at each image's resolution",
                 file=sys.stderr,
@@ -75,24 +82,52 @@ def bench(args: argparse.Namespace) -> int:
     models = list(DEFAULT_MODELS) if args.models == "default" else [segmenter_name(m) for m in args.models.split(",")]
     cfg = SegmentationBenchConfig(
         models=models,
-        output_strides=[int(s) for s in args.output_strides.split(",")],
+        output_strides=list(args.output_strides),
         runtimes=args.runtimes.split(","),
-        img_size=args.img_size or 512,
-        batch=min(int(b) for b in args.batch_sizes.split(",")),
+        img_size=512 if args.img_size is None else args.img_size,
+        batch=min(args.batch_sizes),
         threads=args.threads,
         warmup=args.warmup,
         iters=args.iters,
         min_time=args.min_time,
         out=args.out,
     )
-    try:
-        result = run_segmentation_benchmark(cfg)
-    except ImportError as e:
-        print(f"mobileone bench: {e}", file=sys.stderr)
-        return 2
+    result = run_segmentation_benchmark(cfg)
     print((Path(args.out) / "segment_results.md").read_text())
     print(f"written: {args.out}/segment_results.md, segment_results.json")
     return 1 if result["errors"] else 0
+
+
+def info(args: argparse.Namespace) -> int:
+    """``mobileone info --checkpoint`` of a segmenter: what it is, its size train-time and fused."""
+    model = load_segmenter(args.checkpoint)
+    size = args.img_size or int(model.preprocess.get("input_size", 512))
+    names = ", ".join(map(str, (model.class_names or [])[:8]))
+    print(
+        f"{args.checkpoint}: segmentation checkpoint, {model.name}, {'fused' if model.inference_mode else 'unfused'}, "
+        f"{model.num_classes} classes ({names}), output stride {model.config.output_stride}, trained at {size} px"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = reparameterize_model(Segmenter(model.config).eval())
+    return report([(model.name, Segmenter(model.config), fused)], size, args.json, "segmenter")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """``mobileone predict --task segment``: a mask PNG and an overlay per image, and the classes' shares."""
+    model = OnnxModel(args.onnx, "segment", args.threads) if args.onnx else load_segmenter(args.checkpoint)
+    out = Path(args.out or "predictions")
+    results = [r for source in args.images for r in predict_masks(model, source, out)]
+    write_json_result(out / "predictions.json", {"images": results}, "predict")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for r in results if not args.json else []:
+        if "error" in r:
+            print(f"{r['image']}: {r['error']}")
+            continue
+        top = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"{r['image']}: " + ", ".join(f"{k} {v:.1f} %" for k, v in top) + f" -> {r['mask']}, {r['overlay']}")
+    return 1 if any("error" in r for r in results) else 0
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""What every export target shares: the optional-dependency import, the error, tensor names, batching."""
+"""What every export target shares: the one write path, the optional-dependency import, the errors, tensor
+names, batching."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+from ..core.files import check_replaceable, remove_stale_temporaries, temporary_path, writable_folder
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # A loaded export: one batch in (normalized NCHW float32), the outputs in the PyTorch module's order out.
@@ -23,6 +27,109 @@ Runner = Callable[[Tensor], list[Tensor]]
 
 class ExportError(RuntimeError):
     """The export failed, or the exported model does not reproduce the PyTorch model."""
+
+
+class ExportCheckError(ExportError):
+    """The exported file does not reproduce the PyTorch model: nothing was written at ``--out``."""
+
+
+T = TypeVar("T")
+FAILED = ".failed"  # NAME.failed.EXT: an export whose check failed, kept for inspection only
+
+
+def failed_path(out: str | os.PathLike) -> Path:
+    """Where an export whose check failed is kept: ``model.onnx`` -> ``model.failed.onnx``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}{FAILED}{out.suffix}")
+
+
+def refuse_failed(path: str | os.PathLike) -> None:
+    """Raise :class:`ExportError` for a file named as an export whose check failed (no runtime reads one)."""
+    if Path(path).stem.endswith(FAILED):
+        raise ExportError(
+            f"{path} is an export whose check failed: it differs from the PyTorch model and is kept only for "
+            "inspection. Export again (see the check's message), or fix the model"
+        )
+
+
+def write_checked(
+    out: str | os.PathLike,
+    write: Callable[[Path], None],
+    check: Callable[[Path], T] | None = None,
+    read_metadata: Callable[[Path], dict[str, Any]] | None = None,
+    companions: Callable[[Path], list[Path]] | None = None,
+) -> T | None:
+    """The one way every export target writes ``out``: ``write(tmp)`` beside it, ``check(tmp)``, then renamed.
+
+    ``tmp`` keeps ``out``'s suffix (a file or a ``.mlpackage`` folder). An :class:`ExportError` from
+    writing or checking leaves nothing at ``out`` (a previous file there stays): the file is kept as
+    ``NAME.failed.EXT`` and :class:`ExportCheckError` says so. Any other error removes it. An existing
+    ``out`` is replaced only when ``read_metadata`` reads it as one of our exports; returns ``check``'s result.
+    ``companions(path)``: the files written beside an export at ``path`` (OpenVINO's ``.bin``, ncnn's ``.bin``,
+    a JSON of metadata), moved with it.
+    """
+    out = Path(out)
+    writable_folder(out.parent, "; choose another --out")
+    check_replaceable(out, lambda p: _is_export(p, read_metadata), "; choose another --out")
+    remove_stale_temporaries(out.parent, locked=False)
+    tmp = temporary_path(out)
+    try:
+        write(tmp)
+        result = check(tmp) if check is not None else None
+    except ExportError as e:
+        failed = failed_path(out)
+        if os.path.lexists(tmp):
+            _move_all(tmp, failed, companions)
+        message = str(e).replace(str(tmp), str(failed))
+        raise ExportCheckError(f"{message}. Nothing was written at {out}; the file is kept as {failed}") from e
+    except BaseException:
+        for path in [tmp, *(companions(tmp) if companions else [])]:
+            _remove(path)
+        raise
+    _move_all(tmp, out, companions)
+    return result
+
+
+def companion_name(path: Path, companion: Path, dst: Path) -> Path:
+    """Where ``companion`` of an export at ``path`` goes when the export moves to ``dst``."""
+    if companion.name.startswith(path.name):  # model.tflite.json
+        return dst.parent / (dst.name + companion.name[len(path.name) :])
+    return dst.with_suffix(companion.suffix)  # model.bin beside model.xml
+
+
+def _move_all(src: Path, dst: Path, companions: Callable[[Path], list[Path]] | None) -> None:
+    for companion in companions(src) if companions else []:
+        if os.path.lexists(companion):
+            _move(companion, companion_name(src, companion, dst))
+    _move(src, dst)
+
+
+def _is_export(path: Path, read_metadata: Callable[[Path], dict[str, Any]] | None) -> bool:
+    """Whether ``path`` is an export this library wrote (its metadata describes the preprocessing)."""
+    if read_metadata is None:
+        return False
+    try:
+        return "input_layout" in read_metadata(path)
+    except Exception:  # not readable as this format: not ours
+        return False
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename a file or a folder (a ``.mlpackage``) onto ``dst``, replacing what is there."""
+    if dst.is_dir() and not dst.is_symlink():
+        old = temporary_path(dst)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 # Loggers of third-party packages that print on import what our users cannot act on: coremltools on

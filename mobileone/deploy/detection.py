@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from ..core.files import writable_folder
 from ..core.fusion import reparameterize_model
+from ..core.ranges import MAX_DETECTIONS
 from ..tasks.detection.model import DetectorConfig, SSDLiteDetector, postprocess
 from ..tasks.detection.task import detection_metrics, val_loader
-from .common import ExportError, require
+from .common import ExportError, require, write_checked
 from .export import sample_images
 from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata
 from .onnx_nms import add_nms
@@ -125,14 +125,57 @@ def export_detector(
     check: bool = True,
     check_inputs: Tensor | None = None,
     from_raw: str | Path | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> DetectionExportReport:
     """Fuse ``model``, export it in ``form`` (``raw`` to any target, ``nms`` ONNX only) and check the file.
 
     ``check_inputs`` are normalized images at the detector's size (default: real photographs);
     raises :class:`ExportError` when the exported file disagrees with PyTorch. ``from_raw``: the
     NMS form is built on this raw ONNX export of the same detector instead of exporting again.
+    ``atol`` / ``rtol``: the raw form's check tolerance (``atol + rtol * max |output|``; default 1e-4 each).
+    The file reaches ``out`` only once its check passed; a failed one is kept as ``NAME.failed.EXT``.
     """
-    out = Path(out)
+    out, format = _target(Path(out), format, form, atol is not None or rtol is not None)
+    max_detections = model.config.max_detections if max_detections is None else max_detections
+    MAX_DETECTIONS.check("max_detections", max_detections)
+    fused, fused_now = fused_detector(model)
+    fused.config.max_detections = max_detections  # the copy's eager post-processing is what the check compares to
+    size = fused.config.img_size
+    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    meta = detector_metadata(fused, form, max_detections)
+    report = DetectionExportReport(out, format, form, fused_now)
+    if check and check_inputs is None:
+        check_inputs = sample_images(4, size, meta["mean"], meta["std"])
+    dynamic, t = "batch" if dynamic_batch else "none", target(format)
+
+    def write(tmp: Path) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            if format == "onnx":
+                _export_onnx(fused, tmp, example, form, dynamic, max_detections, meta, report, from_raw)
+            elif form == "nms":  # OpenVINO reads the ONNX graph, NonMaxSuppression included
+                with tempfile.TemporaryDirectory(prefix="mobileone_nms_") as folder:
+                    onnx_nms = Path(folder) / "nms.onnx"
+                    _export_onnx(fused, onnx_nms, example, form, dynamic, max_detections, meta, report, None)
+                    t.module.convert_onnx(onnx_nms, tmp, meta)
+            else:
+                write_export(format, RawDetector(fused), tmp, example, meta, dynamic, RAW_OUTPUTS)
+
+    def compare(tmp: Path) -> str:
+        if form == "nms":
+            return check_nms(format, tmp, fused, check_inputs, dynamic_batch)
+        if format == "coreml" and not t.module.can_run():
+            return t.module.check_structure(tmp, RawDetector(fused), example[:1])
+        return check_raw(format, tmp, fused, check_inputs, dynamic_batch, atol, rtol)
+
+    companions = lambda p: t.files(p)[1:]  # noqa: E731
+    report.check = write_checked(out, write, compare if check else None, t.module.read_metadata, companions)
+    report.check = report.check or "not run"
+    return report
+
+
+def _target(out: Path, format: str | None, form: str, tolerance: bool) -> tuple[Path, str]:
+    """The file and format of an export (the suffix names the format), or a ValueError for what cannot be."""
     format = format or format_of(out) or "onnx"
     if format not in FORMATS:
         raise ValueError(f"detectors export to {list(FORMATS)}, not {format!r}")
@@ -142,40 +185,12 @@ def export_detector(
         raise ValueError(
             f"the NMS form is for {list(NMS_FORMATS)} (runtimes with NonMaxSuppression); export --raw for {format}"
         )
-    if out.suffix != FORMATS[format]:
-        out = out.with_suffix(FORMATS[format])
-    max_detections = max_detections or model.config.max_detections
-    if max_detections < 1:
-        raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-    writable_folder(out.parent, "; choose another --out")
-    fused, fused_now = fused_detector(model)
-    fused.config.max_detections = max_detections  # the copy's eager post-processing is what the check compares to
-    size = fused.config.img_size
-    example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
-    meta = detector_metadata(fused, form, max_detections)
-    report = DetectionExportReport(out, format, form, fused_now)
-    dynamic = "batch" if dynamic_batch else "none"
-    if format == "onnx":
-        with torch.inference_mode(False), torch.no_grad():
-            _export_onnx(fused, out, example, form, dynamic, max_detections, meta, report, from_raw)
-    elif form == "nms":  # OpenVINO reads the ONNX graph, NonMaxSuppression included
-        with tempfile.TemporaryDirectory(prefix="mobileone_nms_") as tmp:
-            onnx_nms = Path(tmp) / "nms.onnx"
-            _export_onnx(fused, onnx_nms, example, form, dynamic, max_detections, meta, report, from_raw)
-            target(format).module.convert_onnx(onnx_nms, out, meta)
-    else:
-        write_export(format, RawDetector(fused), out, example, meta, dynamic, RAW_OUTPUTS)
-    if not check:
-        return report
-    if check_inputs is None:
-        check_inputs = sample_images(4, size, meta["mean"], meta["std"])
-    if form == "nms":
-        report.check = check_nms(format, out, fused, check_inputs, dynamic_batch)
-    elif format == "coreml" and not target(format).module.can_run():
-        report.check = target(format).module.check_structure(out, RawDetector(fused), example[:1])
-    else:
-        report.check = check_raw(format, out, fused, check_inputs, dynamic_batch)
-    return report
+    if form == "nms" and tolerance:
+        raise ValueError(
+            "--atol / --rtol set the raw form's tolerance; the NMS form's check matches the detections one to one "
+            f"(labels equal, IoU >= {MIN_IOU}, scores within {SCORE_TOL})"
+        )
+    return (out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])), format
 
 
 def _export_onnx(fused, out, example, form, dynamic, max_detections, meta, report, from_raw) -> None:
@@ -204,25 +219,37 @@ def _export_onnx(fused, out, example, form, dynamic, max_detections, meta, repor
 # --- checks ---------------------------------------------------------------------------------------------------
 
 
-def check_detector_outputs(got: list[Tensor], fused: SSDLiteDetector, x: Tensor, runtime: str) -> str:
+def check_detector_outputs(
+    got: list[Tensor], fused: SSDLiteDetector, x: Tensor, runtime: str, atol: float | None, rtol: float | None
+) -> str:
     """The one comparison of an exported detector's raw outputs with PyTorch's ``forward_raw`` on ``x``."""
+    atol, rtol = RAW_RTOL if atol is None else atol, RAW_RTOL if rtol is None else rtol
     with torch.no_grad():
         expected = fused.forward_raw(x)
     for name, e, g in zip(RAW_OUTPUTS, expected, got):
         diff = float((g.float() - e).abs().max())
-        tol = RAW_RTOL * max(1.0, float(e.abs().max()))
+        tol = atol + rtol * float(e.abs().max())
         if not diff <= tol:
             raise ExportError(
                 f"{runtime}: raw output {name} differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} "
-                f"= 1e-4 relative) on {len(x)} images; the file should not be deployed"
+                f"= {atol:g} + {rtol:g} x max |output|) on {len(x)} images; the file should not be deployed"
             )
-    return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within 1e-4 relative"
+    within = f"{rtol:.0e} relative + {atol:.0e} absolute".replace("e-0", "e-")
+    return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within {within}"
 
 
-def check_raw(format: str, path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:
+def check_raw(
+    format: str,
+    path: Path,
+    fused: SSDLiteDetector,
+    x: Tensor,
+    dynamic_batch: bool,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> str:
     """Run the raw form at ``path`` in ``format``'s runtime on ``x`` and compare it with PyTorch."""
     got = run_export(format, load_export(format, path), x, dynamic_batch)
-    return check_detector_outputs(got, fused, x, f"{target(format).module.runtime_name()}")
+    return check_detector_outputs(got, fused, x, target(format).module.runtime_name(), atol, rtol)
 
 
 def check_nms(format: str, path: Path, fused: SSDLiteDetector, x: Tensor, dynamic_batch: bool) -> str:

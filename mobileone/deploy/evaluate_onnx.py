@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..tasks.classification.data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
 from ..tasks.classification.evaluate import topk_hits
-from .onnx import onnx_session, read_onnx_metadata
+from .onnx import onnx_session, read_onnx_metadata, require_onnx_task
 
 
 def _data_root(data: str | os.PathLike, split: str) -> Path:
@@ -61,9 +61,9 @@ def onnx_logits(
     path: str | os.PathLike, data: Any, batch_size: int = 64, threads: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Logits of an ONNX classifier on ``data`` (see :func:`evaluate_onnx`) and the labels."""
+    meta = require_onnx_task(path, "classify")
     session = onnx_session(path, threads)
     inp = session.get_inputs()[0]
-    meta = read_onnx_metadata(path)
     size = inp.shape[-1] if isinstance(inp.shape[-1], int) else 224
     meta.setdefault("input_size", [3, size, size])
     meta.setdefault("mean", [0.485, 0.456, 0.406])

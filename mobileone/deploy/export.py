@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import IMAGENET_MEAN, IMAGENET_STD
-from ..core.files import writable_folder
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from ..core.model import MobileOne
+from ..core.ranges import IMG_SIZE
 from .common import OUTPUT_NAME, ExportError
-from .targets import FORMATS, TARGETS, format_of, load_export, read_metadata, run_export, target, write_export
+from .targets import FORMATS, TARGETS, format_of, load_export, read_metadata, run_export, target, write_target
 
 log = logging.getLogger("mobileone")
 __all__ = ["FORMATS", "TARGETS", "ExportReport", "export_model", "read_metadata"]
@@ -137,7 +137,8 @@ def export_model(
     with its own runtime (onnxruntime, TorchScript, ExecuTorch, LiteRT, OpenVINO, ncnn; Core ML only
     on macOS, elsewhere a structural check) on ``check_inputs`` (default: real photographs) and
     compares with the eval-mode PyTorch model; the tolerance is ``atol + rtol * max |PyTorch output|``
-    (defaults per target in ``TARGETS``).
+    (defaults per target in ``TARGETS``). The file reaches ``out`` only once its check passed
+    (:func:`~mobileone.deploy.common.write_checked`); a failed one is kept as ``NAME.failed.EXT``.
     """
     out = Path(out)
     format = format or format_of(out)
@@ -147,31 +148,31 @@ def export_model(
         out = out.with_suffix(FORMATS[format])
     if img_size is None:  # 0 is an invalid size, not "unset"
         img_size = int((getattr(model, "preprocess", None) or {}).get("input_size", 224))
-    if not isinstance(img_size, int) or not 16 <= img_size <= 4096:
-        raise ValueError(f"img_size must be an integer in 16..4096 (pixels), got {img_size!r}")
-    writable_folder(out.parent, "; choose another --out")
+    IMG_SIZE.check("img_size", img_size)
     reference = copy.deepcopy(model).eval()
     fused, fused_now, notes = fuse_for_export(model)
     meta = model_metadata(model, img_size)
     in_chans = getattr(model, "in_chans", 3)
     # torch.export specializes a batch of 1 to a constant, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, in_chans, img_size, img_size)
-    log.info("exporting %s (fused=%s) to %s", format, True, out)
-    write_export(format, fused, out, example, meta, "batch" if dynamic_batch else "none", [OUTPUT_NAME])
-    report = ExportReport(out, format, fused_now, check="not run", notes=notes)
-    if not check:
-        return report
-    if check_inputs is None:
-        check_inputs = sample_images(8, img_size, meta["mean"], meta["std"])
-    with torch.no_grad():
-        expected = reference(check_inputs).float()
     t = target(format)
-    if format == "coreml" and not t.module.can_run():
-        report.check = t.module.check_structure(out, fused, example[:1])
-        return report
-    got = run_export(format, load_export(format, out), check_inputs, dynamic_batch)[0]
-    report.check = f"{t.module.runtime_name()}, {len(check_inputs)} real images"
-    compare_logits(report, got.float(), expected, t.tolerance, atol, rtol)
+    report = ExportReport(out, format, fused_now, check="not run", notes=notes)
+    if check and check_inputs is None:
+        check_inputs = sample_images(8, img_size, meta["mean"], meta["std"])
+
+    def compare(tmp: Path) -> None:
+        with torch.no_grad():
+            expected = reference(check_inputs).float()
+        if format == "coreml" and not t.module.can_run():
+            report.check = t.module.check_structure(tmp, fused, example[:1])
+            return
+        got = run_export(format, load_export(format, tmp), check_inputs, dynamic_batch)[0]
+        report.check = f"{t.module.runtime_name()}, {len(check_inputs)} real images"
+        compare_logits(report, got.float(), expected, t.tolerance, atol, rtol)
+
+    log.info("exporting %s (fused=%s) to %s", format, True, out)
+    dynamic = "batch" if dynamic_batch else "none"
+    write_target(format, fused, out, example, meta, dynamic, [OUTPUT_NAME], compare if check else None)
     return report
 
 

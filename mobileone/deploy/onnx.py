@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import INPUT_NAME, OUTPUT_NAME, ExportError, Runner, package_version, require
+from .common import INPUT_NAME, OUTPUT_NAME, ExportError, Runner, package_version, refuse_failed, require
 
 SUFFIX, EXTRA, DYNAMIC = ".onnx", "export", ("none", "batch", "size")
 MIN_SIDE, MAX_SIDE = 32, 4096  # the sides an export with a dynamic height and width accepts
@@ -97,8 +97,29 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def onnx_task(path: str | Path) -> str:
+    """The task an exported ONNX file was written for (``classify`` when its metadata names none)."""
+    task = read_onnx_metadata(path).get("task", "classify")
+    return task if isinstance(task, str) else "classify"
+
+
+def require_onnx_task(path: str | Path, task: str) -> dict[str, Any]:
+    """The file's metadata, or an :class:`ExportError` when it was exported for another task than ``task``."""
+    meta = read_onnx_metadata(path)
+    found = meta.get("task", "classify")
+    if found != task:
+        raise ExportError(
+            f"{path} is a {found} model (its metadata says so), not a {task} one; run the command with --task {found}"
+        )
+    return meta
+
+
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with full graph optimization and a fixed thread count."""
+    """An onnxruntime CPU session with full graph optimization and a fixed thread count.
+
+    Files named as failed exports (``NAME.failed.onnx``) are refused.
+    """
+    refuse_failed(path)
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

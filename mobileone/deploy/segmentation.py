@@ -35,7 +35,7 @@ from ..tasks.segmentation.model import Segmenter
 from .common import ExportError, package_version
 from .export import sample_images
 from .onnx import MAX_SIDE, MIN_SIDE, onnx_session, read_onnx_metadata
-from .targets import FORMATS, format_of, load_export, read_metadata, run_export, target, write_export
+from .targets import FORMATS, format_of, load_export, read_metadata, run_export, target, write_target
 
 TOLERANCE = {"default": (1e-5, 1e-4), "coreml": (5e-2, 2e-2)}  # (atol, rtol); Core ML computes in float16
 
@@ -143,10 +143,9 @@ def export_segmenter(
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r} for {out}; choose one of {list(FORMATS)}")
     out = out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])
-    img_size = img_size or int(model.preprocess.get("input_size", 512))
+    img_size = int(model.preprocess.get("input_size", 512)) if img_size is None else img_size
     if not isinstance(img_size, int) or not MIN_SIDE <= img_size <= MAX_SIDE:
         raise ValueError(f"img_size must be an integer in {MIN_SIDE}..{MAX_SIDE} (pixels), got {img_size!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     reference = copy.deepcopy(model).eval()
     fused_now = not model.inference_mode
     with warnings.catch_warnings():
@@ -156,24 +155,46 @@ def export_segmenter(
     dynamic = "size" in target(format).dynamic
     meta = segmentation_metadata(model, img_size, argmax, dynamic)
     example = torch.zeros(2 if dynamic else 1, 3, img_size, img_size)
-    write_export(format, wrapper, out, example, meta, "size" if dynamic else "none", wrapper.output_names)
     report = SegmentationExportReport(out, format, fused_now)
-    if not check:
-        return report
-    if format == "coreml" and not target(format).module.can_run():
-        report.check = target(format).module.check_structure(out, wrapper, example[:1])
-        return report
-    runner = load_export(format, out)
+    t = target(format)
+
+    def compare(tmp: Path) -> None:
+        if format == "coreml" and not t.module.can_run():
+            report.check = t.module.check_structure(tmp, wrapper, example[:1])
+            return
+        images = check_images(img_size, dynamic, meta["mean"], meta["std"])
+        _compare_logits(tmp, wrapper, reference, images, report, (atol, rtol))
+
+    dynamic_mode = "size" if dynamic else "none"
+    write_target(format, wrapper, out, example, meta, dynamic_mode, wrapper.output_names, compare if check else None)
+    return report
+
+
+def _compare_logits(
+    tmp: Path,
+    wrapper: SegmentationOutputs,
+    reference: nn.Module,
+    images: list[Tensor],
+    report: SegmentationExportReport,
+    tolerance: tuple[float | None, float | None],
+) -> None:
+    """Run the file on ``images``; fill ``report``; an :class:`ExportError` when its logits differ from PyTorch's.
+
+    ``tolerance``: (atol, rtol), None for the format's default.
+    """
+    format, argmax = report.format, wrapper.argmax
+    runner = load_export(format, tmp)
     report.check = f"{target(format).module.runtime_name()}, real images"
+    dynamic = "size" in target(format).dynamic
     diffs, scale, agree, labels_agree, pixels = 0.0, 0.0, 0, 0, 0
-    for x in check_images(img_size, dynamic, meta["mean"], meta["std"]):
+    for x in images:
         with torch.no_grad():
             expected = reference(x)["out"].float()
         got = run_export(format, runner, x, dynamic)
         logits = got[0].float()
         if logits.shape != expected.shape:
             raise ExportError(
-                f"{format} export at {out} gives logits shaped {tuple(logits.shape)} for an input "
+                f"{format} export at {tmp} gives logits shaped {tuple(logits.shape)} for an input "
                 f"{tuple(x.shape)}; PyTorch gives {tuple(expected.shape)}"
             )
         report.sizes.append(tuple(x.shape[-2:]))
@@ -183,18 +204,16 @@ def export_segmenter(
         pixels += truth.numel()
         if argmax:
             labels_agree += int((got[1].long() == truth).sum())
-    default_atol, default_rtol = TOLERANCE.get(format, TOLERANCE["default"])
-    atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+    defaults = TOLERANCE.get(format, TOLERANCE["default"])
+    atol, rtol = (d if t is None else t for d, t in zip(defaults, tolerance, strict=True))
     report.max_abs_diff, report.tolerance = diffs, atol + rtol * scale
     report.argmax_agreement = 100.0 * agree / pixels
     report.labels_agreement = 100.0 * labels_agree / pixels if argmax else None
     if not report.max_abs_diff <= report.tolerance:
         raise ExportError(
-            f"{format} export at {out} differs from the PyTorch model by {report.max_abs_diff:.3g} "
-            f"(tolerance {report.tolerance:.3g}); the file is kept for inspection but should not be "
-            "deployed"
+            f"{format} export at {tmp} differs from the PyTorch model by {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:.3g}); it should not be deployed"
         )
-    return report
 
 
 def read_segmentation_metadata(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ outputs; nothing in a target knows which task it exports.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import coreml, executorch, ncnn, onnx, openvino, tflite, torchscript
-from .common import Runner
+from .common import Runner, write_checked
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def format_of(path: str | Path) -> str | None:
 def write_export(
     format: str, module: nn.Module, out: Path, example: Tensor, meta: dict[str, Any], dynamic: str, names: list[str]
 ) -> Path:
-    """Write ``module`` (fused, eval mode) as ``format`` to ``out``: the one path every export goes through."""
+    """Write ``module`` (fused, eval mode) as ``format`` to ``out``: every target's writer behind one function
+    (:func:`write_target` wraps it in the checked write path)."""
     t = target(format)
     if dynamic not in t.dynamic:
         dynamic = "batch" if dynamic == "size" and "batch" in t.dynamic else "none"
@@ -103,6 +105,28 @@ def write_export(
     with torch.inference_mode(False), torch.no_grad():
         t.module.export(module.eval(), out, example, meta, dynamic, names)
     return out
+
+
+def write_target(
+    format: str,
+    module: nn.Module,
+    out: Path,
+    example: Tensor,
+    meta: dict[str, Any],
+    dynamic: str,
+    names: list[str],
+    check: Callable[[Path], Any] | None = None,
+) -> Any:
+    """:func:`write_export` through the package's one write path: written beside ``out``, checked by
+    ``check(tmp)``, then renamed with its companion files (a failed check leaves nothing at ``out``)."""
+    t = target(format)
+    return write_checked(
+        out,
+        lambda tmp: write_export(format, module, tmp, example, meta, dynamic, names),
+        check,
+        t.module.read_metadata,
+        lambda p: t.files(p)[1:],
+    )
 
 
 def load_export(format: str, path: str | Path, threads: int | None = None) -> Runner:

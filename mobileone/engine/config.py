@@ -9,85 +9,179 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.config import MobileOneConfig, resolve_variant
+from ..core.ranges import FRACTION, IMG_SIZE, MAX_DETECTIONS, THREADS, WORKERS, Range
 
 if TYPE_CHECKING:
     from .task import Task
 
 
+SECTIONS = {
+    "data": "data and model",
+    "optimization": "optimization",
+    "schedule": "schedule",
+    "augmentation": "augmentation",
+    "detection": "detection (--task detect)",
+    "segmentation": "segmentation (--task segment)",
+    "run": "run: where, on what, how it reports",
+}
+CHOICES = {
+    "task": ("classify", "detect", "segment"),
+    "data_format": ("auto", "coco", "voc", "yolo", "masks"),
+    "augment": ("none", "randaugment", "autoaugment"),
+    "init": ("torch", "unit-sum", "identity"),
+    "head": ("deeplabv3", "lraspp"),
+    "device": ("auto", "cuda", "cpu"),
+    "amp": ("auto", "none", "bf16", "fp16"),
+}
+
+
+def option(
+    default: Any,
+    section: str,
+    help: str,
+    range: Range | None = None,
+    choices: tuple[str, ...] | None = None,
+    cli: bool = True,
+    **extra: Any,
+) -> Any:
+    """A TrainConfig field with what validates it and what ``mobileone train --help`` says about it."""
+    meta = {"section": section, "help": help, "range": range, "choices": choices, "cli": cli, **extra}
+    return field(default=default, metadata=meta)
+
+
+# Values a recipe sets unless the user sets them. "short" is the default: it is what most users
+# run (a few epochs on a few thousand images) and what benchmarks/underfit.py tuned.
+RECIPES: dict[str, dict[str, Any]] = {
+    "imagenet": {"epochs": 300, "batch_size": 256, "warmup_epochs": 5.0, "init": "torch", "img_size": 224},
+    "short": {"epochs": 10, "warmup_epochs": 1.0, "init": "identity"},
+    "finetune": {"epochs": 10, "base_lr": 0.01, "warmup_epochs": 1.0, "init": "torch"},
+}
+UNIT = Range(0.0, 1.0)  # probabilities and fractions, both ends included
+BELOW_ONE = Range(0.0, 1.0, high_open=True)
+RATE = Range(0.0, 100.0, low_open=True)
+
+
 @dataclass
 class TrainConfig:
-    """One training run. ``None`` fields are filled from the recipe and the task (see :func:`resolve_config`)."""
+    """One training run, its options grouped by section. ``None`` fields are filled from the recipe and the task
+    (see :func:`resolve_config`); each field's metadata holds its help, choices and valid range."""
 
-    task: str = "classify"  # classify | detect | segment
-    data: str | None = None  # the task's data folder; None: the task's built-in data
-    variant: str = "s0"  # s0..s4, mu0..mu2 (or mnv3: the MobileNetV3 peer of detection / segmentation)
-    arch: dict[str, Any] | None = None  # MobileOneConfig fields for a custom architecture
-    recipe: str = "short"  # short | imagenet | finetune (RECIPES)
-    out: str = "runs/mobileone"
-    epochs: int = 10
-    batch_size: int = 128  # global: over all processes and accumulation steps
-    auto_batch: bool = False  # the batch was not set by the user: lowered when the data is small
-    auto_epochs: bool = False  # not set by the user (own data): raised to a floor of steps on small data
-    accum_steps: int = 1  # micro-batches per step (interleaved, as ranks would split the batch)
-    steps_per_epoch: int | None = None  # cap on the steps of an epoch (quick runs)
-    img_size: int = 224  # final training size; also the evaluation size
-    auto_img_size: bool = False  # not set by the user (own data): lowered to the images' own size
-    progressive: bool = False  # 0.71x, 0.86x, 1x img_size over the run (paper: 160 -> 192 -> 224)
-    crop_pct: float = 0.875
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    augment: str = "none"  # none | randaugment | autoaugment; strength rises with the image size
-    magnitude: float = 7.0
-    base_lr: float = 0.1  # per 256 images; lr = base_lr * batch_size / 256
-    lr: float | None = None  # absolute peak LR, overrides base_lr
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0  # linear LR warm-up, at most a fifth of the run
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_end: float = 1e-5  # cosine annealing of weight decay; = weight_decay switches it off
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.9995  # 0 switches EMA off
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
-    init: str = "torch"  # torch | unit-sum | identity (init_branches), for runs from scratch
-    k: int | None = None  # override the variant's number of conv branches (paper ablation k = 1)
-    branches: bool = True  # False: k = 1, no scale and no skip branches (plain conv-BN net)
-    teacher: str | None = None  # checkpoint of a teacher for knowledge distillation (classification)
-    distill_alpha: float = 0.5  # weight of the distillation loss (1 - alpha on the labels)
-    distill_temperature: float = 2.0
-    pretrained: str | None = None  # classification: fine-tune from it (new head); detect/segment: backbone
-    freeze_stages: int = 0  # freeze the stem and the first stages (0..5), BN statistics included
-    resume: str | None = None
-    workers: int | None = None  # data-loading processes per rank; None: fits the machine
-    threads: int | None = None  # torch CPU threads; None: torch's default
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
-    channels_last: bool | None = None  # None: on CUDA
-    compile: bool = False
-    sync_bn: bool = False
-    strict_images: bool = False  # a corrupt image stops the run instead of being skipped
-    progress: bool = True  # the per-epoch bar on a terminal; elsewhere a line every log_every steps
-    log_every: int | None = None  # None: about 10 lines an epoch when not on a terminal
-    # --- detection and segmentation
-    data_format: str = "auto"  # detect: coco | voc | yolo; segment: masks | voc; auto: detected
-    # --- detection (SSDLite)
-    anchor_min_ratio: float = 0.2  # smallest default box, as a fraction of the image (SSD's s_min)
-    anchor_max_ratio: float = 0.95
-    score_thresh: float = 0.001  # detections kept for mAP (COCO evaluation keeps low scores)
-    nms_thresh: float = 0.55
-    max_detections: int = 300
-    # --- segmentation (DeepLabV3 / LR-ASPP)
-    head: str = "deeplabv3"  # deeplabv3 | lraspp
-    output_stride: int = 16  # 16 or 8 (dilated last stages)
-    aux_weight: float = 0.4  # auxiliary FCN head loss weight (deeplabv3); 0: no auxiliary head
+    # --- data and model
+    task: str = option(
+        "classify", "data", "classify, detect (SSDLite) or segment (DeepLabV3, LR-ASPP)", choices=CHOICES["task"]
+    )
+    data: str | None = option(
+        None,
+        "data",
+        "the task's data folder (classify: train/ and val/ with a folder per class); default: built-in data",
+    )
+    data_format: str = option("auto", "data", "annotation layout; auto: detected", choices=CHOICES["data_format"])
+    variant: str = option("s0", "data", "s0..s4, mu0..mu2; detect / segment also mnv3, the MobileNetV3 peer")
+    arch: dict[str, Any] | None = option(
+        None,
+        "data",
+        'a custom MobileOneConfig as JSON, e.g. \'{"widths": [8,16,32,64], "stem_width": 8, "k": 2}\'',
+        json=True,
+    )
+    pretrained: str | None = option(
+        None, "data", "fine-tune from this checkpoint (new head); detect / segment: a classifier of the backbone"
+    )
+    freeze_stages: int = option(
+        0, "data", "freeze the stem and the first stages, BN included", Range(0, 5, integer=True)
+    )
+    k: int | None = option(
+        None, "data", "conv branches per layer (the variant's; paper ablation: 1)", Range(1, 16, integer=True)
+    )
+    branches: bool = option(True, "data", "k = 1 and no scale / skip branches (paper ablation)", flag="--no-branches")
+    init: str = option(
+        "torch", "data", "branch BN scales at the start (identity: skip layers)", choices=CHOICES["init"]
+    )
+    # --- optimization
+    base_lr: float = option(0.1, "optimization", "learning rate per 256 images (lr = base_lr x batch / 256)", RATE)
+    lr: float | None = option(None, "optimization", "peak learning rate (overrides --base-lr)", RATE)
+    min_lr: float = option(1e-6, "optimization", "learning rate at the end of the cosine", Range(0.0, 100.0))
+    momentum: float = option(0.9, "optimization", "SGD momentum", BELOW_ONE)
+    weight_decay: float = option(1e-4, "optimization", "weight decay at the start", UNIT)
+    weight_decay_end: float = option(
+        1e-5, "optimization", "cosine-annealed weight decay at the end (= --weight-decay: constant)", UNIT
+    )
+    label_smoothing: float = option(0.1, "optimization", "label smoothing", BELOW_ONE)
+    ema_decay: float = option(0.9995, "optimization", "EMA of weights and buffers; 0: no EMA", BELOW_ONE)
+    ema_warmup: bool = option(True, "optimization", "constant EMA decay from the first step", flag="--no-ema-warmup")
+    teacher: str | None = option(None, "optimization", "teacher checkpoint (same classes) for knowledge distillation")
+    distill_alpha: float = option(0.5, "optimization", "weight of the soft-target loss", UNIT)
+    distill_temperature: float = option(2.0, "optimization", "distillation temperature", RATE)
+    # --- schedule
+    recipe: str = option(
+        "short", "schedule", "imagenet: the paper's; finetune: the default with --pretrained", choices=tuple(RECIPES)
+    )
+    epochs: int = option(10, "schedule", "epochs", Range(1, None, integer=True))
+    batch_size: int = option(
+        128, "schedule", "global batch, over all processes and micro-batches", Range(1, None, integer=True)
+    )
+    auto_batch: bool = option(False, "schedule", "the batch was not set: lowered when the data is small", cli=False)
+    auto_epochs: bool = option(
+        False, "schedule", "not set (own data): raised to a floor of steps on small data", cli=False
+    )
+    accum_steps: int = option(
+        1, "schedule", "split each batch into this many micro-batches", Range(1, None, integer=True)
+    )
+    steps_per_epoch: int | None = option(None, "schedule", "cap the steps of each epoch", Range(1, None, integer=True))
+    warmup_epochs: float = option(5.0, "schedule", "linear LR warm-up (at most a fifth of the run)", Range(0.0, 1e6))
+    progressive: bool = option(False, "schedule", "0.71x, 0.86x, 1x --img-size over the run (160 -> 192 -> 224)")
+    # --- augmentation
+    img_size: int = option(224, "augmentation", "final training size, also the evaluation size", IMG_SIZE)
+    auto_img_size: bool = option(
+        False, "augmentation", "not set (own data): lowered to the images' own size", cli=False
+    )
+    crop_pct: float = option(0.875, "augmentation", "evaluation crop ratio", FRACTION)
+    crop_scale: tuple[float, float] = option(
+        (0.08, 1.0), "augmentation", "random-resized-crop area range", nargs=2, metavar=("MIN", "MAX")
+    )
+    hflip: float = option(0.5, "augmentation", "horizontal flip probability", UNIT)
+    augment: str = option("none", "augmentation", "strength rises with the image size", choices=CHOICES["augment"])
+    magnitude: float = option(7.0, "augmentation", "RandAugment magnitude at full strength", Range(0.0, 30.0))
+    # --- detection
+    anchor_min_ratio: float = option(
+        0.2,
+        "detection",
+        "smallest default box / image size (SSD's s_min)",
+        Range(0.0, 1.0, low_open=True, high_open=True),
+    )
+    anchor_max_ratio: float = option(0.95, "detection", "largest default box / image size", FRACTION)
+    score_thresh: float = option(0.001, "detection", "lowest score kept for evaluation", BELOW_ONE)
+    nms_thresh: float = option(0.55, "detection", "IoU of per-class NMS", FRACTION)
+    max_detections: int = option(300, "detection", "detections kept per image", MAX_DETECTIONS)
+    # --- segmentation
+    head: str = option("deeplabv3", "segmentation", "segmentation head", choices=CHOICES["head"])
+    output_stride: int = option(16, "segmentation", "backbone output stride (8 or 16)", Range(8, 16, integer=True))
+    aux_weight: float = option(
+        0.4, "segmentation", "auxiliary FCN loss weight (deeplabv3); 0: no aux head", Range(0.0, 10.0)
+    )
+    # --- run
+    out: str = option("runs/mobileone", "run", "run directory")
+    resume: str | None = option(None, "run", "continue a run from its last completed epoch", metavar="RUN_DIR")
+    workers: int | None = option(None, "run", "data-loading processes per rank; default: fits the cores", WORKERS)
+    threads: int | None = option(None, "run", "torch CPU threads; default: the cores the workers leave", THREADS)
+    seed: int = option(0, "run", "random seed", Range(0, 2**63 - 1, integer=True))
+    deterministic: bool = option(False, "run", "deterministic kernels (exact resume)")
+    device: str = option("auto", "run", "auto: CUDA when there is one", choices=CHOICES["device"])
+    amp: str = option("auto", "run", "mixed precision (auto: bf16 on CUDA, off on CPU)", choices=CHOICES["amp"])
+    channels_last: bool | None = option(None, "run", "channels-last memory format (default: on CUDA)")
+    compile: bool = option(False, "run", "torch.compile the model")
+    sync_bn: bool = option(False, "run", "SyncBatchNorm across GPUs")
+    strict_images: bool = option(False, "run", "stop on an unreadable image instead of skipping it")
+    progress: bool = option(True, "run", "no progress bar", flag="--no-progress")
+    log_every: int | None = option(
+        None, "run", "without a terminal, a progress line every N steps", Range(1, None, integer=True)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,72 +189,21 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Every option in its valid range, or a ValueError naming the option and the range."""
         self.crop_scale = tuple(self.crop_scale)
-        choices = {
-            "task": ("classify", "detect", "segment"),
-            "recipe": tuple(RECIPES),
-            "augment": ("none", "randaugment", "autoaugment"),
-            "amp": ("auto", "none", "bf16", "fp16"),
-            "init": ("torch", "unit-sum", "identity"),
-            "device": ("auto", "cuda", "cpu"),
-            "head": ("deeplabv3", "lraspp"),
-            "data_format": ("auto", "coco", "voc", "yolo", "masks"),
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
-        ints = {  # name: (low, high); None = unbounded
-            "epochs": (1, None),
-            "batch_size": (1, None),
-            "accum_steps": (1, None),
-            "steps_per_epoch": (1, None),
-            "img_size": (16, 4096),
-            "k": (1, 16),
-            "freeze_stages": (0, 5),
-            "workers": (0, 256),
-            "threads": (1, 1024),
-            "max_detections": (1, 100_000),
-            "log_every": (1, None),
-            "output_stride": (8, 16),
-            "seed": (0, 2**63 - 1),
-        }
-        for name, (lo, hi) in ints.items():
-            value = getattr(self, name)
-            if value is None and name in ("steps_per_epoch", "k", "workers", "threads", "log_every"):
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None and f.default is None:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-                rng = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
-                raise ValueError(f"{name} must be {rng}, got {value!r}")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ValueError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
+            if meta.get("range") is not None:
+                meta["range"].check(f.name, value)
         if self.output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {self.output_stride}")
-        floats = {  # name: (low, high, low inclusive, high inclusive)
-            "label_smoothing": (0.0, 1.0, True, False),
-            "hflip": (0.0, 1.0, True, True),
-            "ema_decay": (0.0, 1.0, True, False),
-            "magnitude": (0.0, 30.0, True, True),
-            "crop_pct": (0.0, 1.0, False, True),
-            "base_lr": (0.0, 100.0, False, True),
-            "min_lr": (0.0, 100.0, True, True),
-            "warmup_epochs": (0.0, 1e6, True, True),
-            "momentum": (0.0, 1.0, True, False),
-            "weight_decay": (0.0, 1.0, True, True),
-            "weight_decay_end": (0.0, 1.0, True, True),
-            "distill_alpha": (0.0, 1.0, True, True),
-            "distill_temperature": (0.0, 100.0, False, True),
-            "anchor_min_ratio": (0.0, 1.0, False, False),
-            "anchor_max_ratio": (0.0, 1.0, False, True),
-            "score_thresh": (0.0, 1.0, True, False),
-            "nms_thresh": (0.0, 1.0, False, True),
-            "aux_weight": (0.0, 10.0, True, True),
-        }
-        for name, (lo, hi, lo_in, hi_in) in floats.items():
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
-            if not ok:
-                rng = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-                raise ValueError(f"{name} must be a number in {rng}, got {value!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 100):
-            raise ValueError(f"lr must be a number in (0, 100], got {self.lr!r}")
+        self._validate_together()
+        return self
+
+    def _validate_together(self) -> None:
+        """The checks that involve two options (or a structure)."""
         lo, hi = self.crop_scale if len(self.crop_scale) == 2 else (None, None)
         if lo is None or not 0 < lo <= hi <= 1:
             raise ValueError(
@@ -175,26 +218,63 @@ class TrainConfig:
                 f"batch_size {self.batch_size} must split evenly into {self.accum_steps} accumulation steps"
             )
         if self.arch is not None:
-            fields = sorted(f.name for f in dataclasses.fields(MobileOneConfig))
+            names = sorted(f.name for f in fields(MobileOneConfig))
             try:
                 MobileOneConfig(**self.arch)
             except (TypeError, ValueError) as e:
                 raise ValueError(
-                    f"arch must be a JSON object of MobileOneConfig fields ({', '.join(fields)}); "
+                    f"arch must be a JSON object of MobileOneConfig fields ({', '.join(names)}); "
                     f"{self.arch!r} is not valid: {e}"
                 ) from e
-        return self
+
+    @classmethod
+    def sections(cls) -> dict[str, list[Field]]:
+        """The fields by section, in their order: what ``mobileone train --help`` groups."""
+        out: dict[str, list[Field]] = {s: [] for s in SECTIONS}
+        for f in fields(cls):
+            out[f.metadata["section"]].append(f)
+        return out
 
 
-# Values a recipe sets unless the user sets them. "short" is the default: it is what most users
-# run (a few epochs on a few thousand images) and what benchmarks/underfit.py tuned.
-RECIPES: dict[str, dict[str, Any]] = {
-    "imagenet": {"epochs": 300, "batch_size": 256, "warmup_epochs": 5.0, "init": "torch", "img_size": 224},
-    "short": {"epochs": 10, "warmup_epochs": 1.0, "init": "identity"},
-    "finetune": {"epochs": 10, "base_lr": 0.01, "warmup_epochs": 1.0, "init": "torch"},
-}
 # What --resume may change in a saved run: where and how it runs, not what it computes.
 RESUMABLE = ("workers", "progress", "device", "threads", "log_every")
+
+
+def _saved_config(run: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a run directory, or an error saying why it cannot be resumed."""
+    saved = Path(run) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"cannot resume: {saved} does not exist (is {run} a run directory?)")
+    try:
+        values = json.loads(saved.read_text())
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"cannot resume: {saved} is not a readable training config ({e})") from e
+    return values
+
+
+def run_task(run: str | os.PathLike) -> str:
+    """The task of a saved run (what ``--resume`` continues, whatever ``--task`` says)."""
+    return _saved_config(run).get("task", "classify")
+
+
+def _resumed(task: Task, explicit: dict[str, Any], names: set[str]) -> TrainConfig:
+    """The saved config of ``explicit["resume"]``, with only the ``RESUMABLE`` options changed."""
+    run = explicit["resume"]
+    values = _saved_config(run)
+    saved_task = values.get("task", "classify")
+    if task.name != saved_task:
+        raise ValueError(f"{run} is a {saved_task} run, not {task.name}; drop --task to continue it")
+    ignored = sorted(set(explicit) - {"resume", "task", *RESUMABLE})
+    if ignored:
+        warnings.warn(f"--resume uses the run's saved config; ignoring {ignored}", stacklevel=3)
+    values.update({k: explicit[k] for k in RESUMABLE if k in explicit})
+    values["resume"], values["out"] = run, run
+    stale = set(values) - names
+    if stale:
+        raise ValueError(f"cannot resume: {run}/config.json has options this version does not know: {sorted(stale)}")
+    return TrainConfig(**values).validate()
 
 
 def resolve_config(
@@ -215,26 +295,7 @@ def resolve_config(
     if unknown:
         raise ValueError(f"unknown training option(s) {sorted(unknown)}; valid: {sorted(names)}")
     if explicit.get("resume"):
-        saved = Path(explicit["resume"]) / "config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"cannot resume: {saved} does not exist (is {explicit['resume']} a run directory?)")
-        try:
-            values = json.loads(saved.read_text())
-            if not isinstance(values, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise ValueError(f"cannot resume: {saved} is not a readable training config ({e})") from e
-        ignored = sorted(set(explicit) - {"resume", "task", *RESUMABLE})
-        if explicit.get("task", values.get("task", "classify")) != values.get("task", "classify"):
-            raise ValueError(f"{explicit['resume']} is a {values.get('task', 'classify')} run, not {explicit['task']}")
-        if ignored:
-            warnings.warn(f"--resume uses the run's saved config; ignoring {ignored}", stacklevel=2)
-        values.update({k: explicit[k] for k in RESUMABLE if k in explicit})
-        values["resume"], values["out"] = explicit["resume"], explicit["resume"]
-        stale = set(values) - names
-        if stale:
-            raise ValueError(f"cannot resume: {saved} has options this version does not know: {sorted(stale)}")
-        return TrainConfig(**values).validate()
+        return _resumed(task, explicit, names)
     recipe = recipe or ("finetune" if explicit.get("pretrained") and task.name == "classify" else "short")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")

@@ -8,7 +8,9 @@ call on their copy of the dataset.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+log = logging.getLogger("mobileone")
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -47,8 +51,7 @@ def setup_env(cfg: TrainConfig) -> Env:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cpu_plan(cfg.workers, cfg.threads, world, use_cuda)[1])
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -71,11 +74,35 @@ def setup_env(cfg: TrainConfig) -> Env:
     return Env(device, rank, world, dtype, cl, owns)
 
 
-def default_workers(world: int = 1) -> int:
-    """Loader processes per rank that fit the machine: up to 4, leaving a core for the training process."""
+def process_cores(world: int = 1) -> int:
+    """The cores this process may use: its CPU affinity shared among the ranks on this machine."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores // max(1, local_world) - 1))
+    return max(1, cores // max(1, local_world))
+
+
+def cpu_plan(workers: int | None, threads: int | None, world: int = 1, gpu: bool = False) -> tuple[int, int]:
+    """Data-loading processes and compute threads of one rank, chosen together: never more than its cores.
+
+    On a CPU the compute threads do the work: a loader process per 4 cores (at most 4), the rest
+    threads (2 cores: no loader process, 2 threads). On a GPU the loaders feed it: up to 4, one
+    core left for the training process. What the user sets is kept; the other fills the rest.
+    """
+    cores = process_cores(world)
+    if workers is None:
+        if threads is not None:
+            workers = cores - threads - (1 if gpu else 0)
+        else:
+            workers = cores - 1 if gpu else cores // 4
+        workers = max(0, min(4, workers))
+    if threads is None:
+        threads = max(1, cores - workers)
+    return workers, threads
+
+
+def default_workers(world: int = 1, gpu: bool = False) -> int:
+    """Loader processes per rank that fit the machine beside the compute threads (see :func:`cpu_plan`)."""
+    return cpu_plan(None, None, world, gpu)[0]
 
 
 class EpochSampler(DistributedSampler):
@@ -92,11 +119,12 @@ SMALL_VAL = 2000  # validation images per rank below which they are read in the 
 def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, train: bool) -> DataLoader:
     """The training loader (shuffled per epoch, the same batches for any world size) or this rank's val shard."""
     per_rank = cfg.batch_size // env.world
-    workers = cfg.workers if cfg.workers is not None else default_workers(env.world)
+    workers = cpu_plan(cfg.workers, cfg.threads, env.world, env.device.type == "cuda")[0]
     if not train and len(ds) // env.world < SMALL_VAL:
         workers = 0  # read once and kept (trainer._KeptBatches): starting processes would cost more
     common: dict[str, Any] = {
         "num_workers": workers,
+        "worker_init_fn": ignore_termination if workers else None,
         "pin_memory": env.device.type == "cuda",
         "collate_fn": collate,
         "persistent_workers": workers > 0,
@@ -108,8 +136,83 @@ def make_loader(ds: Dataset, cfg: TrainConfig, env: Env, collate: Callable, trai
     return DataLoader(shard, max(1, per_rank // cfg.accum_steps) * 2, shuffle=False, **common)
 
 
+def too_small_to_step(x: torch.Tensor | None, cfg: TrainConfig, env: Env, min_batch: int, where: str) -> bool:
+    """Whether a step must be skipped because a micro-batch is below the model's BatchNorm floor (unreadable
+    images left fewer than it): decided by every rank together, so that none waits for the others."""
+    size = len(x) // cfg.accum_steps if x is not None else 0
+    small = x is not None and size < min_batch
+    if env.world > 1:  # a rank without images or with too few makes every rank skip the step
+        votes = all_reduce_sum(torch.tensor([float(small), float(x is None)], device=env.device), env)
+        small = bool(votes[0] > 0) or (x is not None and bool(votes[1] > 0))
+    if small and env.main:
+        log.warning(
+            "skipped %s: a micro-batch of %d image(s) (unreadable images left out) is below the %d that "
+            "BatchNorm needs in this model",
+            where,
+            size,
+            min_batch,
+        )
+    return small
+
+
+def ignore_termination(worker_id: int) -> None:
+    """Data workers leave SIGTERM to the training process, which stops the run cleanly and then ends them.
+
+    A cluster's time limit (or ``timeout``) signals the whole process group; a worker that died of it
+    first would turn the clean stop into a "DataLoader worker exited unexpectedly" error.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def all_reduce_sum(values: torch.Tensor, env: Env) -> torch.Tensor:
     """Sum a tensor over the ranks (a no-op in one process)."""
     if env.world > 1:
         dist.all_reduce(values)
     return values
+
+
+class KeptBatches:
+    """The validation loader, whose batches are kept in memory after the first pass when they fit.
+
+    Evaluation transforms are deterministic, so every epoch (and the EMA's evaluation) would decode
+    and resize the same images again; on the small datasets of short runs that is most of the
+    evaluation's time. Past ``budget`` bytes the batches stream from the loader as usual.
+    """
+
+    def __init__(self, loader: Any, budget: int = 512 << 20) -> None:
+        self.loader, self.budget, self.kept = loader, budget, None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        keep, size = [], 0
+        for batch in self.loader:
+            if keep is not None:
+                size += sum(t.numel() * t.element_size() for t in _tensors(batch))
+                if size <= self.budget:
+                    keep.append(batch)
+                else:
+                    keep = None
+            yield batch
+        self.kept = keep
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

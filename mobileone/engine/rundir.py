@@ -24,6 +24,18 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used: another run owns it, it is not writable, or its state is unreadable."""
 
 
+class OccupiedError(RunDirError, ValueError):
+    """A new run's folder holds a run to resume, or files that are not a run's: nothing is written there."""
+
+
+# Files a run writes (besides its checkpoints): a new run never starts over such files unless they are its own.
+RUN_FILES = (
+    *("config.json", "metrics.jsonl", "summary.json", "curves.png", "predictions.png"),
+    *("train_state.pt", "train_state.prev.pt", "last.json", "best.json", "best_fused.json"),
+)
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar", ".ckpt", ".bin", ".onnx")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -103,6 +115,39 @@ class RunDir:
             f"{owner.get('since', '?')}); wait for it to finish or choose another --out. If that run is gone, "
             f"delete {self.lock_path}"
         )
+
+    def check_new(self) -> None:
+        """Refuse to start a new run over files that would be replaced: a run to resume, or files that are not ours.
+
+        A folder with only the ``config.json`` of a run stopped in its first epoch is started over; a
+        folder whose checkpoints no run config of ours accompanies (copied models, another tool's
+        files) is never written into.
+        """
+        if self.has_state() or (self.path / "metrics.jsonl").exists():
+            raise OccupiedError(
+                f"{self.path} already holds a run; continue it with --resume {self.path}, or choose another --out"
+            )
+        if not self.path.is_dir() or self._is_run_config(self.path / "config.json"):
+            return
+        names = sorted(
+            p.name
+            for p in self.path.iterdir()
+            if p.name in RUN_FILES or (p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
+        )
+        if names:
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            raise OccupiedError(
+                f"{self.path} holds files that are not a run of mobileone ({shown}); a run there would "
+                "replace them. Move them away, or choose another --out"
+            )
+
+    @staticmethod
+    def _is_run_config(path: Path) -> bool:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(value, dict) and {"task", "epochs", "batch_size", "out"} <= set(value)
 
     def _owner(self) -> dict[str, Any] | None:
         """The lock's content; None when there is no lock, {} when it cannot be read (being written)."""

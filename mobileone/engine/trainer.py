@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from ..core.checkpoint import embedded_metadata
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from .config import TrainConfig, check_batch_floor
 from .data_fit import fit_epochs, fit_image_size
-from .distributed import Env, all_reduce_sum, make_loader, setup_env
+from .distributed import Env, KeptBatches, all_reduce_sum, make_loader, setup_env, to_device, too_small_to_step
+from .progress import Progress, epoch_line
 from .rundir import RunDir, plot_curves
 from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
 from .task import DataError, NonFiniteOutputError, Task, TaskData
@@ -57,10 +58,8 @@ def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
     run = RunDir(cfg.out)
     if env.main:
         run.check_free()  # "in use by another run" rather than "already holds a run" while one is writing it
-    if not cfg.resume and (run.has_state() or (run.path / "metrics.jsonl").exists()):
-        raise ValueError(
-            f"{run.path} already holds a run; continue it with --resume {run.path}, or choose another --out"
-        )
+    if not cfg.resume:
+        run.check_new()
     if cfg.resume and not run.has_state():
         raise FileNotFoundError(f"cannot resume: {run.path} has no train_state.pt (no epoch was completed)")
     torch.manual_seed(cfg.seed)
@@ -77,10 +76,57 @@ def _fit(cfg: TrainConfig, task: Task, env: Env) -> dict[str, Any]:
         return _loop(cfg, task, env, run, data, model, per_epoch)
 
 
+@dataclass
+class _State:
+    """What the loop carries from epoch to epoch (and a resume restores)."""
+
+    model: nn.Module
+    net: nn.Module  # the model as the step runs it: DDP-wrapped and / or compiled
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    per_epoch: int
+    total: int
+    warmup: int
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+
+
 def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, model: nn.Module, per_epoch: int):
+    """The epochs: train one, evaluate it, save it (rank 0); then fuse the best and summarise."""
     if env.main and not cfg.resume:
         run.write_json("config.json", cfg.to_dict())
         print(f"training config ({run.path / 'config.json'}):\n{cfg.to_dict()}", flush=True)
+    s = _setup(cfg, task, env, model, per_epoch)
+    if cfg.resume:
+        _restore(s, run, data, env)
+    elif env.main:
+        s.best = {task.metric: None}
+    val_loader = KeptBatches(make_loader(data.val, cfg, env, task.collate(), train=False))
+    loader, loader_key = None, None
+    for epoch in range(s.start_epoch, cfg.epochs):
+        size, strength = image_size_at(epoch, cfg.epochs, cfg.img_size, cfg.progressive)
+        if (size, strength) != loader_key:  # progressive phases change the transform: new workers
+            task.set_train_transform(data, cfg, size, strength)
+            loader, loader_key = make_loader(data.train, cfg, env, task.collate(), train=True), (size, strength)
+        loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        row = train_one_epoch(s, cfg, task, env, loader, epoch, lambda: _last_good(run, s.history))
+        row |= evaluate(s, task, env, val_loader, epoch, lambda: _last_good(run, s.history))
+        row |= {"img_size": size, "augment_strength": strength}
+        s.history.append(row)
+        if env.main:
+            s.best = _save_epoch(run, task, s, cfg, epoch, data, t0)
+            print(epoch_line(task, row, cfg.epochs), flush=True)
+    if env.main:
+        return _finish(run, task, cfg, s.history, s.best, data)
+    return {"run_dir": str(run.path), "best": s.best}
+
+
+def _setup(cfg: TrainConfig, task: Task, env: Env, model: nn.Module, per_epoch: int) -> _State:
+    """The model on its device, the task's extras, EMA, optimizer, scaler, DDP / compile wrappers."""
     if cfg.sync_bn and env.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(env.device)
@@ -95,104 +141,105 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-
     total = cfg.epochs * per_epoch
     warmup = min(round(cfg.warmup_epochs * per_epoch), total // 5)  # a 1-epoch run still gets its cosine
-    start_epoch, step, history, best = 0, 0, [], {task.metric: None}
-    if cfg.resume:
-        state = run.load_state(env.device)
-        _check_same_classes(state.get("classes"), data.classes, run.path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-        torch.set_rng_state(state["rng"].cpu())
-        if env.main:
-            print(f"resuming {run.path} after epoch {start_epoch} (step {step})", flush=True)
+    return _State(model, net, ema, optimizer, scaler, per_epoch, total, warmup, best={task.metric: None})
 
-    val_loader = _KeptBatches(make_loader(data.val, cfg, env, task.collate(), train=False))
-    loader, loader_key = None, None
-    for epoch in range(start_epoch, cfg.epochs):
-        size, strength = image_size_at(epoch, cfg.epochs, cfg.img_size, cfg.progressive)
-        if (size, strength) != loader_key:  # progressive phases change the transform: new workers
-            task.set_train_transform(data, cfg, size, strength)
-            loader, loader_key = make_loader(data.train, cfg, env, task.collate(), train=True), (size, strength)
-        loader.sampler.set_epoch(epoch)
-        net.train()
-        report = _Progress(cfg, env, per_epoch, epoch)
-        loss_sum, seen, bad, short, t0 = torch.zeros((), device=env.device), 0, 0, 0, time.perf_counter()
-        spent = dict.fromkeys(("data", "step", "ema"), 0.0)  # where the epoch's wall time goes
-        tick = t0
-        for b, (x, y, bad_paths) in enumerate(loader):
-            if b >= per_epoch:
-                break
-            now = time.perf_counter()
-            spent["data"], tick = spent["data"] + now - tick, now
-            bad += _handle_bad(bad_paths, cfg)
-            lr = lr_at(step, total, warmup, peak_lr(cfg), cfg.min_lr)
-            wd = weight_decay_at(step, total, cfg.weight_decay, cfg.weight_decay_end)
-            for group in optimizer.param_groups:
-                group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
-            where, loss = f"step {step + 1} (epoch {epoch + 1}, batch {b + 1})", None
-            if _too_small(x, cfg, env, task.min_batch, where):
-                short += 1
-            elif x is not None:
-                loss = _step(net, task, optimizer, scaler, x, y, cfg, env, where, lambda: _last_good(run, history))
-                now = time.perf_counter()
-                spent["step"], tick = spent["step"] + now - tick, now
-                if ema is not None:
-                    ema.update_parameters(model)
-                    now = time.perf_counter()
-                    spent["ema"], tick = spent["ema"] + now - tick, now
-                loss_sum += loss * len(x)
-                seen += len(x)
-            step += 1
-            report.update(b + 1, seen, loss)
-            tick = time.perf_counter()
-        report.close()
-        train_seconds = time.perf_counter() - t0
-        totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, bad], dtype=torch.float64, device=env.device), env)
-        loss_sum, seen, bad = float(totals[0]), int(totals[1]), int(totals[2])
-        if seen == 0:
-            raise DataError(
-                f"no training image of epoch {epoch + 1} could be read ({bad} unreadable); check the "
-                "files under the training folder (see the warnings above)"
-            )
-        for name, weights in (("model", model), ("EMA model", ema.module if ema is not None else None)):
-            if weights is not None:
-                _check_finite(weights, f"after epoch {epoch + 1}", _last_good(run, history), name)
-        t_eval = time.perf_counter()
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
-        try:
-            row |= task.evaluate(_fused_copy(model), val_loader, env)
-            ema_metrics = task.evaluate(_fused_copy(ema.module), val_loader, env) if ema is not None else {}
-        except NonFiniteOutputError as e:
-            raise TrainingError(
-                f"validation after epoch {epoch + 1}: {e}; the run stopped. "
-                f"{_last_good(run, history)} Lower the learning rate (--lr)."
-            ) from e
-        row |= {f"ema_{k}": ema_metrics.get(k) for k in task.metric_names}
-        row |= {
-            "lr": lr,
-            "weight_decay": wd,
-            "images_per_second": seen / train_seconds,
-            "img_size": size,
-            "augment_strength": strength,
-            "bad_images": bad,
-            "skipped_steps": short,
-            "train_seconds": train_seconds,
-            **{f"{k}_seconds": v for k, v in spent.items()},
-            "eval_seconds": time.perf_counter() - t_eval,
-        }
-        history.append(row)
-        if env.main:
-            best = _save_epoch(run, task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data, t0)
-            print(_epoch_line(task, row, cfg.epochs), flush=True)
+
+def _restore(s: _State, run: RunDir, data: TaskData, env: Env) -> None:
+    """Continue from the run's saved training state (the last completed epoch)."""
+    state = run.load_state(env.device)
+    _check_same_classes(state.get("classes"), data.classes, run.path)
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scaler.load_state_dict(state["scaler"])
+    if s.ema is not None:
+        s.ema.load_state_dict(state["ema"])
+    s.start_epoch, s.step, s.history, s.best = state["epoch"], state["step"], state["history"], state["best"]
+    torch.set_rng_state(state["rng"].cpu())
     if env.main:
-        return _finish(run, task, cfg, history, best, data)
-    return {"run_dir": str(run.path), "best": best}
+        print(f"resuming {run.path} after epoch {s.start_epoch} (step {s.step})", flush=True)
+
+
+def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, epoch: int, last_good) -> dict:
+    """One pass over ``loader`` (at most ``per_epoch`` steps): the epoch's loss, speed and where its time went."""
+    s.net.train()
+    report = Progress(cfg, env, s.per_epoch, epoch)
+    loss_sum, seen, bad, short, t0 = torch.zeros((), device=env.device), 0, 0, 0, time.perf_counter()
+    spent = dict.fromkeys(("data", "step", "ema"), 0.0)
+    tick = t0
+
+    def lap(part: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        spent[part], tick = spent[part] + now - tick, now
+
+    for b, (x, y, bad_paths) in enumerate(loader):
+        if b >= s.per_epoch:
+            break
+        lap("data")
+        bad += _handle_bad(bad_paths, cfg)
+        lr, wd = _set_schedule(s, cfg)
+        where, loss = f"step {s.step + 1} (epoch {epoch + 1}, batch {b + 1})", None
+        if too_small_to_step(x, cfg, env, task.min_batch, where):
+            short += 1
+        elif x is not None:
+            loss = _step(s.net, task, s.optimizer, s.scaler, x, y, cfg, env, where, last_good)
+            lap("step")
+            if s.ema is not None:
+                s.ema.update_parameters(s.model)
+                lap("ema")
+            loss_sum += loss * len(x)
+            seen += len(x)
+        s.step += 1
+        report.update(b + 1, seen, loss)
+        tick = time.perf_counter()
+    report.close()
+    train_seconds = time.perf_counter() - t0
+    totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, bad], dtype=torch.float64, device=env.device), env)
+    loss_sum, seen, bad = float(totals[0]), int(totals[1]), int(totals[2])
+    if seen == 0:
+        raise DataError(
+            f"no training image of epoch {epoch + 1} could be read ({bad} unreadable); check the "
+            "files under the training folder (see the warnings above)"
+        )
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / seen,
+        "lr": lr,
+        "weight_decay": wd,
+        "images_per_second": seen / train_seconds,
+        "bad_images": bad,
+        "skipped_steps": short,
+        "train_seconds": train_seconds,
+        **{f"{k}_seconds": v for k, v in spent.items()},
+    }
+
+
+def _set_schedule(s: _State, cfg: TrainConfig) -> tuple[float, float]:
+    """This step's learning rate and weight decay, set on the optimizer's groups (no decay where it is off)."""
+    lr = lr_at(s.step, s.total, s.warmup, peak_lr(cfg), cfg.min_lr)
+    wd = weight_decay_at(s.step, s.total, cfg.weight_decay, cfg.weight_decay_end)
+    for group in s.optimizer.param_groups:
+        group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
+    return lr, wd
+
+
+def evaluate(s: _State, task: Task, env: Env, val_loader, epoch: int, last_good) -> dict[str, Any]:
+    """The epoch's weights (and the EMA's), checked finite, fused and scored on the validation set."""
+    for name, weights in (("model", s.model), ("EMA model", s.ema.module if s.ema is not None else None)):
+        if weights is not None:
+            _check_finite(weights, f"after epoch {epoch + 1}", last_good(), name)
+    t0 = time.perf_counter()
+    try:
+        row = task.evaluate(_fused_copy(s.model), val_loader, env)
+        ema_metrics = task.evaluate(_fused_copy(s.ema.module), val_loader, env) if s.ema is not None else {}
+    except NonFiniteOutputError as e:
+        raise TrainingError(
+            f"validation after epoch {epoch + 1}: {e}; the run stopped. {last_good()} Lower the learning rate (--lr)."
+        ) from e
+    row |= {f"ema_{k}": ema_metrics.get(k) for k in task.metric_names}
+    return row | {"eval_seconds": time.perf_counter() - t0}
 
 
 def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env, min_batch: int = 1) -> int:
@@ -225,56 +272,9 @@ def _steps_per_epoch(cfg: TrainConfig, images: int, env: Env, min_batch: int = 1
     return min(per_epoch, cfg.steps_per_epoch or per_epoch)
 
 
-class _KeptBatches:
-    """The validation loader, whose batches are kept in memory after the first pass when they fit.
-
-    Evaluation transforms are deterministic, so every epoch (and the EMA's evaluation) would decode
-    and resize the same images again; on the small datasets of short runs that is most of the
-    evaluation's time. Past ``budget`` bytes the batches stream from the loader as usual.
-    """
-
-    def __init__(self, loader: Any, budget: int = 512 << 20) -> None:
-        self.loader, self.budget, self.kept = loader, budget, None
-
-    def __iter__(self):
-        if self.kept is not None:
-            yield from self.kept
-            return
-        keep, size = [], 0
-        for batch in self.loader:
-            if keep is not None:
-                size += sum(t.numel() * t.element_size() for t in _tensors(batch))
-                if size <= self.budget:
-                    keep.append(batch)
-                else:
-                    keep = None
-            yield batch
-        self.kept = keep
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
-    return []
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
 def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, where: str, last_good):
     """One optimizer step over ``accum_steps`` interleaved micro-batches; stops on a non-finite loss."""
-    x, y = _to_device(x, env.device), _to_device(y, env.device)
+    x, y = to_device(x, env.device), to_device(y, env.device)
     if env.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer.zero_grad(set_to_none=True)
@@ -298,25 +298,6 @@ def _step(net, task: Task, optimizer, scaler, x, y, cfg: TrainConfig, env: Env, 
     scaler.step(optimizer)
     scaler.update()
     return total
-
-
-def _too_small(x: torch.Tensor | None, cfg: TrainConfig, env: Env, min_batch: int, where: str) -> bool:
-    """Whether a step must be skipped because a micro-batch is below the model's BatchNorm floor (unreadable
-    images left fewer than it): decided by every rank together, so that none waits for the others."""
-    size = len(x) // cfg.accum_steps if x is not None else 0
-    small = x is not None and size < min_batch
-    if env.world > 1:  # a rank without images or with too few makes every rank skip the step
-        votes = all_reduce_sum(torch.tensor([float(small), float(x is None)], device=env.device), env)
-        small = bool(votes[0] > 0) or (x is not None and bool(votes[1] > 0))
-    if small and env.main:
-        log.warning(
-            "skipped %s: a micro-batch of %d image(s) (unreadable images left out) is below the %d that "
-            "BatchNorm needs in this model",
-            where,
-            size,
-            min_batch,
-        )
-    return small
 
 
 def _last_good(run: RunDir, history: list[dict[str, Any]]) -> str:
@@ -373,57 +354,16 @@ def _handle_bad(paths: list[str], cfg: TrainConfig) -> int:
     return len(paths)
 
 
-class _Progress:
-    """A tqdm bar on an interactive terminal; elsewhere (logs, CI) a line every ``log_every`` steps."""
-
-    def __init__(self, cfg: TrainConfig, env: Env, steps: int, epoch: int) -> None:
-        self.bar, self.every, self.t0, self.env = None, 0, time.perf_counter(), env
-        self.steps, self.epoch = steps, epoch + 1
-        if not (cfg.progress and env.main):
-            return
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        else:  # short epochs: the epoch line is enough
-            self.every = cfg.log_every or (steps // 10 if steps >= 50 else 0)
-
-    def update(self, done: int, seen: int, loss: torch.Tensor | None) -> None:
-        if self.bar is None and not (self.every and done % self.every == 0):
-            return
-        speed = seen * self.env.world / max(1e-9, time.perf_counter() - self.t0)
-        if self.bar is not None:
-            self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
-        elif loss is not None:
-            print(
-                f"  step {done}/{self.steps} of epoch {self.epoch}  loss {loss.item():.4f}  {speed:.0f} img/s",
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _epoch_line(task: Task, r: dict[str, Any], epochs: int) -> str:
-    bad = f"  skipped images {r['bad_images']}" if r["bad_images"] else ""
-    bad += f"  skipped steps {r['skipped_steps']}" if r.get("skipped_steps") else ""
-    return (
-        f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  {task.epoch_line(r)}  lr {r['lr']:.2e}  "
-        f"wd {r['weight_decay']:.1e}  {r['images_per_second']:.0f} img/s  {r['img_size']} px  "
-        f"{r['epoch_seconds']:.1f} s{bad}"
-    )
-
-
-def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epoch, step, history, best, data, t0):
+def _save_epoch(run: RunDir, task: Task, s: _State, cfg: TrainConfig, epoch: int, data: TaskData, t0: float):
     """Checkpoints after every epoch, each written atomically, so a kill at any point leaves either the
-    previous epoch's training state or this one's, never a mix; a resume redoes at most one epoch."""
-    row, metric, t_save = history[-1], task.metric, time.perf_counter()
-    task.save(model, run.path / "last.safetensors", epoch=epoch + 1, weights="model", **{metric: row[metric]})
-    use_ema = ema is not None and row[f"ema_{metric}"] > row[metric]
+    previous epoch's training state or this one's, never a mix; a resume redoes at most one epoch.
+
+    ``best`` and its deployable ``best_fused`` are written together whenever the metric improves."""
+    row, metric, t_save = s.history[-1], task.metric, time.perf_counter()
+    task.save(s.model, run.path / "last.safetensors", epoch=epoch + 1, weights="model", **{metric: row[metric]})
+    use_ema = s.ema is not None and row[f"ema_{metric}"] > row[metric]
     value = row[f"ema_{metric}"] if use_ema else row[metric]
+    best = s.best
     if best.get(metric) is None or value > best[metric]:
         prefix = "ema_" if use_ema else ""
         best = {
@@ -431,15 +371,17 @@ def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epo
             "epoch": epoch + 1,
             "weights": "ema" if use_ema else "model",
         }
-        task.save(ema.module if use_ema else model, run.path / "best.safetensors", **best)
+        weights = s.ema.module if use_ema else s.model
+        task.save(weights, run.path / "best.safetensors", **best)
+        _save_fused(run, task, weights, best)
     state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else {},
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scaler": s.scaler.state_dict(),
+        "ema": s.ema.state_dict() if s.ema is not None else {},
         "epoch": epoch + 1,
-        "step": step,
-        "history": history,
+        "step": s.step,
+        "history": s.history,
         "best": best,
         "classes": list(data.classes),
         "rng": torch.get_rng_state(),
@@ -447,19 +389,33 @@ def _save_epoch(run: RunDir, task: Task, model, ema, optimizer, scaler, cfg, epo
     run.save_state(state)
     now = time.perf_counter()
     row["save_seconds"], row["epoch_seconds"] = now - t_save, now - t0
-    run.write_jsonl("metrics.jsonl", history)
+    run.write_jsonl("metrics.jsonl", s.history)
     if row["epoch_seconds"] > 20 or epoch + 1 == cfg.epochs:
-        plot_curves(history, run.path / "curves.png", task.metric_names)
+        plot_curves(s.history, run.path / "curves.png", task.metric_names)
     return best
 
 
+def _save_fused(run: RunDir, task: Task, model: nn.Module, best: dict[str, Any]) -> nn.Module:
+    """``best_fused``: the best weights folded for deployment (what eval, predict and export take)."""
+    was_training = model.training
+    fused = _fused_copy(model.eval())
+    model.train(was_training)
+    task.save(fused, run.path / "best_fused.safetensors", **best)
+    return fused
+
+
 def _finish(run: RunDir, task: Task, cfg: TrainConfig, history, best, data: TaskData) -> dict[str, Any]:
-    """Fuse the best checkpoint into ``best_fused``, let the task draw its pictures, write ``summary.json``."""
-    best_model = task.load(run.path / "best.safetensors").eval()
-    fused = _fused_copy(best_model)
-    if fused is not best_model:
-        task.save(fused, run.path / "best_fused.safetensors", **best)
-    task.finish(run.path, fused, data, cfg)
+    """Let the task draw its pictures with the fused best model, write ``summary.json``.
+
+    ``best_fused`` is written again from ``best`` when a kill came between the two files.
+    """
+    fused_path = run.path / "best_fused.safetensors"
+    stale = not fused_path.exists() or (embedded_metadata(fused_path) or {}).get("epoch") != best["epoch"]
+    if stale:
+        fused = _save_fused(run, task, task.load(run.path / "best.safetensors"), best)
+    else:
+        fused = task.load(fused_path)
+    task.finish(run.path, fused.eval(), data, cfg)
     summary = {
         "run_dir": str(run.path),
         "task": task.name,

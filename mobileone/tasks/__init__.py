@@ -10,6 +10,7 @@ from typing import Any
 
 from ..engine import Task, TrainConfig, fit
 from ..engine import resolve_config as _resolve
+from ..engine.config import run_task
 from .classification.task import ClassificationTask
 from .detection.task import DetectionTask
 from .segmentation.task import SegmentationTask
@@ -25,9 +26,17 @@ def get_task(name: str) -> Task:
 
 
 def resolve_config(recipe: str | None = None, **options: Any) -> TrainConfig:
-    """The full config of a run: the recipe's and the task's defaults, then ``options`` (None means unset)."""
-    task = get_task(options.pop("task", None) or "classify")
-    return _resolve(task, recipe, **options)
+    """The full config of a run: the recipe's and the task's defaults, then ``options`` (None means unset).
+
+    With ``resume`` the task is the run's (a contradicting ``task`` is refused).
+    """
+    name = options.pop("task", None)
+    if options.get("resume"):
+        saved = run_task(options["resume"])
+        if name and name != saved:
+            raise ValueError(f"{options['resume']} is a {saved} run, not {name}; drop --task to continue it")
+        name = saved
+    return _resolve(get_task(name or "classify"), recipe, **options)
 
 
 def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:

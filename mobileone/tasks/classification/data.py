@@ -20,8 +20,6 @@ processes hold their own copy of the dataset and never see ``set_epoch``.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
+from ...core.files import atomic_folder
 from ...engine.task import DataError
 from ..images import UnreadableImageError, load_image
 
@@ -323,22 +322,12 @@ def builtin_dataset(root: str | os.PathLike | None = None) -> Path:
     folder and renamed into place, so concurrent first runs (several ranks) never see half of it.
     """
     root = Path(root) if root is not None else default_cache_dir() / "digits"
-    if (root / "val").is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".digits."))
-    try:
-        xt, yt, xv, yv = digits_split()
-        for split, xs, ys in (("train", xt, yt), ("val", xv, yv)):
-            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-                folder = tmp / split / str(y)
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(x, "L").save(folder / f"{i:04d}.png")
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race; its tree is identical
-            if not (root / "val").is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return atomic_folder(root, _write_digits, done="val")
+
+
+def _write_digits(folder: Path) -> None:
+    xt, yt, xv, yv = digits_split()
+    for split, xs, ys in (("train", xt, yt), ("val", xv, yv)):
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            (folder / split / str(y)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x, "L").save(folder / split / str(y) / f"{i:04d}.png")

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ...core.checkpoint import load_checkpoint
+from ...core.files import atomic_write
 from ...engine.task import NonFiniteOutputError, require_finite
 from .data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
 
@@ -193,5 +194,5 @@ def plot_confusion(result: dict[str, Any], path: str | os.PathLike) -> None:
                     )
     ax.set(xlabel="predicted", ylabel="true class", title=f"top-1 {result['top1']:.2f} % on {result['images']} images")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ...core.files import atomic_folder
 from ..classification.data import default_cache_dir, digits_split
 
 VERSION = 2  # bump when the scenes change, so cached copies are rebuilt
@@ -146,21 +145,12 @@ def digit_scenes(
         if root is not None
         else default_cache_dir() / f"digit-scenes-v{VERSION}-{size}px-{train}-{val}-{seed}"
     )
-    if (root / "val" / "_annotations.coco.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".digit-scenes."))
-    try:
+
+    def build(folder: Path) -> None:
         xt, yt, xv, yv = digits_split()
         photos = background_photos()
         rng = np.random.default_rng(seed)
-        _write_split(tmp / "train", rng, photos, xt, yt, train, size)
-        _write_split(tmp / "val", rng, photos, xv, yv, val, size)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race; its scenes are identical
-            if not (root / "val").is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        _write_split(folder / "train", rng, photos, xt, yt, train, size)
+        _write_split(folder / "val", rng, photos, xv, yv, val, size)
+
+    return atomic_folder(root, build, done="val/_annotations.coco.json")

@@ -42,11 +42,9 @@ from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou
 
 from ...core.checkpoint import (
     CheckpointError,
-    _read_file,
-    _unwrap,
-    embedded_metadata,
     load_checkpoint,
     read_checkpoint,
+    read_task_weights,
     write_weights,
 )
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
@@ -565,22 +563,14 @@ def save_detector(model: SSDLiteDetector, path: str | os.PathLike, **meta: Any) 
 
 def load_detector(path: str | os.PathLike) -> SSDLiteDetector:
     """Rebuild a detector from a file :func:`save_detector` wrote (fused or not), in eval mode."""
-    path = Path(path)
-    obj = _read_file(path)
-    meta = embedded_metadata(path, obj)
-    if not meta or meta.get("task") != "detect" or not isinstance(meta.get("detector"), dict):
-        what = f"a {meta.get('task', 'classify')} checkpoint" if meta else "not a checkpoint written by mobileone"
-        raise CheckpointError(
-            f"{path} is {what}, not a detector; pass a detection run's last/best/best_fused .safetensors"
-        )
+    sd, meta = read_task_weights(path, "detect")
     try:
         config = DetectorConfig.from_dict(meta["detector"])
-    except (TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its detector metadata is unusable ({e})") from e
     model = build_detector(config)
     if meta.get("inference_mode"):
         model.reparameterize()
-    sd = _unwrap(obj, False, str(path))
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from ...core.files import atomic_write
 from ..classification.data import load_image
 from .data import DetectionDataset, eval_transform
 from .model import SSDLiteDetector
@@ -52,5 +53,5 @@ def draw_predictions(
     if not tiles:
         return None
     grid = make_grid(tiles, nrow=min(4, len(tiles)), padding=4, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out)
+    atomic_write(out, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
     return out

@@ -14,13 +14,12 @@ small enough to train on a CPU in minutes.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ...core.files import atomic_folder
 from ..classification.data import default_cache_dir, digits_split
 from .model import IGNORE_INDEX
 
@@ -73,27 +72,18 @@ def builtin_scenes(
     """
     name = f"digit_scenes_v3_{size}px_{n_train}_{n_val}_s{seed}"
     root = Path(root) if root is not None else default_cache_dir() / name
-    if (root / "val" / "masks").is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{name}."))
-    try:
+
+    def build(folder: Path) -> None:
         xt, yt, xv, yv = digits_split()
         photos = _photos()
         rng = np.random.default_rng(seed)
         for split, n, xs, ys in (("train", n_train, xt, yt), ("val", n_val, xv, yv)):
-            (tmp / split / "images").mkdir(parents=True)
-            (tmp / split / "masks").mkdir(parents=True)
+            (folder / split / "images").mkdir(parents=True)
+            (folder / split / "masks").mkdir(parents=True)
             for k in range(n):
                 scene, mask = make_scene(rng, photos, xs, ys, size)
-                Image.fromarray(scene).save(tmp / split / "images" / f"{k:05d}.png")
-                Image.fromarray(mask, "L").save(tmp / split / "masks" / f"{k:05d}.png")
-        (tmp / "classes.txt").write_text("\n".join(BUILTIN_CLASSES) + "\n")
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race; its folder is identical
-            if not (root / "val" / "masks").is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+                Image.fromarray(scene).save(folder / split / "images" / f"{k:05d}.png")
+                Image.fromarray(mask, "L").save(folder / split / "masks" / f"{k:05d}.png")
+        (folder / "classes.txt").write_text("\n".join(BUILTIN_CLASSES) + "\n")
+
+    return atomic_folder(root, build, done="val/masks")

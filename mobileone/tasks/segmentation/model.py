@@ -30,9 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models._utils import IntermediateLayerGetter
@@ -40,12 +38,12 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from ...core.checkpoint import CheckpointError, embedded_metadata, load_checkpoint, write_weights
+from ...core.checkpoint import CheckpointError, load_checkpoint, read_task_weights, write_weights
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from ...core.factory import create_model
 from ...core.fusion import fold_conv_bn, reparameterize_model
 from ...core.model import MobileOneLayer
-from ...core.registry import PEER, PEER_ALIASES, ModelEntry, list_registered, normalize_name, register, register_model
+from ...core.registry import PEER, PEER_ALIASES, list_registered, normalize_name
 
 HEADS = ("deeplabv3", "lraspp")
 IGNORE_INDEX = 255  # mask value of pixels that count neither in the loss nor in the metrics (VOC's boundaries)
@@ -282,177 +280,6 @@ def _fold(model: Segmenter) -> Segmenter:
         return reparameterize_model(model.eval(), inplace=True)
 
 
-@register_model("segment", backbone="mobileone_s0", head="deeplabv3")
-def deeplabv3_s0(**kwargs: Any) -> Segmenter:
-    """DeepLabV3 on MobileOne-S0 (the paper's VOC mIoU: 73.7): ASPP on the dilated stage 4, aux head on stage 3.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter` (``num_classes``, ``output_stride``, ``aux``,
-            ``backbone_checkpoint``, ...).
-
-    Example:
-        >>> model = deeplabv3_s0(num_classes=21, backbone_checkpoint="mobileone_s0_unfused.pth.tar")
-    """
-    return create_segmenter("deeplabv3_s0", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s1", head="deeplabv3")
-def deeplabv3_s1(**kwargs: Any) -> Segmenter:
-    """DeepLabV3 on MobileOne-S1 (the paper's VOC mIoU: 77.3).
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = deeplabv3_s1(num_classes=21, output_stride=8)
-    """
-    return create_segmenter("deeplabv3_s1", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s2", head="deeplabv3")
-def deeplabv3_s2(**kwargs: Any) -> Segmenter:
-    """DeepLabV3 on MobileOne-S2 (the paper's VOC mIoU: 77.9).
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = deeplabv3_s2(num_classes=21)
-    """
-    return create_segmenter("deeplabv3_s2", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s3", head="deeplabv3")
-def deeplabv3_s3(**kwargs: Any) -> Segmenter:
-    """DeepLabV3 on MobileOne-S3 (the paper's VOC mIoU: 78.8).
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = deeplabv3_s3(num_classes=21)
-    """
-    return create_segmenter("deeplabv3_s3", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s4", head="deeplabv3")
-def deeplabv3_s4(**kwargs: Any) -> Segmenter:
-    """DeepLabV3 on MobileOne-S4 (the paper's VOC mIoU: 80.1, trained without SE; this backbone keeps its SE).
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = deeplabv3_s4(num_classes=21)
-    """
-    return create_segmenter("deeplabv3_s4", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s0", head="lraspp")
-def lraspp_s0(**kwargs: Any) -> Segmenter:
-    """LR-ASPP on MobileOne-S0: the light phone head (stage 4 gated by its global average + stage 2).
-
-    Args:
-        **kwargs: as for :func:`create_segmenter` (no ``aux``: LR-ASPP has no auxiliary head).
-
-    Example:
-        >>> model = lraspp_s0(num_classes=21)
-    """
-    return create_segmenter("lraspp_s0", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s1", head="lraspp")
-def lraspp_s1(**kwargs: Any) -> Segmenter:
-    """LR-ASPP on MobileOne-S1.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = lraspp_s1(num_classes=21)
-    """
-    return create_segmenter("lraspp_s1", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s2", head="lraspp")
-def lraspp_s2(**kwargs: Any) -> Segmenter:
-    """LR-ASPP on MobileOne-S2.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = lraspp_s2(num_classes=21)
-    """
-    return create_segmenter("lraspp_s2", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s3", head="lraspp")
-def lraspp_s3(**kwargs: Any) -> Segmenter:
-    """LR-ASPP on MobileOne-S3.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = lraspp_s3(num_classes=21)
-    """
-    return create_segmenter("lraspp_s3", **kwargs)
-
-
-@register_model("segment", backbone="mobileone_s4", head="lraspp")
-def lraspp_s4(**kwargs: Any) -> Segmenter:
-    """LR-ASPP on MobileOne-S4.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter`.
-
-    Example:
-        >>> model = lraspp_s4(num_classes=21)
-    """
-    return create_segmenter("lraspp_s4", **kwargs)
-
-
-@register_model("segment", backbone=PEER, head="deeplabv3")
-def deeplabv3_mnv3(**kwargs: Any) -> Segmenter:
-    """The peer: the same DeepLabV3 head (and aux head) on torchvision's MobileNetV3-Large, no weights.
-
-    Output stride 16 only (rates 6/12/18); the aux head reads C2 (stride 8), as torchvision's does.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter` (no ``backbone_checkpoint``).
-
-    Example:
-        >>> model = deeplabv3_mnv3(num_classes=21)
-    """
-    return create_segmenter("deeplabv3_mnv3", **kwargs)
-
-
-@register_model("segment", backbone=PEER, head="lraspp")
-def lraspp_mnv3(**kwargs: Any) -> Segmenter:
-    """The peer: LR-ASPP on torchvision's MobileNetV3-Large (torchvision's ``lraspp_mobilenet_v3_large``), no weights.
-
-    Args:
-        **kwargs: as for :func:`create_segmenter` (no ``backbone_checkpoint``).
-
-    Example:
-        >>> model = lraspp_mnv3(num_classes=21)
-    """
-    return create_segmenter("lraspp_mnv3", **kwargs)
-
-
-for _head in HEADS:  # the micro variants build by name, without a documented builder each
-    for _micro in ("mu0", "mu1", "mu2"):
-        _name = f"{_head}_{_micro}"
-        register(ModelEntry(_name, "segment", f"mobileone_{_micro}", partial(create_segmenter, _name), _head))
-
-
-def list_segmenters() -> list[str]:
-    """Deprecated: ``mobileone.list_models("segment")``."""
-    warnings.warn('list_segmenters() is deprecated: use mobileone.list_models("segment")', FutureWarning, stacklevel=2)
-    return list_registered("segment")
-
-
 def segmenter_info(model: Segmenter, **meta: Any) -> dict[str, Any]:
     """The metadata a checkpoint holds: the constructor's arguments, classes, preprocessing, and ``meta``."""
     pre = {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()}
@@ -476,26 +303,7 @@ def save_segmenter(model: Segmenter, path: str | os.PathLike, **meta: Any) -> Pa
 
 def read_segmenter_info(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, state dict) of a file :func:`save_segmenter` wrote; a clear error for any other file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            obj: Any = load_file(path)
-            info, sd = embedded_metadata(path), obj
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            info = embedded_metadata(path, obj)
-            sd = obj.get("state_dict") if isinstance(obj, dict) else None
-    except Exception as e:  # safetensors / pickle / zip errors: a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
-    if not info or info.get("task") != "segment" or not isinstance(sd, dict):
-        what = f"a {info.get('task', 'classify')} checkpoint" if info else "not a checkpoint written by mobileone"
-        raise CheckpointError(
-            f"{path} is {what}, not a segmentation model; use a run's best.safetensors, "
-            "best_fused.safetensors or last.safetensors from `mobileone train --task "
-            "segment`"
-        )
+    sd, info = read_task_weights(path, "segment")
     return info, sd
 
 
@@ -522,7 +330,6 @@ __all__ = [
     "Segmenter",
     "SegmenterConfig",
     "create_segmenter",
-    "list_segmenters",
     "load_segmenter",
     "save_segmenter",
 ]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
+from ...core.files import atomic_write
 from ...core.model import init_branches
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env, all_reduce_sum
@@ -28,8 +29,9 @@ from ...engine.task import DataError, Task, TaskData
 from ..images import short_sides
 from ..peer_init import zero_init_residuals
 from .builtin import builtin_scenes
-from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform, voc_palette
+from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform
 from .evaluate import confusion_over, predict
+from .masks import voc_palette
 from .metrics import segmentation_scores
 from .model import IGNORE_INDEX, MNV3, Segmenter, create_segmenter, load_segmenter, save_segmenter
 
@@ -232,6 +234,6 @@ def draw_predictions(model: nn.Module, dataset: SegmentationDataset, out: Path, 
     if names:
         fig.suptitle(f"classes: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
