@@ -305,7 +305,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="comma list of eager, channels_last, compile, onnxruntime, executorch, litert, openvino, ncnn "
         "(default eager,onnxruntime)",
     )
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32, int8 (classify: each runtime's INT8)")
+    p.add_argument(
+        "--precisions", default="fp32", help="comma list of fp32, int8 (classify: each runtime's INT8; default fp32)"
+    )
     p.add_argument(
         "--rounds", type=ranged(POSITIVE), default=3, help="batch 1 in rounds alternating between models (default 3)"
     )
