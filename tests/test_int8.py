@@ -171,7 +171,9 @@ def test_bench_times_int8_beside_fp32(tmp_path):
     _needs("openvino")
     from mobileone.bench import BenchConfig, BenchModel, run_benchmark
 
-    models = [BenchModel("mobileone_s0", "MobileOne (fused)", lambda: create_model(TINY, 10, inference_mode=True))]
+    models = [
+        BenchModel("mobileone_s0", "MobileOne (fused)", lambda: create_model(TINY, num_classes=10, inference_mode=True))
+    ]
     cfg = BenchConfig(
         runtimes=["openvino"],
         precisions=["fp32", "int8"],
