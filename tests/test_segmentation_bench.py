@@ -108,7 +108,7 @@ def test_seed_comparison_script_runs_end_to_end_on_a_tiny_setting(tmp_path):
         str(out),
     ]
     assert script.main(argv) == 0
-    result = json.loads((out / "segment_results.json").read_text())
+    result = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["seed"]) for r in result["runs"]] == [
         ("lraspp_s0", 0),
         ("lraspp_mnv3", 0),
@@ -120,7 +120,7 @@ def test_seed_comparison_script_runs_end_to_end_on_a_tiny_setting(tmp_path):
         0 <= r["miou"] <= 100 and r["command"].startswith("mobileone train --task segment") for r in result["runs"]
     )
     assert {r["model"] for r in result["latency"]["rows"]} == {"lraspp_s0", "lraspp_mnv3"}
-    md = (out / "segment_results.md").read_text()
+    md = (out / "results.md").read_text()
     assert "| lraspp_s0 | 2 |" in md and "Latency, fused" in md
     assert script.main(argv) == 0  # a second call reuses the finished runs
     assert len((out / "runs.jsonl").read_text().splitlines()) == 4
