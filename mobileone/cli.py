@@ -35,15 +35,16 @@ def _module(name: str) -> Any:
     return importlib.import_module(f"mobileone.commands.{name}")
 
 
-def _task_command(command: str) -> Callable[[argparse.Namespace], int]:
-    """The body of ``command`` in the module of the task the arguments (or the file they name) say."""
+def _task_command(command: str, module: str | None = None) -> Callable[[argparse.Namespace], int]:
+    """The body of ``command`` in the module of the task the arguments (or the file they name) say
+    (or in ``module``, which serves every task)."""
 
     def run(args: argparse.Namespace) -> int:
         if getattr(args, "task", None) is None or getattr(args, "checkpoint", None) or getattr(args, "onnx", None):
             _module("source").resolve_task(args)
         if getattr(args, "json", None) and isinstance(args.json, str):  # refused before a long evaluation
             check_replaceable(Path(args.json), is_json_result, "; choose another --json")
-        return getattr(_module(TASK_MODULES[args.task]), command)(args)
+        return getattr(_module(module or TASK_MODULES[args.task]), command)(args)
 
     return run
 
@@ -59,9 +60,10 @@ def _info(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "info": _info,
     "train": lambda args: _module("train").train(args),
-    "quantize": lambda args: _module("classification").quantize(args),
+    "quantize": _task_command("quantize", "quantize"),
+    "export": _task_command("export", "export"),
     "eval": _task_command("evaluate"),
-    **{c: _task_command(c) for c in ("predict", "demo", "export", "bench")},
+    **{c: _task_command(c) for c in ("predict", "demo", "bench")},
 }
 
 

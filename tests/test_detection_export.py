@@ -12,8 +12,8 @@ import torch
 from mobileone import reparameterize_model
 from mobileone.deploy.common import ExportError
 from mobileone.deploy.detection import (
-    check_onnx_nms,
-    check_onnx_raw,
+    check_nms,
+    check_raw,
     compare_detections,
     evaluate_onnx_detector,
     export_detector,
@@ -46,8 +46,8 @@ def exported(tmp_path_factory):
 def test_raw_and_nms_forms_match_pytorch(exported):
     _, fused, tmp = exported
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    assert "within 1e-4 relative" in check_onnx_raw(tmp / "raw.onnx", fused, x, True)
-    assert "the same 120 detections as PyTorch" in check_onnx_nms(tmp / "nms.onnx", fused, x, False)  # 3 x 40
+    assert "within 1e-4 relative" in check_raw("onnx", tmp / "raw.onnx", fused, x, True)
+    assert "the same 120 detections as PyTorch" in check_nms("onnx", tmp / "nms.onnx", fused, x, False)  # 3 x 40
     ops = {n.op_type for n in onnx.load(str(tmp / "nms.onnx")).graph.node}
     assert {"NonMaxSuppression", "TopK"} <= ops and "BatchNormalization" not in ops
     meta = read_onnx_metadata(tmp / "nms.onnx")
@@ -65,11 +65,11 @@ def test_checks_catch_a_detector_that_differs(exported):
     with torch.no_grad():
         other.head.regression_head.module_list[0][1].bias.add_(0.01)  # boxes move by a fraction of a pixel
     with pytest.raises(ExportError, match="raw output boxes differs from PyTorch"):
-        check_onnx_raw(tmp / "raw.onnx", other, x, True)
+        check_raw("onnx", tmp / "raw.onnx", other, x, True)
     other = copy.deepcopy(fused)
     other.config.nms_thresh = 0.3  # another NMS: other detections
     with pytest.raises(ExportError, match="NMS detections of image 0 differ"):
-        check_onnx_nms(tmp / "nms.onnx", other, x, False)
+        check_nms("onnx", tmp / "nms.onnx", other, x, False)
 
 
 def test_compare_detections_matches_sets_and_allows_only_threshold_ties():
@@ -112,7 +112,7 @@ def test_executorch_and_coreml_take_the_raw_form(tmp_path, exported):
     assert "ExecuTorch" in report.check and "within 1e-4 relative" in report.check
     report = export_detector(det, tmp_path / "det.mlpackage", "raw", "coreml")
     assert "no batch norm" in report.check or "Core ML" in report.check
-    with pytest.raises(ValueError, match="NMS form is ONNX only"):
+    with pytest.raises(ValueError, match="the NMS form is for"):
         export_detector(det, tmp_path / "det2.pte", "nms", "executorch")
 
 
@@ -133,7 +133,8 @@ class _Broken(torch.nn.Module):
 
 
 def _export_nms(module, det, path, size):
-    from mobileone.deploy.detection import RAW_OUTPUTS, add_nms
+    from mobileone.deploy.detection import RAW_OUTPUTS
+    from mobileone.deploy.onnx_nms import add_nms
     from mobileone.deploy.onnx import to_onnx
 
     example = torch.zeros(1, 3, size, size)
@@ -166,7 +167,7 @@ def test_dense_scene_export_passes_its_check_and_broken_graphs_fail(tmp_path, on
         path = tmp_path / f"{bug.replace(' ', '_')}.onnx"
         _export_nms(_Broken(fused, bug), fused, path, size)
         with pytest.raises(ExportError, match="none of PyTorch's raw candidates|more than threshold ties explain"):
-            check_onnx_nms(path, fused, x, False)
+            check_nms("onnx", path, fused, x, False)
 
 
 def test_compare_detections_tolerates_nms_ties_and_their_cascade():

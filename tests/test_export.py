@@ -10,7 +10,15 @@ from mobileone.cli import main
 from mobileone.deploy.common import ExportError, require
 from mobileone.deploy.export import export_model, read_metadata, sample_images
 
-RUNTIME_OF = {"onnx": "onnxruntime", "torchscript": "torch", "executorch": "executorch", "coreml": "coremltools"}
+RUNTIME_OF = {
+    "onnx": "onnxruntime",
+    "torchscript": "torch",
+    "executorch": "executorch",
+    "coreml": "coremltools",
+    "tflite": "ai_edge_litert",
+    "openvino": "openvino",
+    "ncnn": "ncnn",
+}
 CLASSES = ["cat", "dog", "emu", "fox", "gnu"]
 
 
@@ -30,16 +38,29 @@ def trained(tiny_model):
     return tiny_model.train()
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch", "coreml"])
+@pytest.mark.parametrize(
+    "fmt",
+    ["onnx", "torchscript", "executorch", "coreml", pytest.param("tflite", marks=pytest.mark.slow), "openvino", "ncnn"],
+)
 def test_round_trip_fuses_and_matches(trained, tmp_path, fmt):
     _needs(RUNTIME_OF[fmt])
     report = export_model(trained, tmp_path / "model", fmt)
     assert report.fused_on_export, "a train-mode, unfused model must be fused before export"
-    assert report.path.exists() and report.path.suffix in (".onnx", ".pt", ".pte", ".mlpackage")
+    assert report.path.exists() and report.path.suffix in (
+        ".onnx",
+        ".pt",
+        ".pte",
+        ".mlpackage",
+        ".tflite",
+        ".xml",
+        ".param",
+    )
     if fmt == "coreml" and sys.platform != "darwin":
         assert report.max_abs_diff is None and "structural" in report.check
     else:
         assert report.max_abs_diff is not None and report.max_abs_diff <= report.tolerance
+        # float32 end to end: OpenVINO's fp16 weights / bf16 math or ncnn's fp16 storage would give ~1e-4
+        assert report.relative_error < 1e-5 and report.top1_agreement == 100.0
     meta = read_metadata(report.path)
     assert meta["class_names"] == CLASSES
     assert meta["input_size"] == [3, 32, 32] and len(meta["mean"]) == 3 and meta["fused"] is True

@@ -64,6 +64,8 @@ def quantized(tmp_path_factory):
         "200",
         "--eval-data",
         str(data),
+        "--max-drop",
+        "2.5",
     ]
     return {"data": data, "model": model, "int8": out, "fp32": tmp / "int8.fp32.onnx", "argv": argv, "tmp": tmp}
 
@@ -95,7 +97,8 @@ def test_int8_file_is_qdq_keeps_metadata_and_first_layers_float(quantized):
     assert all(s == "DequantizeLinear" for s in weight_source[3:])
     meta = read_onnx_metadata(quantized["int8"])
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["input_size"] == [3, SIZE, SIZE]
-    assert meta["quantization"]["keep_float"] == "first3" and meta["quantization"]["calibration_images"] == 200
+    assert len(meta["quantization"]["keep_float"]) == 3 and meta["quantization"]["calibration_images"] == 200
+    assert meta["quantization"]["runtime"] == "onnxruntime" and meta["quantization"]["per_channel"]
     assert quantized["int8"].stat().st_size < quantized["fp32"].stat().st_size
 
 

@@ -45,7 +45,7 @@ def test_bench_command_times_both_output_strides_fused_and_unfused(tmp_path, cap
         ]
     )
     assert rc == 0
-    result = json.loads((out / "results.json").read_text())
+    result = json.loads((out / "segment_results.json").read_text())
     cases = {(r["model"], r["output_stride"], r["fused"]) for r in result["rows"]}
     assert cases == {
         ("lraspp_s0", 16, True),
@@ -60,7 +60,7 @@ def test_bench_command_times_both_output_strides_fused_and_unfused(tmp_path, cap
     unfused = {(r["model"], r["output_stride"]): r for r in result["rows"] if not r["fused"]}
     assert all(fused[k]["params"] < unfused[k]["params"] for k in fused)  # branches and BatchNorms folded
     assert fused[("lraspp_s0", 8)]["macs"] > fused[("lraspp_s0", 16)]["macs"]  # dilation keeps stage 4 large
-    md = (out / "results.md").read_text()
+    md = (out / "segment_results.md").read_text()
     assert "| lraspp_s0 | 8 | fused |" in md and "fused vs unfused" in md and md in capsys.readouterr().out
     with pytest.raises(ValueError, match="output strides must be 16 and/or 8"):
         SegmentationBenchConfig(output_strides=[32])

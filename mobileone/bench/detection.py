@@ -24,13 +24,17 @@ import torch
 
 from ..core.complexity import count_macs, count_params
 from ..deploy.common import package_version, require
-from ..deploy.detection import RAW_OUTPUTS, RawDetector, add_nms, export_detector, fused_detector
+from ..deploy.detection import NMS_FORMATS, RAW_OUTPUTS, RawDetector, export_detector, fused_detector
 from ..deploy.onnx import onnx_session, to_onnx
+from ..deploy.onnx_nms import add_nms
+from ..deploy.targets import TARGETS, load_export
 from ..tasks.detection.model import Detector, create_detector, load_detector
-from .timing import cpu_name, time_calls
+from .timing import alternate_rounds, cpu_name
 
 DEFAULT_MODELS = ("tal_s0", "tal_mnv3", "ssdlite_s0", "ssdlite_mnv3")
-RUNTIMES = ("eager", "onnxruntime")
+# Exported runtimes time the fused raw form (and the NMS form where the runtime has the operator).
+TARGET_OF = {"executorch": "executorch", "litert": "tflite", "openvino": "openvino", "ncnn": "ncnn"}
+RUNTIMES = ("eager", "onnxruntime", *TARGET_OF)
 STABLE_ROUNDS = 0.15  # round medians of one entry further apart than this mark the run as noisy
 
 
@@ -69,6 +73,13 @@ def _entries(name: str, model: Detector, cfg: DetectionBenchConfig, x: torch.Ten
     """``(model, fused, nms, runtime) -> callable`` for one detector."""
     fused, _ = fused_detector(model)
     out: dict[tuple, Callable[[], Any]] = {}
+    for runtime in [r for r in cfg.runtimes if r in TARGET_OF]:
+        fmt = TARGET_OF[runtime]
+        for nms in (False, True) if fmt in NMS_FORMATS else (False,):
+            path = workdir / TARGETS[fmt].file_name(f"{name}_{'nms' if nms else 'raw'}")
+            export_detector(fused, path, "nms" if nms else "raw", fmt, check=False)
+            run = load_export(fmt, path, cfg.threads)
+            out[(name, True, nms, runtime)] = lambda run=run: run(x)
     for is_fused, m in ((False, model.eval()), (True, fused)):
         if "eager" in cfg.runtimes:
             out[(name, is_fused, False, "eager")] = lambda m=m: m.forward_raw(x)
@@ -106,20 +117,13 @@ def _export_unfused(model: Detector, path: Path, nms: bool) -> None:
         onnx.save(proto, str(path))
 
 
-def alternate_rounds(
+def alternate_medians(
     runners: dict[Any, Callable[[], Any]], rounds: int = 3, warmup: int = 5, iters: int = 20, min_time: float = 0.5
 ) -> tuple[dict[Any, list[float]], dict[Any, float]]:
-    """Median (ms) of every runner in each of ``rounds`` rounds, each round timing every runner once, and
-    each runner's fastest call (ms). Alternating exposes a machine that gets busy part-way."""
-    medians: dict[Any, list[float]] = {k: [] for k in runners}
-    minima: dict[Any, float] = {}
-    with torch.inference_mode():
-        for r in range(rounds):
-            for key, fn in runners.items():
-                times = time_calls(fn, warmup if r == 0 else 1, iters, min_time)
-                medians[key].append(float(np.median(times)) * 1e3)
-                minima[key] = min(minima.get(key, float("inf")), float(times.min()) * 1e3)
-    return medians, minima
+    """Median (ms) of every runner in each of ``rounds`` alternating rounds, and each runner's fastest call (ms)."""
+    times = alternate_rounds(runners, rounds, warmup, iters, min_time)
+    medians = {k: [float(np.median(t)) * 1e3 for t in v] for k, v in times.items()}
+    return medians, {k: min(float(t.min()) for t in v) * 1e3 for k, v in times.items()}
 
 
 def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
@@ -140,7 +144,7 @@ def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
             }
             with torch.no_grad():
                 runners.update(_entries(name, model, cfg, x, Path(tmp)))
-        medians, minima = alternate_rounds(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
+        medians, minima = alternate_medians(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
     rows = [
         {
             "model": k[0],
@@ -199,7 +203,11 @@ def results_markdown(result: dict[str, Any]) -> str:
             any_row = next(r for r in result["rows"] if r["model"] == name)
             params = any_row["params_fused" if fused else "params_unfused"] / 1e6
             macs = any_row["macs_fused" if fused else "macs_unfused"] / 1e6
-            cells = [f"{index[(name, fused, nms, rt)]['median_ms']:.2f}" for rt in runtimes for nms in (False, True)]
+            cells = [
+                f"{index[(name, fused, nms, rt)]['median_ms']:.2f}" if (name, fused, nms, rt) in index else "n/a"
+                for rt in runtimes
+                for nms in (False, True)
+            ]
             lines.append(
                 f"| {name} | {'fused' if fused else 'unfused'} | {params:.2f} | {macs:.0f} | {' | '.join(cells)} |"
             )

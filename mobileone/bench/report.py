@@ -1,4 +1,5 @@
-"""The benchmark's results as markdown, CSV, JSON and the latency-vs-MACs plot (the paper's Figure 2)."""
+"""The benchmark's results as markdown, CSV, JSON, the latency-vs-MACs plot (the paper's Figure 2) and, per
+runtime, latency against the published ImageNet top-1 with its Pareto front."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..core.config import PAPER
 from ..deploy.common import require
-from .timing import WIDE_SPREAD
+from .timing import STABLE_ROUNDS, WIDE_SPREAD
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -40,14 +41,16 @@ def results_markdown(result: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][:80]} | | | | | |")
             continue
-        s, lg = r[f"bs{small}"], r[f"bs{large}"]
-        flag = " *" if s["spread"] > WIDE_SPREAD else ""
+        s, lg = r[f"bs{small}"], r.get(f"bs{large}")
+        flag = " *" if busy(s) else ""
         if flag:
-            noisy.append(f"{r['model']} / {r['runtime']} ({100 * s['spread']:.0f} %)")
-        lines.append(
-            f"{head} {s['min_ms']:.2f} | {s['median_ms']:.2f}{flag} | {s['p90_ms']:.2f} | "
-            f"{lg['throughput']:.0f} | {100 * s['peak_fraction']:.1f} | {100 * lg['peak_fraction']:.1f} |"
+            noisy.append(f"{r['model']} / {r['runtime']} ({100 * max(s['spread'], s.get('round_spread', 0)):.0f} %)")
+        big = (
+            f"{lg['throughput']:.0f} | {100 * s['peak_fraction']:.1f} | {100 * lg['peak_fraction']:.1f}"
+            if lg
+            else (f"batch 1 only | {100 * s['peak_fraction']:.1f} | n/a")
         )
+        lines.append(f"{head} {s['min_ms']:.2f} | {s['median_ms']:.2f}{flag} | {s['p90_ms']:.2f} | {big} |")
     lines += paper_table(result)
     if result["correlations"]:
         lines += [
@@ -81,7 +84,8 @@ def results_markdown(result: dict[str, Any]) -> str:
     if noisy:
         lines += [
             "",
-            f"Note: * marks a median more than {100 * WIDE_SPREAD:.0f} % above the minimum, a noisy machine: "
+            f"Note: * marks a median more than {100 * WIDE_SPREAD:.0f} % above the minimum, or round medians more "
+            f"than {100 * STABLE_ROUNDS:.0f} % apart: a busy machine: "
             + ", ".join(noisy)
             + ". Re-run on a quiet machine before quoting.",
         ]
@@ -96,28 +100,82 @@ def results_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def busy(stats: dict[str, float]) -> bool:
+    """A measurement a busy machine spoiled: calls far above the fastest, or rounds far apart."""
+    return stats["spread"] > WIDE_SPREAD or stats.get("round_spread", 0.0) > STABLE_ROUNDS
+
+
 def paper_table(result: dict[str, Any]) -> list[str]:
-    """Batch-1 median latency per runtime next to the paper's desktop CPU column (its Table 4)."""
+    """One table per runtime: batch-1 latency here beside the paper's top-1, iPhone 12 and desktop CPU columns."""
+    b = min(result["config"]["batch_sizes"])
+    where = f"batch {b}, {result['config']['img_size']} px, {result['threads']} threads"
+    lines = []
+    for runtime, precision in dict.fromkeys((r["runtime"], r.get("precision", "fp32")) for r in result["rows"]):
+        rows = [
+            r
+            for r in result["rows"]
+            if (r["runtime"], r.get("precision", "fp32")) == (runtime, precision) and f"bs{b}" in r and r["deployed"]
+        ]
+        base = next((r[f"bs{b}"]["median_ms"] for r in rows if r["model"] == "mobilenet_v2"), None)
+        lines += [
+            "",
+            f"{runtime} ({precision}; {where}), beside the paper's Table 4 "
+            "(ImageNet top-1; iPhone 12 with Core ML, the mobile column; Xeon CPU):",
+            "",
+            "| model | paper top-1 % | paper iPhone 12 ms | paper CPU ms | median ms here | vs MobileNetV2 "
+            "| rounds apart |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted(rows, key=lambda r: r[f"bs{b}"]["median_ms"]):
+            p, s = PAPER.get(r["model"]), r[f"bs{b}"]
+            ratio = f"{s['median_ms'] / base:.2f}x" if base else "n/a"
+            lines.append(
+                f"| {r['model']} | {_fmt(p.top1 if p else None, 1)} | {_fmt(p.iphone12_ms if p else None)} | "
+                f"{_fmt(p.cpu_ms if p else None)} | {s['median_ms']:.2f}{' *' if busy(s) else ''} | {ratio} | "
+                f"{100 * s.get('round_spread', 0.0):.0f} % |"
+            )
+    return lines
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (latency, top-1, name) points no other point beats on both: faster and at least as accurate."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def plot_latency_vs_top1(result: dict[str, Any], path: Path) -> None:
+    """Per runtime: batch-1 latency here against the published ImageNet top-1, with the Pareto front."""
+    matplotlib = require("matplotlib", "bench")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     b = min(result["config"]["batch_sizes"])
     runtimes = list(dict.fromkeys(r["runtime"] for r in result["rows"]))
-    by_model: dict[str, dict[str, float]] = {}
-    for r in result["rows"]:
-        if r["model"] in PAPER and PAPER[r["model"]].cpu_ms is not None and f"bs{b}" in r:
-            by_model.setdefault(r["model"], {})[r["runtime"]] = r[f"bs{b}"]["median_ms"]
-    if not by_model:
-        return []
-    where = f"here batch {b}, {result['config']['img_size']} px, {result['threads']} threads"
-    lines = [
-        "",
-        f"Next to the paper's CPU column (Xeon Gold 5118, batch 1, 224 px; {where}):",
-        "",
-        "| model | " + " | ".join(f"{rt} ms" for rt in runtimes) + " | paper CPU ms |",
-        "|---|" + "---:|" * (len(runtimes) + 1),
-    ]
-    for model, lat in by_model.items():
-        cells = " | ".join(f"{lat[rt]:.2f}" if rt in lat else "n/a" for rt in runtimes)
-        lines.append(f"| {model} | {cells} | {PAPER[model].cpu_ms:.2f} |")
-    return lines
+    fig, axes = plt.subplots(1, len(runtimes), figsize=(5.5 * len(runtimes), 4.5), squeeze=False)
+    for ax, runtime in zip(axes[0], runtimes, strict=True):
+        rows = [r for r in result["rows"] if r["runtime"] == runtime and f"bs{b}" in r and r["model"] in PAPER]
+        points = [(r[f"bs{b}"]["median_ms"], PAPER[r["model"]].top1, r["model"]) for r in rows]
+        for ms, top1, name in points:
+            ax.scatter(
+                ms, top1, marker="o" if name.startswith("mobileone") else "s", c="C0" if "mobileone" in name else "C1"
+            )
+            ax.annotate(
+                name.replace("mobileone_", ""), (ms, top1), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        front = pareto_front(points)
+        ax.step(
+            [p[0] for p in front], [p[1] for p in front], where="post", c="grey", ls="--", lw=1, label="Pareto front"
+        )
+        ax.set(xlabel="median latency here (ms)", ylabel="published ImageNet top-1 (%)", title=f"{runtime}, batch {b}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_results(result: dict[str, Any], out: Path) -> None:
@@ -130,6 +188,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         "family",
         "deployed",
         "runtime",
+        "precision",
         "params",
         "macs",
         "batch",
@@ -138,6 +197,8 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         "p90_ms",
         "runs",
         "spread",
+        "round_spread",
+        "rounds",
         "throughput",
         "peak_fraction",
         "error",
@@ -146,7 +207,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         for r in result["rows"]:
-            base = {k: r[k] for k in ("model", "family", "deployed", "runtime", "params", "macs")}
+            base = {k: r.get(k) for k in ("model", "family", "deployed", "runtime", "precision", "params", "macs")}
             if "error" in r:
                 writer.writerow({**base, "error": r["error"]})
             for key in sorted(k for k in r if k.startswith("bs")):
@@ -162,6 +223,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
                 }
             )
     plot_latency_vs_macs(result, out / "latency_vs_macs.png")
+    plot_latency_vs_top1(result, out / "latency_vs_top1.png")
 
 
 def plot_latency_vs_macs(result: dict[str, Any], path: Path) -> None:

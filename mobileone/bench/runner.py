@@ -29,7 +29,18 @@ from ..deploy.export import export_model
 from .peers import BenchModel, resolve_models
 from .report import write_results
 from .studies import MicroStudy, activation_study, skip_se_study, spearman
-from .timing import RUNTIMES, compare_latency, cpu_name, measure_peak_gflops, time_model
+from .timing import (
+    BATCH1_ONLY,
+    EXPORTED,
+    RUNTIMES,
+    alternate_rounds,
+    compare_latency,
+    cpu_name,
+    make_runner,
+    measure_peak_gflops,
+    round_stats,
+    time_model,
+)
 
 
 @dataclass
@@ -45,6 +56,8 @@ class BenchConfig:
     warmup: int = 10
     iters: int = 30
     min_time: float = 1.0
+    rounds: int = 3  # batch 1 is timed in this many rounds, alternating between the models of a runtime
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # int8: each runtime's own static INT8
     studies: bool = True
     micro: MicroStudy = field(default_factory=MicroStudy)
     peak_size: int = 2048  # side of the matrices whose product measures the fp32 peak
@@ -53,10 +66,12 @@ class BenchConfig:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown:
             raise ValueError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}")
+        if set(self.precisions) - {"fp32", "int8"}:
+            raise ValueError(f"precisions are fp32 and int8, got {self.precisions}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
-        if self.threads < 1 or self.img_size < 8 or self.iters < 1:
-            raise ValueError("threads and iters must be >= 1 and img_size >= 8")
+        if self.threads < 1 or self.img_size < 8 or self.iters < 1 or self.rounds < 1:
+            raise ValueError("threads, iters and rounds must be >= 1 and img_size >= 8")
 
 
 def versions() -> dict[str, str]:
@@ -64,7 +79,17 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "machine": cpu_name()}
-    for pkg in ("torch", "torchvision", "onnxruntime", "executorch", "timm", "numpy"):
+    for pkg in (
+        "torch",
+        "torchvision",
+        "onnxruntime",
+        "executorch",
+        "ai-edge-litert",
+        "openvino",
+        "ncnn",
+        "timm",
+        "numpy",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -83,39 +108,20 @@ def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, prog
     peak = measure_peak_gflops(cfg.threads, cfg.peak_size)
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
-    bar = tqdm(total=len(models) * len(cfg.runtimes), disable=not progress, desc="bench", unit="run")
+    bar = tqdm(
+        total=len(models) * len(cfg.runtimes) * len(cfg.precisions), disable=not progress, desc="bench", unit="run"
+    )
+    sizes = {}
     for bm in models:
         model = bm.build().eval()
-        params, macs = count_params(model), count_macs(model, cfg.img_size)
-        for runtime in cfg.runtimes:
-            bar.set_postfix_str(f"{bm.name} / {runtime}")
-            row: dict[str, Any] = {
-                "model": bm.name,
-                "family": bm.family,
-                "deployed": bm.deployed,
-                "runtime": runtime,
-                "params": params,
-                "macs": macs,
-            }
-            workdir = Path(tempfile.mkdtemp(prefix="mobileone_bench_"))
-            try:
-                for b in sorted(cfg.batch_sizes):
-                    # Large batches take long per call: fewer runs, still at least 3 and min_time seconds.
-                    it, wu = (cfg.iters, cfg.warmup) if b == 1 else (max(3, cfg.iters // 5), max(1, cfg.warmup // 5))
-                    stats = time_model(model, runtime, b, cfg.img_size, cfg.threads, wu, it, cfg.min_time, workdir)
-                    row[f"bs{b}"] = stats
-                    row[f"bs{b}"]["throughput"] = b / (stats["median_ms"] / 1e3)
-                    row[f"bs{b}"]["peak_fraction"] = 2 * macs * b / (stats["median_ms"] / 1e3) / (peak * 1e9)
-            except Exception as e:  # one failing runtime (e.g. an export) must not stop the run
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                errors.append(f"{bm.name} / {runtime}: {row['error']}")
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
-            rows.append(row)
-            bar.update()
-            if runtime == "compile":
-                torch._dynamo.reset()
-        del model
+        sizes[bm.name] = (count_params(model), count_macs(model, cfg.img_size))
+    for runtime in cfg.runtimes:
+        for precision in cfg.precisions:
+            runtime_rows = time_runtime(cfg, models, runtime, sizes, peak, bar, precision)
+            errors += [f"{r['model']} / {runtime} {precision}: {r['error']}" for r in runtime_rows if "error" in r]
+            rows += runtime_rows
+        if runtime == "compile":
+            torch._dynamo.reset()
         gc.collect()
     bar.close()
     peak = max(
@@ -141,6 +147,74 @@ def run_benchmark(cfg: BenchConfig, models: list[BenchModel] | None = None, prog
     }
     write_results(result, Path(cfg.out))
     return result
+
+
+def time_runtime(
+    cfg: BenchConfig,
+    models: list[BenchModel],
+    runtime: str,
+    sizes: dict[str, tuple[int, int]],
+    peak: float,
+    bar: Any,
+    precision: str = "fp32",
+) -> list[dict[str, Any]]:
+    """Every model in one runtime: batch 1 in alternating rounds over the models, larger batches one by one."""
+    rows: dict[str, dict[str, Any]] = {}
+    runners, built = {}, {}
+    x = torch.randn(1, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    workdirs = {bm.name: Path(tempfile.mkdtemp(prefix="mobileone_bench_")) for bm in models}
+    try:
+        for bm in models:
+            bar.set_postfix_str(f"{bm.name} / {runtime}: export")
+            params, macs = sizes[bm.name]
+            rows[bm.name] = {
+                "model": bm.name,
+                "family": bm.family,
+                "deployed": bm.deployed,
+                "runtime": runtime,
+                "precision": precision,
+                "params": params,
+                "macs": macs,
+            }
+            try:
+                built[bm.name] = bm.build().eval()
+                with torch.inference_mode(runtime not in EXPORTED):
+                    runners[bm.name] = make_runner(
+                        runtime, built[bm.name], x.clone(), cfg.threads, workdirs[bm.name], precision
+                    )
+            except Exception as e:  # one failing export must not stop the run
+                rows[bm.name]["error"] = _error(e)
+        bar.set_postfix_str(f"{runtime}: batch 1, {cfg.rounds} rounds")
+        times = alternate_rounds(runners, cfg.rounds, cfg.warmup, cfg.iters, cfg.min_time)
+        for name, t in times.items():
+            rows[name]["bs1"] = _with_rates(round_stats(t), 1, rows[name]["macs"], peak)
+        for b in sorted(b for b in cfg.batch_sizes if b > 1 and runtime not in BATCH1_ONLY and precision == "fp32"):
+            for name, model in built.items():
+                if "error" in rows[name]:
+                    continue
+                try:  # large batches take long per call: fewer runs, still at least 3 and min_time seconds
+                    it, wu = max(3, cfg.iters // 5), max(1, cfg.warmup // 5)
+                    stats = time_model(
+                        model, runtime, b, cfg.img_size, cfg.threads, wu, it, cfg.min_time, workdirs[name]
+                    )
+                    rows[name][f"bs{b}"] = _with_rates(stats, b, rows[name]["macs"], peak)
+                except Exception as e:
+                    rows[name]["error"] = _error(e)
+        bar.update(len(models))
+    finally:
+        for w in workdirs.values():
+            shutil.rmtree(w, ignore_errors=True)
+    return list(rows.values())
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _with_rates(stats: dict[str, float], batch: int, macs: int, peak: float) -> dict[str, float]:
+    stats["throughput"] = batch / (stats["median_ms"] / 1e3)
+    stats["peak_fraction"] = 2 * macs * batch / (stats["median_ms"] / 1e3) / (peak * 1e9)
+    return stats
 
 
 def correlations(rows: list[dict[str, Any]], batch_sizes: list[int]) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ class SegmentationBenchConfig:
     warmup: int = 5
     iters: int = 20
     min_time: float = 1.0
-    out: str | None = None  # folder for results.md / results.json
+    out: str | None = None  # folder for segment_results.md / segment_results.json
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
@@ -72,7 +72,7 @@ def _cases(cfg: SegmentationBenchConfig) -> list[tuple[str, int, bool]]:
 
 
 def run_segmentation_benchmark(cfg: SegmentationBenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Time every case; returns the rows (and writes ``cfg.out``/results.md and .json when ``out`` is set)."""
+    """Time every case; returns the rows (and writes ``cfg.out``/segment_results.md and .json when ``out`` is set)."""
     torch.set_num_threads(cfg.threads)
     rows, errors = [], []
     for name, os_, fused in _cases(cfg):
@@ -113,8 +113,8 @@ def run_segmentation_benchmark(cfg: SegmentationBenchConfig, progress: bool = Tr
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        (out / "results.md").write_text(segmentation_markdown(result))
+        (out / "segment_results.json").write_text(json.dumps(result, indent=2))
+        (out / "segment_results.md").write_text(segmentation_markdown(result))
     return result
 
 

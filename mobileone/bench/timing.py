@@ -1,5 +1,6 @@
 """Timing: repeated calls after a warm-up at fixed threads, per runtime (eager, channels_last, compile,
-onnxruntime, ExecuTorch), and the machine's measured fp32 peak to compare against."""
+onnxruntime, ExecuTorch, LiteRT, OpenVINO, ncnn), alternating rounds that expose a busy machine, and
+the machine's measured fp32 peak to compare against."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..deploy.common import require
-from ..deploy.executorch import executorch_method, to_executorch
+from ..deploy.executorch import executorch_method, set_threads, to_executorch
+from ..deploy.int8 import RUNTIMES as INT8_RUNTIMES
+from ..deploy.int8 import Graph, Recipe, quantize_graph
 from ..deploy.onnx import onnx_session, to_onnx
+from ..deploy.targets import TARGETS, load_export, write_export
 
 
 def cpu_name() -> str:
@@ -31,7 +34,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-RUNTIMES = ("eager", "channels_last", "compile", "onnxruntime", "executorch")
+# The runtimes apps embed, each timed on the file its export target writes (float32 weights and math).
+DEVICE_TARGETS = {"litert": "tflite", "openvino": "openvino", "ncnn": "ncnn"}
+RUNTIMES = ("eager", "channels_last", "compile", "onnxruntime", "executorch", *DEVICE_TARGETS)
+EXPORTED = ("onnxruntime", "executorch", *DEVICE_TARGETS)  # runtimes that time an exported file
+BATCH1_ONLY = tuple(r for r, f in DEVICE_TARGETS.items() if TARGETS[f].per_image)  # LiteRT and ncnn: batch 1
 WIDE_SPREAD = 0.15  # (median - min) / min above this marks a noisy measurement
 
 
@@ -71,8 +78,12 @@ def measure_peak_gflops(threads: int, size: int = 2048, seconds: float = 1.0) ->
     return 2 * size**3 / float(times.min()) / 1e9
 
 
-def make_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
-    """A no-argument callable running ``model`` on ``x`` with ``runtime``."""
+def make_runner(
+    runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path, precision: str = "fp32"
+) -> Callable[[], Any]:
+    """A no-argument callable running ``model`` on ``x`` with ``runtime`` (``precision`` int8: its INT8 file)."""
+    if precision == "int8":
+        return int8_runner(runtime, model, x, threads, workdir)
     if runtime == "eager":
         return lambda: model(x)
     if runtime == "channels_last":
@@ -90,15 +101,36 @@ def make_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir
         feed = {session.get_inputs()[0].name: x.numpy()}
         return lambda: session.run(None, feed)
     if runtime == "executorch":
-        require("executorch.runtime")
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        _unsafe_reset_threadpool(threads)
+        set_threads(threads)
         path = workdir / f"model_{len(x)}.pte"
         to_executorch(model, path, x)
         method = executorch_method(path)
         return lambda: method.execute([x])
+    if runtime in DEVICE_TARGETS:
+        if len(x) > 1 and runtime in BATCH1_ONLY:
+            raise ValueError(f"{runtime} runs batch 1 only")
+        format = DEVICE_TARGETS[runtime]
+        path = workdir / TARGETS[format].file_name(f"model_{len(x)}")
+        if not path.exists():
+            write_export(format, model, path, x, {"task": "bench"}, "none", ["output"])
+        run = load_export(format, path, threads)
+        return lambda: run(x)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+
+
+def int8_runner(runtime: str, model: nn.Module, x: Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
+    """The runtime's own static INT8 of ``model`` (calibrated on random images: latency does not depend on it)."""
+    if runtime not in INT8_RUNTIMES or runtime == "ncnn":
+        raise ValueError(f"no INT8 path for {runtime}; INT8 runs in {[r for r in INT8_RUNTIMES if r != 'ncnn']}")
+    meta = {"task": "bench", "mean": [0.0] * 3, "std": [1.0] * 3, "input_size": list(x.shape[1:])}
+    graph = Graph("classify", model, x[:1], ["output"], meta)
+    calibration = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    format = INT8_RUNTIMES[runtime]
+    path = quantize_graph(runtime, graph, calibration, workdir / TARGETS[format].file_name("int8"), Recipe())
+    run = load_export(format, path, threads)
+    if len(x) > 1 and TARGETS[format].per_image:
+        raise ValueError(f"{runtime} runs batch 1 only")
+    return lambda: run(x)
 
 
 def time_model(
@@ -119,7 +151,7 @@ def time_model(
     torch.set_num_threads(threads)
     x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="mobileone_bench_") as tmp, torch.inference_mode():
-        if runtime in ("onnxruntime", "executorch"):  # exporters trace outside inference mode
+        if runtime in EXPORTED:  # exporters trace outside inference mode
             with torch.inference_mode(False):
                 fn = make_runner(runtime, model, x.clone(), threads, Path(workdir or tmp))
         else:
@@ -152,7 +184,7 @@ def compare_latency(
         for i, (name, (model, runtime)) in enumerate(entries.items()):
             workdir = Path(tmp) / str(i)
             workdir.mkdir()
-            with torch.inference_mode(runtime not in ("onnxruntime", "executorch")):
+            with torch.inference_mode(runtime not in EXPORTED):
                 runners[name] = make_runner(runtime, model.eval(), x.clone(), threads, workdir)
         for r in range(rounds):
             for name, fn in runners.items():
@@ -160,3 +192,29 @@ def compare_latency(
                 medians[name].append(float(np.median(times)) * 1e3)
     spread = max(max(ms) / min(ms) - 1 for ms in medians.values())
     return {name: float(np.median(ms)) for name, ms in medians.items()}, spread <= STABLE_ROUNDS, spread
+
+
+def alternate_rounds(
+    runners: dict[Any, Callable[[], Any]], rounds: int = 3, warmup: int = 5, iters: int = 20, min_time: float = 0.5
+) -> dict[Any, list[np.ndarray]]:
+    """Seconds per call of every runner in each of ``rounds`` rounds, each round timing every runner once.
+
+    Alternating exposes a machine that gets busy part-way: it slows every runner alike, and the
+    spread of one runner's round medians shows it.
+    """
+    times: dict[Any, list[np.ndarray]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for r in range(rounds):
+            for key, fn in runners.items():
+                times[key].append(time_calls(fn, warmup if r == 0 else 1, iters, min_time))
+    return times
+
+
+def round_stats(rounds: list[np.ndarray]) -> dict[str, float]:
+    """:func:`latency_stats` over all rounds' calls, the median of the round medians, and their spread."""
+    medians = [float(np.median(t)) * 1e3 for t in rounds]
+    stats = latency_stats(np.concatenate(rounds))
+    stats["median_ms"] = float(np.median(medians))
+    stats["round_spread"] = max(medians) / min(medians) - 1
+    stats["rounds"] = len(rounds)
+    return stats

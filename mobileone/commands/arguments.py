@@ -214,15 +214,24 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     add_threads(p)
 
 
+EXPORT_FORMATS = ["onnx", "torchscript", "executorch", "coreml", "tflite", "openvino", "ncnn"]
+INT8_RUNTIMES = ["onnxruntime", "executorch", "litert", "openvino", "ncnn"]
+
+
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="fuse, export (onnx, torchscript, executorch, coreml), check, then write")
+    p = sub.add_parser(
+        "export", help="fuse, export (onnx, torchscript, executorch, coreml, tflite, openvino, ncnn), check, then write"
+    )
     add_task(p, help=f"{FROM_SOURCE}; with --variant: classify")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--variant", help="s0..s4 (detect ssdlite_*, segment deeplabv3_* / lraspp_*), random weights")
     src.add_argument("--checkpoint", help="a checkpoint of any task (unfused ones are fused)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "executorch", "coreml"])
+    p.add_argument("--format", required=True, choices=[*EXPORT_FORMATS, "all"], help="all: every installed target")
     p.add_argument(
-        "--out", required=True, help="the file to write once its check passed (.onnx, .pt, .pte, .mlpackage)"
+        "--out",
+        required=True,
+        help="the file to write once its check passed (.onnx, .pt, .pte, .mlpackage, .tflite, .xml, .param); "
+        "a folder with --format all",
     )
     p.add_argument("--img-size", type=ranged(IMG_SIZE), help="input size (default: the checkpoint's; classify 224)")
     p.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
@@ -230,44 +239,78 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "--num-classes", type=ranged(CLASSES), help="classes of --variant (classify 1000, detect 80, segment 21)"
     )
     p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
+    p.add_argument(
+        "--check-data", help="classify: check on the held-out images of this folder (its val/) instead of samples"
+    )
+    p.add_argument(
+        "--check-images", type=ranged(POSITIVE), default=400, help="classify: images of --check-data (default 400)"
+    )
+    p.add_argument("--threads", type=ranged(THREADS), help="--format all: threads of the latency column (default 2)")
     p.add_argument("--atol", type=ranged(TOLERANCE), help="check tolerance atol + rtol x max |output| (per format)")
     p.add_argument("--rtol", type=ranged(TOLERANCE), help="see --atol (per format)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--raw", dest="detect_form", action="store_const", const="raw", help="detect: raw form only")
-    form.add_argument("--nms", dest="detect_form", action="store_const", const="nms", help="detect: NMS form only")
+    form.add_argument(
+        "--nms", dest="detect_form", action="store_const", const="nms", help="detect: NMS form only (onnx, openvino)"
+    )
     p.add_argument("--max-detections", type=ranged(MAX_DETECTIONS), help="detect: NMS form (default: the checkpoint's)")
     p.add_argument("--argmax", action="store_true", help="segment: also output labels, the per-pixel argmax")
 
 
 def add_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="post-training static INT8 (onnxruntime) of the fused classifier")
-    p.add_argument("--checkpoint", required=True, help="a classification checkpoint")
-    p.add_argument("--calib-data", required=True, help="image folder to calibrate on (its train/ if present)")
-    p.add_argument("--out", required=True, help="INT8 .onnx to write (the fp32 export goes beside it, *.fp32.onnx)")
+    p = sub.add_parser(
+        "quantize",
+        help="static INT8 for a runtime (onnxruntime, executorch, litert, openvino, ncnn), checked in that runtime",
+        description="Quantizes the fused model with the runtime's own tool, measures the task's metric of the fp32 "
+        "and the INT8 file in that runtime, and while INT8 loses more than --max-drop tries per-channel weights, the "
+        "other calibration, then the most sensitive layers in float; exit 3 if still over.",
+    )
+    add_task(p)
+    p.add_argument("--runtime", choices=INT8_RUNTIMES, default="onnxruntime", help="default onnxruntime")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of the task (unfused ones are fused)")
+    p.add_argument("--calib-data", required=True, help="any folder of images to calibrate on (its train/ if present)")
+    p.add_argument("--out", required=True, help="INT8 file to write (the fp32 export goes beside it, *.fp32.*)")
+    p.add_argument("--eval-data", help="the task's data whose val split scores fp32 and INT8 (default --calib-data)")
+    p.add_argument("--json", metavar="OUT", help="write {task, runtime, metric, fp32, int8, drop} and the steps")
+    p.add_argument("--max-drop", type=ranged(Range(0.0, 100.0)), default=1.0, help="points INT8 may lose (default 1)")
     p.add_argument("--img-size", type=ranged(IMG_SIZE), help="default: the checkpoint's")
     p.add_argument("--num-calib", type=ranged(POSITIVE), default=300, help="calibration images, at most (default 300)")
     p.add_argument(
         "--method",
         default="minmax-avg",
-        choices=["minmax", "minmax-avg", "entropy", "percentile"],
-        help="calibration (default minmax-avg)",
+        choices=["minmax", "minmax-avg", "entropy", "percentile", "histogram"],
+        help="activation calibration (default minmax-avg); runtimes other than onnxruntime: minmax or histogram",
     )
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument(
         "--keep-float",
-        default="first3",
-        help="float layers: none, or +-joined first, firstN, last, depthwise (default first3)",
+        help="float layers: none, or +-joined first, firstN, last, depthwise (default: onnxruntime classify first3)",
     )
-    p.add_argument("--reduce-range", action="store_true", help="7-bit weights (old x86 int8 kernels saturate)")
-    p.add_argument("--eval-data", help="also report fp32 and INT8 top-1 on this folder (its val/ if present)")
-    p.add_argument("--study", action="store_true", help="compare all calibration settings on --eval-data")
+    p.add_argument("--reduce-range", action="store_true", help="--study: 7-bit weights (old x86 int8 kernels)")
+    p.add_argument("--study", action="store_true", help="onnxruntime, classify: compare calibration settings")
+    g = p.add_argument_group("quantization-aware training")
+    g.add_argument("--qat", action="store_true", help="fine-tune the fused classifier with fake quantization first")
+    g.add_argument("--train-data", help="--qat: the training data (its train/)")
+    g.add_argument("--epochs", type=ranged(POSITIVE), default=1, help="--qat: epochs (default 1)")
+    g.add_argument("--lr", type=ranged(Range(0.0, 10.0)), default=1e-3, help="--qat: learning rate (default 1e-3)")
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency of MobileOne and peers per runtime, with the paper's analyses")
     add_task(p, "classify", "classify (default); detect / segment: task models against MobileNetV3 peers")
     p.add_argument("--models", default="default", help="comma list of models or groups (default, mobileone, all, ...)")
-    p.add_argument("--runtimes", default="eager,onnxruntime", help="comma list (default eager,onnxruntime)")
+    p.add_argument(
+        "--runtimes",
+        default="eager,onnxruntime",
+        help="comma list of eager, channels_last, compile, onnxruntime, executorch, litert, openvino, ncnn "
+        "(default eager,onnxruntime)",
+    )
+    p.add_argument(
+        "--precisions", default="fp32", help="comma list of fp32, int8 (classify: each runtime's INT8; default fp32)"
+    )
+    p.add_argument(
+        "--rounds", type=ranged(POSITIVE), default=3, help="batch 1 in rounds alternating between models (default 3)"
+    )
     p.add_argument("--batch-sizes", type=ranged_list(POSITIVE), default=[1, 32], help="default 1,32")
     p.add_argument("--img-size", type=ranged(IMG_SIZE), help="default: classify 224, detect 320, segment 512")
     p.add_argument("--threads", type=ranged(THREADS), default=2, help="default 2")

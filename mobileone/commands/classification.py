@@ -18,8 +18,6 @@ import torch
 from ..bench import BenchConfig, deployment_report, run_benchmark
 from ..core.checkpoint import load_checkpoint
 from ..core.complexity import count_macs, count_params
-from ..core.factory import create_model
-from ..deploy import export_model
 from ..deploy.evaluate_onnx import evaluate_onnx
 from ..deploy.onnx import read_onnx_metadata
 from ..deploy.predict_onnx import predict_onnx
@@ -129,23 +127,10 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
-def export(args: argparse.Namespace) -> int:
-    """``mobileone export``: the fused classifier, checked against PyTorch before it is written."""
-    if args.checkpoint:
-        model = load_checkpoint(args.checkpoint)
-    else:
-        model = create_model(args.variant, num_classes=1000 if args.num_classes is None else args.num_classes)
-    check = not args.no_check
-    report = export_model(
-        model, args.out, args.format, args.img_size, args.dynamic_batch, check, rtol=args.rtol, atol=args.atol
-    )
-    print(report.summary())
-    return 0
-
-
-def quantize(args: argparse.Namespace) -> int:
-    """``mobileone quantize``: static INT8 of the fused classifier (and its fp32 export beside it)."""
-    settings = QuantSettings(args.method, not args.per_tensor, args.keep_float, args.reduce_range)
+def quantize_study(args: argparse.Namespace) -> int:
+    """``mobileone quantize --study``: onnxruntime's INT8 of the fused classifier under each calibration setting."""
+    method = "percentile" if args.method == "histogram" else args.method
+    settings = QuantSettings(method, not args.per_tensor, args.keep_float or "first3", args.reduce_range)
     model = load_checkpoint(args.checkpoint)
     fp32, int8 = quantize_model(model, args.calib_data, args.out, settings, args.img_size, args.num_calib)
     used = (read_onnx_metadata(int8).get("quantization") or {}).get("calibration_images", args.num_calib)
@@ -176,9 +161,11 @@ def bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         iters=args.iters,
         min_time=args.min_time,
+        rounds=args.rounds,
+        precisions=args.precisions.split(","),
         studies=not args.no_studies,
     )
     result = run_benchmark(cfg)
     print((Path(args.out) / "results.md").read_text())
-    print(f"written: {args.out}/results.md, results.csv, results.json, latency_vs_macs.png")
+    print(f"written: {args.out}/results.md, results.csv, results.json, latency_vs_macs.png, latency_vs_top1.png")
     return 1 if result["errors"] else 0

@@ -17,19 +17,17 @@ from pathlib import Path
 
 import torch
 
-from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, alternate_rounds, detection_benchmark
+from ..bench.detection import DEFAULT_MODELS, DetectionBenchConfig, alternate_medians, detection_benchmark
 from ..core.files import write_json_result
 from ..core.fusion import reparameterize_model
-from ..core.registry import names_a_task_model
 from ..deploy.common import ExportError
 from ..deploy.detection import compare_detections, evaluate_onnx_detector, export_detector
 from ..deploy.onnx import onnx_session
 from ..deploy.predict_onnx import OnnxModel
 from ..tasks import resolve_config, train
 from ..tasks.detection.builtin import digit_scenes
-from ..tasks.detection.config import DEFAULT_HEAD
 from ..tasks.detection.evaluate import evaluate_detector, val_loader
-from ..tasks.detection.model import build_detector, create_detector, load_detector
+from ..tasks.detection.model import build_detector, load_detector, qualified_name
 from ..tasks.detection.predict import coco_records, predict_detections
 from . import write_json
 from .info import report
@@ -71,63 +69,10 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detector_name(name: str) -> str:
-    """A detector's registered name: ``tal_s0`` / ``ssdlite_s1`` as given, a bare variant under the default head."""
-    return name if names_a_task_model(name) else f"{DEFAULT_HEAD}_{name.removeprefix('mobileone_')}"
-
-
-def _detector_for_export(args: argparse.Namespace):
-    if args.checkpoint:
-        model = load_detector(args.checkpoint)
-        if args.img_size is not None and args.img_size != model.config.img_size:
-            raise ValueError(
-                f"{args.checkpoint} was trained at {model.config.img_size} px and exports at that size; "
-                f"--img-size {args.img_size} cannot change that"
-            )
-        return model
-    name = _detector_name(args.variant)
-    torch.manual_seed(0)
-    classes, size = (
-        80 if args.num_classes is None else args.num_classes,
-        320 if args.img_size is None else args.img_size,
-    )
-    return create_detector(name, classes, size).eval()
-
-
-def export(args: argparse.Namespace) -> int:
-    """``mobileone export --task detect``: the fused detector, raw and/or with NMS in the graph, each checked."""
-    model = _detector_for_export(args)
-    form = args.detect_form
-    forms = [form] if form else (["raw", "nms"] if args.format == "onnx" else ["raw"])
-    out, raw = Path(args.out), None
-    if "nms" in forms and (args.atol is not None or args.rtol is not None):
-        print(
-            "note: --atol / --rtol apply to the raw form; the NMS form's check matches the detections one to one",
-            file=sys.stderr,
-        )
-    for f in forms:
-        path = out if len(forms) == 1 or f == "raw" else out.with_name(f"{out.stem}_nms{out.suffix or '.onnx'}")
-        tolerance = {"atol": args.atol, "rtol": args.rtol} if f == "raw" else {}
-        report = export_detector(
-            model,
-            path,
-            f,
-            args.format,
-            args.dynamic_batch,
-            args.max_detections,
-            not args.no_check,
-            from_raw=raw,
-            **tolerance,
-        )
-        raw = report.path if f == "raw" else raw
-        print(report.summary())
-    return 0
-
-
 def bench(args: argparse.Namespace) -> int:
-    """``mobileone bench --task detect``: MobileOne detectors against the MobileNetV3 peers, fused or not, +/- NMS."""
+    """``mobileone bench --task detect``: SSDLite on MobileOne against the MobileNetV3 peer, fused or not, +/- NMS."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [m.strip() for m in args.models.split(",")]
-    models = [_detector_name(m) for m in models]
+    models = [qualified_name(m) for m in models]
     cfg = DetectionBenchConfig(
         models=models,
         runtimes=args.runtimes.split(","),
@@ -237,7 +182,7 @@ def demo(args: argparse.Namespace) -> int:
         feed = {session.get_inputs()[0].name: x1.numpy()}
         runners[f"onnxruntime fused {'+ NMS' if form == 'nms' else 'raw'}"] = lambda s=session, f=feed: s.run(None, f)
     torch.set_num_threads(threads)
-    medians, _ = alternate_rounds(runners, rounds=3, warmup=3, iters=10, min_time=0.3)
+    medians, _ = alternate_medians(runners, rounds=3, warmup=3, iters=10, min_time=0.3)
     ms = {k: sorted(v)[len(v) // 2] for k, v in medians.items()}
     spread = max(max(v) / min(v) - 1 for v in medians.values())
     timing = ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())

@@ -29,10 +29,11 @@ from ..tasks import resolve_config, train
 from ..tasks.segmentation.builtin import builtin_scenes
 from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_splits
 from ..tasks.segmentation.evaluate import evaluate_checkpoint
-from ..tasks.segmentation.model import Segmenter, create_segmenter, load_segmenter
+from ..tasks.segmentation.model import Segmenter, load_segmenter
 from ..tasks.segmentation.predict import predict_masks
 from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE
 from . import write_json
+from .export import segmenter_name
 from .info import report
 
 DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 8, 64
@@ -76,37 +77,6 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def segmenter_name(variant: str) -> str:
-    """``s0`` -> ``deeplabv3_s0``; full names (``lraspp_s0``, ``deeplabv3_mnv3``) pass through."""
-    key = variant.lower()
-    return key if key.startswith(("deeplabv3", "lraspp")) else f"deeplabv3_{key}"
-
-
-def export(args: argparse.Namespace) -> int:
-    """``mobileone export --task segment``: the folded segmenter, dynamic height and width, checked."""
-    if args.checkpoint:
-        model = load_segmenter(args.checkpoint)
-    else:
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            classes = 21 if args.num_classes is None else args.num_classes
-            model = create_segmenter(segmenter_name(args.variant), num_classes=classes)
-        model.preprocess["input_size"] = 512 if args.img_size is None else args.img_size
-    report = export_segmenter(
-        model,
-        args.out,
-        args.format,
-        args.img_size,
-        argmax=args.argmax,
-        check=not args.no_check,
-        rtol=args.rtol,
-        atol=args.atol,
-    )
-    print(report.summary())
-    return 0
-
-
 def bench(args: argparse.Namespace) -> int:
     """``mobileone bench --task segment``: DeepLabV3 / LR-ASPP latency against the MobileNetV3 peers."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [segmenter_name(m) for m in args.models.split(",")]
@@ -123,8 +93,8 @@ def bench(args: argparse.Namespace) -> int:
         out=args.out,
     )
     result = run_segmentation_benchmark(cfg)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"written: {args.out}/results.md, results.json")
+    print((Path(args.out) / "segment_results.md").read_text())
+    print(f"written: {args.out}/segment_results.md, segment_results.json")
     return 1 if result["errors"] else 0
 
 

@@ -1,9 +1,11 @@
-"""Deployment: export targets (one module each, one table in ``export.TARGETS``), INT8, ONNX evaluation.
+"""Deployment: export targets (one module each, one table in ``targets.TARGETS``), INT8, evaluation of exports.
 
-Needs the ``[export]`` extra (onnx, onnxruntime, executorch, coremltools).
+Needs the ``[export]`` extra (onnx, onnxruntime, coremltools), and per runtime ``[executorch]``,
+``[litert]``, ``[openvino]``, ``[ncnn]``.
 """
 
 from .common import ExportError
-from .export import TARGETS, ExportReport, export_model, read_metadata
+from .export import ExportReport, export_model
+from .targets import TARGETS, read_metadata
 
 __all__ = ["TARGETS", "ExportError", "ExportReport", "export_model", "read_metadata"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,8 @@ from torch import Tensor
 from ..core.files import check_replaceable, remove_stale_temporaries, temporary_path, writable_folder
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# A loaded export: one batch in (normalized NCHW float32), the outputs in the PyTorch module's order out.
+Runner = Callable[[Tensor], list[Tensor]]
 
 
 class ExportError(RuntimeError):
@@ -54,6 +57,7 @@ def write_checked(
     write: Callable[[Path], None],
     check: Callable[[Path], T] | None = None,
     read_metadata: Callable[[Path], dict[str, Any]] | None = None,
+    companions: Callable[[Path], list[Path]] | None = None,
 ) -> T | None:
     """The one way every export target writes ``out``: ``write(tmp)`` beside it, ``check(tmp)``, then renamed.
 
@@ -61,6 +65,8 @@ def write_checked(
     writing or checking leaves nothing at ``out`` (a previous file there stays): the file is kept as
     ``NAME.failed.EXT`` and :class:`ExportCheckError` says so. Any other error removes it. An existing
     ``out`` is replaced only when ``read_metadata`` reads it as one of our exports; returns ``check``'s result.
+    ``companions(path)``: the files written beside an export at ``path`` (OpenVINO's ``.bin``, ncnn's ``.bin``,
+    a JSON of metadata), moved with it.
     """
     out = Path(out)
     writable_folder(out.parent, "; choose another --out")
@@ -73,14 +79,29 @@ def write_checked(
     except ExportError as e:
         failed = failed_path(out)
         if os.path.lexists(tmp):
-            _move(tmp, failed)
+            _move_all(tmp, failed, companions)
         message = str(e).replace(str(tmp), str(failed))
         raise ExportCheckError(f"{message}. Nothing was written at {out}; the file is kept as {failed}") from e
     except BaseException:
-        _remove(tmp)
+        for path in [tmp, *(companions(tmp) if companions else [])]:
+            _remove(path)
         raise
-    _move(tmp, out)
+    _move_all(tmp, out, companions)
     return result
+
+
+def companion_name(path: Path, companion: Path, dst: Path) -> Path:
+    """Where ``companion`` of an export at ``path`` goes when the export moves to ``dst``."""
+    if companion.name.startswith(path.name):  # model.tflite.json
+        return dst.parent / (dst.name + companion.name[len(path.name) :])
+    return dst.with_suffix(companion.suffix)  # model.bin beside model.xml
+
+
+def _move_all(src: Path, dst: Path, companions: Callable[[Path], list[Path]] | None) -> None:
+    for companion in companions(src) if companions else []:
+        if os.path.lexists(companion):
+            _move(companion, companion_name(src, companion, dst))
+    _move(src, dst)
 
 
 def _is_export(path: Path, read_metadata: Callable[[Path], dict[str, Any]] | None) -> bool:
@@ -116,7 +137,15 @@ def _remove(path: Path) -> None:
 # executorch's dependencies trigger.
 NOISY_LOGGERS = ("coremltools", "torch.utils._pytree")
 # Lines that ExecuTorch's native runtime writes straight to stderr while probing the CPU.
-NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
+# LiteRT's converter and interpreter log through absl / TensorFlow straight to stderr as well.
+NATIVE_NOISE = (
+    "[cpuinfo_utils.cpp:",
+    "[threadpool.cpp:",
+    "WARNING: All log messages before absl::InitializeLog()",
+    "I0000 ",
+    "W0000 ",
+    "INFO: Created TensorFlow Lite",
+)
 
 
 @contextlib.contextmanager
@@ -157,6 +186,21 @@ def filtered_native_stderr(noise: tuple[str, ...] = NATIVE_NOISE) -> Iterator[No
             sys.stderr.write("".join(kept))
 
 
+@contextlib.contextmanager
+def silenced_stdout() -> Iterator[None]:
+    """Run a block with standard output (Python's and file descriptor 1) discarded: converters that narrate."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def require(module: str, extra: str = "export") -> Any:
     """Import an optional dependency, or say which extra installs it."""
     try:
@@ -166,6 +210,22 @@ def require(module: str, extra: str = "export") -> Any:
         raise ImportError(
             f"{module.split('.')[0]} is needed for this and is not installed: pip install 'mobileone[{extra}]'"
         ) from e
+
+
+def sidecar(path: str | Path) -> Path:
+    """The JSON file beside an export whose format has no place for metadata (``model.tflite.json``)."""
+    return Path(f"{path}.json")
+
+
+def write_sidecar(path: str | Path, meta: dict[str, Any]) -> None:
+    sidecar(path).write_text(json.dumps(meta, indent=2))
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(sidecar(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read the metadata of {path} from {sidecar(path)}: {e}") from e
 
 
 def run_batches(run: Callable[[Tensor], Tensor], x: Tensor, dynamic_batch: bool) -> Tensor:

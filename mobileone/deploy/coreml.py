@@ -13,22 +13,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .common import INPUT_NAME, OUTPUT_NAME, ExportError, package_version, require, run_batches
+from .common import INPUT_NAME, OUTPUT_NAME, ExportError, Runner, package_version, require
+
+SUFFIX, EXTRA, DYNAMIC = ".mlpackage", "export", ("none", "batch")
 
 
-def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic_batch: bool) -> None:
+def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: str, names: list[str]) -> None:
+    """An ML program; a classifier (``logits`` only, class names known) gets Core ML's classifier outputs."""
     ct = require("coremltools")
     shape = list(example.shape)
-    if dynamic_batch:
+    if dynamic == "batch":
         shape[0] = ct.RangeDim(lower_bound=1, upper_bound=256, default=1)
+    classes = meta.get("class_names") if names == [OUTPUT_NAME] and meta.get("task", "classify") == "classify" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
-        classes = meta.get("class_names")
         mlmodel = ct.convert(
             traced,
             inputs=[ct.TensorType(name=INPUT_NAME, shape=ct.Shape(shape))],
-            outputs=None if classes else [ct.TensorType(name=OUTPUT_NAME)],
+            outputs=None if classes else [ct.TensorType(name=n) for n in names],
             classifier_config=ct.ClassifierConfig([str(c) for c in classes]) if classes else None,
             convert_to="mlprogram",
         )
@@ -41,7 +44,7 @@ def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic_bat
     mlmodel.save(str(out))
 
 
-def read_coreml_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     """The user-defined metadata of a ``.mlpackage`` (readable on any OS)."""
     ct = require("coremltools")
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
@@ -65,31 +68,62 @@ def coreml_op_counts(path: str | Path) -> dict[str, int]:
     return counts
 
 
-def verify(path: Path, x: Tensor, dynamic_batch: bool, fused: nn.Module) -> tuple[Tensor | None, str]:
-    ct = require("coremltools")
+def convs_run(model: nn.Module, example: Tensor) -> int:
+    """How many convs an eval forward runs (an auxiliary head's are in the model, not in the graph)."""
+    ran: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: ran.add(id(m))) for m in model.modules() if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(ran)
+
+
+def check_structure(path: Path, model: nn.Module, example: Tensor) -> str:
+    """No BatchNorm, as many convs as the fused module runs, the metadata present: what Linux can check."""
     ops = coreml_op_counts(path)
-    convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
+    convs = convs_run(model, example)
     if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
         raise ExportError(
             f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; "
-            f"the fused model has {convs} convs and none"
+            f"the fused model runs {convs} convs and none"
         )
-    if "mean" not in read_coreml_metadata(path):
+    if "mean" not in read_metadata(path):
         raise ExportError(f"{path} lacks the preprocessing metadata (mean, std, input size)")
-    if sys.platform != "darwin":
-        return None, (
-            f"structural only ({ops['conv']} convs, no batch norm, metadata present): Core ML prediction needs macOS"
-        )
+    return f"structural only ({ops['conv']} convs, no batch norm, metadata present): Core ML prediction needs macOS"
+
+
+def can_run() -> bool:
+    return sys.platform == "darwin"
+
+
+def load(path: str | Path, threads: int | None = None) -> Runner:
+    """A runner of the ML program (macOS only), image by image; a classifier's probabilities in class order."""
+    ct = require("coremltools")
+    if not can_run():
+        raise ExportError("Core ML prediction needs macOS")
     mlmodel = ct.models.MLModel(str(path))
     spec = mlmodel.get_spec()
-    classes = read_coreml_metadata(path).get("class_names")
+    meta = read_metadata(path)
+    names = [o.name for o in spec.description.output]
+    classes = meta.get("class_names") if spec.description.predictedProbabilitiesName else None
 
-    def run(batch: Tensor) -> Tensor:
-        result = mlmodel.predict({INPUT_NAME: batch.numpy()})
+    def run(x: Tensor) -> list[Tensor]:
+        result = mlmodel.predict({INPUT_NAME: x.numpy()})
         if classes:
             probs = result[spec.description.predictedProbabilitiesName]
-            return torch.tensor([[probs[str(c)] for c in classes]])
-        return torch.from_numpy(np.asarray(result[OUTPUT_NAME]))
+            return [torch.tensor([[probs[str(c)] for c in classes]])]
+        return [torch.from_numpy(np.asarray(result[n])) for n in names]
 
-    got = run_batches(run, x, False)
-    return got, f"Core ML {package_version('coremltools')} prediction (float16 compute), {len(x)} real images"
+    return run
+
+
+def runtime_name() -> str:
+    return f"Core ML {package_version('coremltools')} prediction (float16 compute)"
+
+
+read_coreml_metadata = read_metadata

@@ -14,22 +14,21 @@ measured on one image), and torch.export refuses it. It is therefore never expor
   ``num_detections`` (B,). These are the steps of ``Detector.postprocess``; the check
   compares the detections as sets (same labels, IoU >= 0.99, scores within 1e-4).
 
-ExecuTorch and Core ML take the raw form (their runtimes have no NMS operator to match ONNX's).
+Every other target (TorchScript, ExecuTorch, Core ML, LiteRT, OpenVINO, ncnn) takes the raw form
+through the same dispatch as classification and segmentation (``targets.write_export``), and is
+checked in its own runtime by the same comparison, :func:`check_detector_outputs`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
-import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
@@ -39,14 +38,14 @@ from ..core.ranges import MAX_DETECTIONS
 from ..tasks.detection.augment import to_image_pixels
 from ..tasks.detection.evaluate import detection_metrics, val_loader
 from ..tasks.detection.model import Detector, DetectorConfig, postprocess
-from .common import ExportError, package_version, require, write_checked
-from .coreml import coreml_op_counts, read_coreml_metadata
-from .executorch import executorch_method, read_executorch_metadata, to_executorch
+from .common import ExportError, require, write_checked
 from .export import sample_images
-from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata, to_onnx
+from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata
+from .onnx_nms import add_nms
+from .targets import FORMATS, format_of, load_export, run_export, target, write_export
 
 FORMS = ("raw", "nms")
-FORMATS = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
+NMS_FORMATS = ("onnx", "openvino")  # the runtimes whose NonMaxSuppression matches ONNX's
 RAW_OUTPUTS = ["boxes", "scores"]
 NMS_OUTPUTS = ["boxes", "scores", "labels", "num_detections"]
 RAW_RTOL, SCORE_TOL, MIN_IOU, NMS_TOL = 1e-4, 1e-4, 0.99, 1e-3
@@ -119,109 +118,6 @@ def detector_metadata(model: Detector, form: str, max_detections: int) -> dict[s
     }
 
 
-def add_nms(
-    proto: Any,
-    num_anchors: int,
-    num_classes: int,
-    topk: int,
-    nms_thresh: float,
-    score_thresh: float,
-    max_detections: int,
-) -> int:
-    """Append per-class NMS to a raw graph (outputs ``boxes``, ``scores``) in place; returns M, the detections kept.
-
-    M is ``max_detections``, or fewer when the candidates (classes x ``topk``) are fewer.
-    """
-    onnx = require("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    k = min(topk, num_anchors)
-    m = min(max_detections, num_classes * k)
-    graph = proto.graph
-    rename = {"boxes": "raw_boxes", "scores": "raw_scores"}
-    for node in graph.node:
-        node.output[:] = [rename.get(o, o) for o in node.output]
-        node.input[:] = [rename.get(i, i) for i in node.input]
-    del graph.output[:]
-
-    def const(name: str, value: Any, dtype: Any = np.int64) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"nms_{name}"))
-        return f"nms_{name}"
-
-    def node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
-        graph.node.append(helper.make_node(op, inputs, outputs, name=f"nms_{outputs[0]}", **attrs))
-
-    node("Transpose", ["raw_scores"], ["scores_t"], perm=[0, 2, 1])  # (B, C, A)
-    node("TopK", ["scores_t", const("k", [k])], ["top_s", "top_i"], axis=-1)  # (B, C, k) per class
-    node("Unsqueeze", ["raw_boxes", const("ax1", [1])], ["boxes_u"])  # (B, 1, A, 4)
-    node("Shape", ["scores_t"], ["shape_bca"])
-    node("Concat", ["shape_bca", const("four", [4])], ["shape_bca4"], axis=0)
-    node("Expand", ["boxes_u", "shape_bca4"], ["boxes_e"])  # (B, C, A, 4)
-    node("Unsqueeze", ["top_i", const("ax3", [3])], ["top_i_u"])
-    node("Shape", ["top_i"], ["shape_bck"])
-    node("Concat", ["shape_bck", "nms_four"], ["shape_bck4"], axis=0)
-    node("Expand", ["top_i_u", "shape_bck4"], ["top_i_e"])
-    node("GatherElements", ["boxes_e", "top_i_e"], ["cand"], axis=2)  # (B, C, k, 4) candidates per class
-    node("Reshape", ["cand", const("shape_nk4", [-1, k, 4])], ["cand_r"])  # classes as NMS batches
-    node("Reshape", ["top_s", const("shape_n1k", [-1, 1, k])], ["top_s_r"])
-    node(
-        "NonMaxSuppression",
-        [
-            "cand_r",
-            "top_s_r",
-            const("max_per_class", [k]),
-            const("iou", [nms_thresh], np.float32),
-            const("score", [score_thresh], np.float32),
-        ],
-        ["selected"],
-        center_point_box=0,
-    )
-    node("Gather", ["selected", const("col0", 0)], ["sel_bc"], axis=1)
-    node("Gather", ["selected", const("col2", 2)], ["sel_j"], axis=1)
-    node("Mul", ["sel_bc", const("k_scalar", k)], ["sel_off"])
-    node("Add", ["sel_off", "sel_j"], ["sel_pos"])  # position in the flat (B * C * k) candidates
-    node("Reshape", ["top_s", const("flat", [-1])], ["flat_s"])
-    node("Gather", ["flat_s", "sel_pos"], ["sel_s"], axis=0)
-    node("Shape", ["flat_s"], ["flat_shape"])
-    graph.node.append(
-        helper.make_node(
-            "ConstantOfShape",
-            ["flat_shape"],
-            ["minus_one"],
-            name="nms_minus_one",
-            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1.0]),
-        )
-    )
-    node("ScatterElements", ["minus_one", "sel_pos", "sel_s"], ["kept_s"], axis=0)  # -1 where suppressed
-    node("Reshape", ["kept_s", const("shape_bck_flat", [-1, num_classes * k])], ["kept_b"])
-    node("TopK", ["kept_b", const("m", [m])], ["det_s", "det_i"], axis=1)  # (B, M) best overall
-    node("Div", ["det_i", "nms_k_scalar"], ["det_label"])
-    node("Reshape", ["cand", const("shape_bck4_flat", [0, num_classes * k, 4])], ["cand_b"])
-    node("Unsqueeze", ["det_i", const("ax2", [2])], ["det_i_u"])
-    node("Shape", ["det_i"], ["shape_bm"])
-    node("Concat", ["shape_bm", "nms_four"], ["shape_bm4"], axis=0)
-    node("Expand", ["det_i_u", "shape_bm4"], ["det_i_e"])
-    node("GatherElements", ["cand_b", "det_i_e"], ["det_b"], axis=1)
-    node("Greater", ["det_s", const("half", -0.5, np.float32)], ["valid"])
-    node("Where", ["valid", "det_s", const("zero_f", 0.0, np.float32)], ["scores"])
-    node("Where", ["valid", "det_label", const("minus_one_i", -1)], ["labels"])
-    node("Unsqueeze", ["valid", "nms_ax2"], ["valid_u"])
-    node("Where", ["valid_u", "det_b", "nms_zero_f"], ["boxes"])
-    node("Cast", ["valid"], ["valid_i"], to=TensorProto.INT64)
-    node("ReduceSum", ["valid_i", "nms_ax1"], ["num_detections"], keepdims=0)
-    graph.output.extend(
-        [
-            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", m, 4]),
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", m]),
-            helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", m]),
-            helper.make_tensor_value_info("num_detections", TensorProto.INT64, ["batch"]),
-        ]
-    )
-    del graph.value_info[:]  # shapes inferred for the old outputs no longer hold
-    onnx.checker.check_model(proto)
-    return m
-
-
 def export_detector(
     model: Detector,
     out: str | Path,
@@ -235,7 +131,7 @@ def export_detector(
     atol: float | None = None,
     rtol: float | None = None,
 ) -> DetectionExportReport:
-    """Fuse ``model``, export it in ``form`` (``raw`` or ``nms``, ONNX only) and check the file.
+    """Fuse ``model``, export it in ``form`` (``raw`` to any target, ``nms`` ONNX only) and check the file.
 
     ``check_inputs`` are normalized images at the detector's size (default: real photographs);
     raises :class:`ExportError` when the exported file disagrees with PyTorch. ``from_raw``: the
@@ -254,37 +150,44 @@ def export_detector(
     report = DetectionExportReport(out, format, form, fused_now)
     if check and check_inputs is None:
         check_inputs = sample_images(4, size, meta["mean"], meta["std"])
+    dynamic, t = "batch" if dynamic_batch else "none", target(format)
 
     def write(tmp: Path) -> None:
         with torch.inference_mode(False), torch.no_grad():
             if format == "onnx":
-                _export_onnx(fused, tmp, example, form, dynamic_batch, max_detections, meta, report, from_raw)
-            elif format == "executorch":
-                constants = {
-                    "mobileone_metadata": json.dumps(meta),
-                    **{k: meta[k] for k in ("mean", "std", "input_size")},
-                }
-                to_executorch(RawDetector(fused).eval(), tmp, example, dynamic_batch, constants)
+                _export_onnx(fused, tmp, example, form, dynamic, max_detections, meta, report, from_raw)
+            elif form == "nms":  # OpenVINO reads the ONNX graph, NonMaxSuppression included
+                with tempfile.TemporaryDirectory(prefix="mobileone_nms_") as folder:
+                    onnx_nms = Path(folder) / "nms.onnx"
+                    _export_onnx(fused, onnx_nms, example, form, dynamic, max_detections, meta, report, None)
+                    t.module.convert_onnx(onnx_nms, tmp, meta)
             else:
-                _export_coreml(fused, tmp, example, meta)
+                write_export(format, RawDetector(fused), tmp, example, meta, dynamic, RAW_OUTPUTS)
 
     def compare(tmp: Path) -> str:
-        tolerance = {} if form == "nms" else {"atol": atol, "rtol": rtol}
-        return CHECKS[(format, form)](tmp, fused, check_inputs, dynamic_batch, **tolerance)
+        if form == "nms":
+            return check_nms(format, tmp, fused, check_inputs, dynamic_batch)
+        if format == "coreml" and not t.module.can_run():
+            return t.module.check_structure(tmp, RawDetector(fused), example[:1])
+        return check_raw(format, tmp, fused, check_inputs, dynamic_batch, atol, rtol)
 
-    report.check = write_checked(out, write, compare if check else None, READERS[format]) or "not run"
+    companions = lambda p: t.files(p)[1:]  # noqa: E731
+    report.check = write_checked(out, write, compare if check else None, t.module.read_metadata, companions)
+    report.check = report.check or "not run"
     return report
 
 
 def _target(out: Path, format: str | None, form: str, tolerance: bool) -> tuple[Path, str]:
     """The file and format of an export (the suffix names the format), or a ValueError for what cannot be."""
-    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), "onnx")
+    format = format or format_of(out) or "onnx"
     if format not in FORMATS:
         raise ValueError(f"detectors export to {list(FORMATS)}, not {format!r}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if form == "nms" and format != "onnx":
-        raise ValueError(f"the NMS form is ONNX only (NonMaxSuppression); export --raw for {format}")
+    if form == "nms" and format not in NMS_FORMATS:
+        raise ValueError(
+            f"the NMS form is for {list(NMS_FORMATS)} (runtimes with NonMaxSuppression); export --raw for {format}"
+        )
     if form == "nms" and tolerance:
         raise ValueError(
             "--atol / --rtol set the raw form's tolerance; the NMS form's check matches the detections one to one "
@@ -293,10 +196,10 @@ def _target(out: Path, format: str | None, form: str, tolerance: bool) -> tuple[
     return (out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])), format
 
 
-def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta, report, from_raw) -> None:
+def _export_onnx(fused, out, example, form, dynamic, max_detections, meta, report, from_raw) -> None:
     onnx = require("onnx")
     if from_raw is None:
-        to_onnx(RawDetector(fused).eval(), out, example, dynamic_batch, output_names=RAW_OUTPUTS)
+        write_export("onnx", RawDetector(fused), out, example, meta, dynamic, RAW_OUTPUTS)
     proto = onnx.load(str(from_raw or out))
     if form == "nms":
         c = fused.config
@@ -316,31 +219,13 @@ def _export_onnx(fused, out, example, form, dynamic_batch, max_detections, meta,
     onnx.save(proto, str(out))
 
 
-def _export_coreml(fused: Detector, out: Path, example: Tensor, meta: dict[str, Any]) -> None:
-    ct = require("coremltools")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(RawDetector(fused).eval(), example)
-        mlmodel = ct.convert(
-            traced,
-            inputs=[ct.TensorType(name="input", shape=tuple(example.shape))],
-            outputs=[ct.TensorType(name=n) for n in RAW_OUTPUTS],
-            convert_to="mlprogram",
-        )
-    mlmodel.short_description = f"{meta['variant']} (fused {meta['architecture']}, raw outputs: {meta['outputs']})"
-    for key, value in meta.items():
-        mlmodel.user_defined_metadata[key] = json.dumps(value)
-    if out.exists():
-        shutil.rmtree(out)
-    mlmodel.save(str(out))
-
-
 # --- checks ---------------------------------------------------------------------------------------------------
 
 
-def _check_raw(
+def check_detector_outputs(
     got: list[Tensor], fused: Detector, x: Tensor, runtime: str, atol: float | None, rtol: float | None
 ) -> str:
+    """The one comparison of an exported detector's raw outputs with PyTorch's ``forward_raw`` on ``x``."""
     atol, rtol = RAW_RTOL if atol is None else atol, RAW_RTOL if rtol is None else rtol
     with torch.no_grad():
         expected = fused.forward_raw(x)
@@ -356,23 +241,24 @@ def _check_raw(
     return f"{runtime}, {len(x)} real images: raw boxes and scores equal PyTorch's within {within}"
 
 
-def _run_onnx(path: Path, x: Tensor, dynamic_batch: bool) -> list[list[np.ndarray]]:
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    if dynamic_batch:
-        return [session.run(None, {name: x.numpy()})]
-    return [session.run(None, {name: x[i : i + 1].numpy()}) for i in range(len(x))]
+def check_raw(
+    format: str,
+    path: Path,
+    fused: Detector,
+    x: Tensor,
+    dynamic_batch: bool,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> str:
+    """Run the raw form at ``path`` in ``format``'s runtime on ``x`` and compare it with PyTorch."""
+    got = run_export(format, load_export(format, path), x, dynamic_batch)
+    return check_detector_outputs(got, fused, x, target(format).module.runtime_name(), atol, rtol)
 
 
-def check_onnx_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool, atol=None, rtol=None) -> str:
-    runs = _run_onnx(path, x, dynamic_batch)
-    got = [torch.cat([torch.from_numpy(r[i]) for r in runs]) for i in range(2)]
-    return _check_raw(got, fused, x, f"onnxruntime {package_version('onnxruntime')}", atol, rtol)
-
-
-def check_onnx_nms(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) -> str:
-    runs = _run_onnx(path, x, dynamic_batch)
-    boxes, scores, labels, counts = (np.concatenate([r[i] for r in runs]) for i in range(4))
+def check_nms(format: str, path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) -> str:
+    """Run the NMS form in ``format``'s runtime and match its detections with PyTorch's, image by image."""
+    outs = run_export(format, load_export(format, path), x, dynamic_batch)
+    boxes, scores, labels, counts = (o.numpy() for o in outs)
     with torch.no_grad():
         raw = fused.forward_raw(x)
         expected = fused.postprocess(*raw)
@@ -390,14 +276,14 @@ def check_onnx_nms(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool) 
         problems, exempt = compare_detections(e, got, fused.config.score_thresh, fused.config.nms_thresh, m, candidates)
         if problems:
             raise ExportError(
-                f"onnxruntime NMS detections of image {i} differ from PyTorch's ({len(e['scores'])} "
+                f"{format} NMS detections of image {i} differ from PyTorch's ({len(e['scores'])} "
                 f"vs {n}): {'; '.join(problems[:3])}; the file should not be deployed"
             )
         total += len(e["scores"])
         borderline += exempt
     note = f" but {borderline} decided differently at a score or NMS threshold tie" if borderline else ""
     return (
-        f"onnxruntime {package_version('onnxruntime')}, {len(x)} real images: every exported detection is one of "
+        f"{target(format).module.runtime_name()}, {len(x)} real images: every exported detection is one of "
         f"PyTorch's raw candidates, and the same {total} detections as PyTorch (labels equal, IoU >= {MIN_IOU}, "
         f"scores within {SCORE_TOL}){note}"
     )
@@ -493,44 +379,6 @@ def _not_candidates(got: dict[str, Tensor], candidates: tuple[Tensor, Tensor]) -
         f"{[round(v, 1) for v in got['boxes'][j].tolist()]} that is none of PyTorch's raw candidates"
         for j in bad[:3]
     ] + ([f"... {len(bad)} such detections in all"] if len(bad) > 3 else [])
-
-
-def check_executorch_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool, atol=None, rtol=None) -> str:
-    method = executorch_method(path)
-    batches = [x] if dynamic_batch else [x[i : i + 1] for i in range(len(x))]
-    outs = [method.execute([b.contiguous()]) for b in batches]
-    got = [torch.cat([o[i] for o in outs]) for i in range(2)]
-    return _check_raw(got, fused, x, f"ExecuTorch {package_version('executorch')} (XNNPACK)", atol, rtol)
-
-
-def check_coreml_raw(path: Path, fused: Detector, x: Tensor, dynamic_batch: bool, atol=None, rtol=None) -> str:
-    ops = coreml_op_counts(path)
-    convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
-    if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
-        raise ExportError(
-            f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
-            f"fused detector has {convs} convs and none"
-        )
-    if sys.platform != "darwin":
-        return f"structural only ({ops['conv']} convs, no batch norm): Core ML prediction needs macOS"
-    import coremltools as ct
-
-    mlmodel = ct.models.MLModel(str(path))
-    outs = [mlmodel.predict({"input": x[i : i + 1].numpy()}) for i in range(len(x))]
-    got = [torch.cat([torch.from_numpy(np.asarray(o[n])) for o in outs]) for n in RAW_OUTPUTS]
-    with torch.no_grad():
-        expected = fused.forward_raw(x)
-    diff = max(float((g.float() - e).abs().max()) for g, e in zip(got, expected))
-    return f"Core ML {package_version('coremltools')} (float16 compute): max |difference| {diff:.3g}"
-
-
-READERS = {"onnx": read_onnx_metadata, "executorch": read_executorch_metadata, "coreml": read_coreml_metadata}
-CHECKS = {
-    ("onnx", "raw"): check_onnx_raw,
-    ("onnx", "nms"): check_onnx_nms,
-    ("executorch", "raw"): check_executorch_raw,
-    ("coreml", "raw"): check_coreml_raw,
-}
 
 
 def evaluate_onnx_detector(path: str | Path, data: str | Path, data_format: str = "auto") -> dict[str, Any]:

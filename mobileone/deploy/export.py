@@ -1,4 +1,4 @@
-"""Export the fused (deployed) graph to ONNX, TorchScript, ExecuTorch or Core ML, and check it.
+"""Export the fused classifier to any target (ONNX, TorchScript, ExecuTorch, Core ML, LiteRT, OpenVINO, ncnn).
 
 The most common deployment mistake is shipping the train-time graph, whose k branches cost up to
 4x the deployed MACs, or fusing in train mode. ``export_model`` therefore always
@@ -13,7 +13,6 @@ import copy
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,38 +25,11 @@ from ..core.config import IMAGENET_MEAN, IMAGENET_STD
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from ..core.model import MobileOne
 from ..core.ranges import IMG_SIZE
-from . import coreml, executorch, onnx, torchscript
-from .common import ExportError, write_checked
+from .common import OUTPUT_NAME, ExportError
+from .targets import FORMATS, TARGETS, format_of, load_export, read_metadata, run_export, target, write_target
 
 log = logging.getLogger("mobileone")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One export target: file suffix, exporter, runtime check, metadata reader, check tolerance.
-
-    ``tolerance`` is (atol, rtol): the check fails above ``atol + rtol * max |PyTorch output|``.
-    """
-
-    suffix: str
-    export: Callable[[nn.Module, Path, Tensor, dict, bool], None]
-    verify: Callable[[Path, Tensor, bool, nn.Module], tuple[Tensor | None, str]]
-    read_metadata: Callable[[str | Path], dict[str, Any]]
-    tolerance: tuple[float, float]
-
-
-# Core ML computes in float16 by default: it is compared with a looser tolerance than the fp32 runtimes.
-TARGETS: dict[str, Target] = {
-    "onnx": Target(".onnx", onnx.export, onnx.verify, onnx.read_onnx_metadata, (1e-4, 1e-4)),
-    "torchscript": Target(
-        ".pt", torchscript.export, torchscript.verify, torchscript.read_torchscript_metadata, (1e-4, 1e-4)
-    ),
-    "executorch": Target(
-        ".pte", executorch.export, executorch.verify, executorch.read_executorch_metadata, (1e-4, 1e-4)
-    ),
-    "coreml": Target(".mlpackage", coreml.export, coreml.verify, coreml.read_coreml_metadata, (5e-2, 2e-2)),
-}
-FORMATS = {name: t.suffix for name, t in TARGETS.items()}
+__all__ = ["FORMATS", "TARGETS", "ExportReport", "export_model", "read_metadata"]
 
 
 @dataclass
@@ -70,6 +42,9 @@ class ExportReport:
     check: str
     max_abs_diff: float | None = None
     tolerance: float | None = None
+    relative_error: float | None = None  # max |exported - PyTorch| / max |PyTorch|
+    top1_agreement: float | None = None  # % of check images whose top-1 class equals PyTorch's
+    images: int = 0
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -79,7 +54,8 @@ class ExportReport:
         if self.max_abs_diff is not None:
             lines.append(
                 f"check ({self.check}): max |exported - PyTorch| = {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:.3g})"
+                f"(tolerance {self.tolerance:.3g}; {self.relative_error:.2g} of max |logit|), "
+                f"top-1 agreement {self.top1_agreement:.2f} % on {self.images} images"
             )
         else:
             lines.append(f"check: {self.check}")
@@ -91,6 +67,7 @@ def model_metadata(model: nn.Module, img_size: int) -> dict[str, Any]:
     """Classes and preprocessing a deployed app needs, read off a MobileOne (or defaults)."""
     pre = dict(getattr(model, "preprocess", {}) or {})
     meta = {
+        "task": "classify",
         "architecture": "MobileOne" if isinstance(model, MobileOne) else type(model).__name__,
         "variant": getattr(model, "variant", None),
         "fused": True,
@@ -154,17 +131,17 @@ def export_model(
     rtol: float | None = None,
     atol: float | None = None,
 ) -> ExportReport:
-    """Fuse, export and verify ``model``; raises :class:`ExportError` when the check fails.
+    """Fuse, export and verify a classifier; raises :class:`ExportError` when the check fails.
 
     ``format`` defaults to the one the suffix of ``out`` names. The check runs the exported file
-    with its runtime (onnxruntime, TorchScript, the ExecuTorch runtime; Core ML only on macOS,
-    elsewhere a structural check) on ``check_inputs`` (default: real photographs) and compares with
-    the eval-mode PyTorch model; the tolerance is ``atol + rtol * max |PyTorch output|``
+    with its own runtime (onnxruntime, TorchScript, ExecuTorch, LiteRT, OpenVINO, ncnn; Core ML only
+    on macOS, elsewhere a structural check) on ``check_inputs`` (default: real photographs) and
+    compares with the eval-mode PyTorch model; the tolerance is ``atol + rtol * max |PyTorch output|``
     (defaults per target in ``TARGETS``). The file reaches ``out`` only once its check passed
     (:func:`~mobileone.deploy.common.write_checked`); a failed one is kept as ``NAME.failed.EXT``.
     """
     out = Path(out)
-    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), None)
+    format = format or format_of(out)
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r} for {out}; choose one of {list(FORMATS)}")
     if out.suffix != FORMATS[format]:
@@ -178,43 +155,52 @@ def export_model(
     in_chans = getattr(model, "in_chans", 3)
     # torch.export specializes a batch of 1 to a constant, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, in_chans, img_size, img_size)
-    target = TARGETS[format]
+    t = target(format)
     report = ExportReport(out, format, fused_now, check="not run", notes=notes)
     if check and check_inputs is None:
         check_inputs = sample_images(8, img_size, meta["mean"], meta["std"])
 
-    def write(tmp: Path) -> None:
-        log.info("exporting %s (fused=%s) to %s", format, True, out)
-        with torch.inference_mode(False), torch.no_grad():
-            target.export(fused, tmp, example, meta, dynamic_batch)
-
     def compare(tmp: Path) -> None:
         with torch.no_grad():
             expected = reference(check_inputs).float()
-        got, report.check = target.verify(tmp, check_inputs, dynamic_batch, fused)
-        if got is None:
+        if format == "coreml" and not t.module.can_run():
+            report.check = t.module.check_structure(tmp, fused, example[:1])
             return
-        report.max_abs_diff = float((got.float() - expected).abs().max())
-        default_atol, default_rtol = target.tolerance
-        tolerance = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
-        report.tolerance = tolerance[0] + tolerance[1] * float(expected.abs().max())
-        if not report.max_abs_diff <= report.tolerance:
-            raise ExportError(
-                f"{format} export at {tmp} differs from the PyTorch model by {report.max_abs_diff:.3g} "
-                f"(tolerance {report.tolerance:.3g}) on {len(check_inputs)} images; it should not be deployed"
-            )
+        got = run_export(format, load_export(format, tmp), check_inputs, dynamic_batch)[0]
+        report.check = f"{t.module.runtime_name()}, {len(check_inputs)} real images"
+        compare_logits(report, got.float(), expected, t.tolerance, atol, rtol)
 
-    write_checked(out, write, compare if check else None, target.read_metadata)
+    log.info("exporting %s (fused=%s) to %s", format, True, out)
+    dynamic = "batch" if dynamic_batch else "none"
+    write_target(format, fused, out, example, meta, dynamic, [OUTPUT_NAME], compare if check else None)
     return report
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of any exported file, by its suffix."""
-    path = Path(path)
-    target = next((t for t in TARGETS.values() if t.suffix == path.suffix), None)
-    if target is None:
-        raise ValueError(f"cannot read metadata from {path}: expected one of {list(FORMATS.values())}")
-    return target.read_metadata(path)
+def compare_logits(
+    report: ExportReport,
+    got: Tensor,
+    expected: Tensor,
+    tolerance: tuple[float, float],
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> None:
+    """Fill ``report`` with the logits' error and top-1 agreement; raise :class:`ExportError` over tolerance."""
+    if got.shape != expected.shape:
+        raise ExportError(f"{report.path} gives outputs shaped {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
+    scale = float(expected.abs().max())
+    report.max_abs_diff = float((got - expected).abs().max())
+    report.relative_error = report.max_abs_diff / max(scale, 1e-12)
+    report.top1_agreement = 100.0 * float((got.argmax(1) == expected.argmax(1)).float().mean())
+    report.images = len(expected)
+    atol = tolerance[0] if atol is None else atol
+    rtol = tolerance[1] if rtol is None else rtol
+    report.tolerance = atol + rtol * scale
+    if not report.max_abs_diff <= report.tolerance:
+        raise ExportError(
+            f"{report.format} export at {report.path} differs from the PyTorch model by {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:.3g}) on {len(expected)} images; "
+            "the file is kept for inspection but should not be deployed"
+        )
 
 
 def export_to_temp_onnx(model: nn.Module, img_size: int, dynamic_batch: bool = True) -> Path:

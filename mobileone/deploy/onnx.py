@@ -10,7 +10,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import INPUT_NAME, OUTPUT_NAME, ExportError, package_version, refuse_failed, require, run_batches
+from .common import INPUT_NAME, OUTPUT_NAME, ExportError, Runner, package_version, refuse_failed, require
+
+SUFFIX, EXTRA, DYNAMIC = ".onnx", "export", ("none", "batch", "size")
+MIN_SIDE, MAX_SIDE = 32, 4096  # the sides an export with a dynamic height and width accepts
+
+
+def dynamic_dims(dynamic: str) -> Any:
+    """torch.export's dynamic shapes for ``dynamic``: none, the batch, or the batch, height and width."""
+    if dynamic == "none":
+        return None
+    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if dynamic == "size":
+        dims |= {2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)}
+        dims |= {3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
+    return (dims,)
 
 
 def to_onnx(
@@ -43,10 +57,12 @@ def to_onnx(
     program.save(str(out))
 
 
-def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic_batch: bool) -> None:
+def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: str, names: list[str]) -> None:
     onnx = require("onnx")
-    to_onnx(model, out, example, dynamic_batch)
+    to_onnx(model, out, example, output_names=names, dynamic_shapes=dynamic_dims(dynamic))
     proto = onnx.load(str(out))
+    if "BatchNormalization" in {n.op_type for n in proto.graph.node}:
+        raise ExportError(f"{out} still contains BatchNormalization nodes: the graph was not fused")
     set_onnx_metadata(proto, meta)
     onnx.save(proto, str(out))
 
@@ -65,7 +81,7 @@ def set_onnx_metadata(proto: Any, meta: dict[str, Any]) -> None:
     )
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata ``export_model`` wrote into an ONNX file (JSON values decoded)."""
     onnx = require("onnx")
     try:
@@ -117,15 +133,15 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
         raise ExportError(f"onnxruntime cannot load {path} (corrupt, truncated or not ONNX?): {e}") from e
 
 
-def verify(path: Path, x: Tensor, dynamic_batch: bool, fused: nn.Module) -> tuple[Tensor, str]:
-    onnx = require("onnx")
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    if "BatchNormalization" in ops:
-        raise ExportError(f"{path} still contains BatchNormalization nodes: the graph was not fused")
-    session = onnx_session(path)
+def load(path: str | Path, threads: int | None = None) -> Runner:
+    """A runner of the ONNX file in onnxruntime (CPU)."""
+    session = onnx_session(path, threads)
     name = session.get_inputs()[0].name
+    return lambda x: [torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})]
 
-    def run(batch: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
 
-    return run_batches(run, x, dynamic_batch), f"onnxruntime {package_version('onnxruntime')}, {len(x)} real images"
+def runtime_name() -> str:
+    return f"onnxruntime {package_version('onnxruntime')}"
+
+
+read_onnx_metadata = read_metadata  # the name the rest of the package imports

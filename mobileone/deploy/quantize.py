@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
+from .calibration import calibration_batch
 from .common import require
-from .evaluate_onnx import accuracy, image_folder, onnx_logits
+from .evaluate_onnx import accuracy, onnx_logits
 from .export import export_model, model_metadata
 from .onnx import read_onnx_metadata, set_onnx_metadata
 
@@ -66,13 +66,8 @@ class QuantSettings:
 
 
 def calibration_images(data: str | os.PathLike, meta: dict[str, Any], num: int = 300, seed: int = 0) -> Tensor:
-    """``num`` images drawn at random from ``data`` (its ``train/`` if there is one), preprocessed as deployed."""
-    ds = image_folder(data, "train", meta)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num].tolist()
-    images = [x for x in (ds[i][0] for i in idx) if x is not None]
-    if not images:
-        raise ValueError(f"none of the {len(idx)} images drawn from {ds.root} could be read; nothing to calibrate on")
-    return torch.stack(images)
+    """``num`` images drawn at random from any folder of images (its ``train/`` if there is one), as deployed."""
+    return calibration_batch(data, meta, num, seed)
 
 
 class _Reader:
@@ -91,14 +86,17 @@ class _Reader:
         self.it = iter(self.batches)
 
 
-def _float_nodes(model_path: Path, keep_float: str) -> list[str]:
-    """Names of the nodes ``keep_float`` names: the first conv, the classifier, the depthwise convs."""
+def _float_nodes(model_path: Path, keep_float: str, positions: list[int] = ()) -> list[str]:
+    """Names of the nodes ``keep_float`` names (the first convs, the classifier, the depthwise convs) and of the
+    weighted nodes at ``positions``."""
     onnx = require("onnx")
     parts = set(keep_float.split("+")) - {"none"}
     weighted = [n for n in onnx.load(str(model_path)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     keep = []
     first = max([1 if p == "first" else int(p[5:]) for p in parts if re.fullmatch(r"first\d*", p)], default=0)
-    keep += [n.name for n in weighted[:first]]
+    if len(positions) and max(positions) >= len(weighted):
+        raise ValueError(f"{model_path} has {len(weighted)} weighted nodes, no node {max(positions)} to keep in float")
+    keep += [n.name for n in weighted[:first]] + [weighted[i].name for i in positions]
     if "last" in parts:
         keep.append(weighted[-1].name)
     if "depthwise" in parts:
@@ -112,10 +110,12 @@ def quantize_onnx(
     out: str | os.PathLike,
     calibration: Tensor,
     settings: QuantSettings = QuantSettings(),
+    exclude: list[int] | None = None,
 ) -> Path:
     """Static INT8 (QDQ: int8 weights, uint8 activations) of an fp32 ONNX file, calibrated on ``calibration``.
 
-    The fp32 file's metadata (classes, preprocessing) is copied, with the settings added.
+    ``exclude``: positions among the weighted nodes (Conv, Gemm, MatMul, in graph order) also kept in
+    float. The fp32 file's metadata (classes, preprocessing) is copied, with the settings added.
     """
     quant = require("onnxruntime.quantization")
     onnx = require("onnx")
@@ -140,13 +140,14 @@ def quantize_onnx(
             reduce_range=settings.reduce_range,
             activation_type=quant.QuantType.QUInt8,
             weight_type=quant.QuantType.QInt8,
-            nodes_to_exclude=_float_nodes(prepared, settings.keep_float),
+            nodes_to_exclude=_float_nodes(prepared, settings.keep_float, exclude or []),
             calibrate_method=method,
             extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": settings.method == "minmax-avg"},
         )
     meta = read_onnx_metadata(fp32_path)
+    quantization = {**asdict(settings), **meta.get("quantization", {}), "calibration_images": len(calibration)}
     proto = onnx.load(str(out))
-    set_onnx_metadata(proto, {**meta, "quantization": {**asdict(settings), "calibration_images": len(calibration)}})
+    set_onnx_metadata(proto, {**meta, "quantization": quantization})
     onnx.save(proto, str(out))
     return out
 

@@ -3,8 +3,9 @@
 The exported graph is :class:`SegmentationOutputs` around the folded model (no MobileOne branch
 and no BatchNorm left): input ``input`` (N, 3, H, W), normalized RGB; output ``logits``
 (N, classes, H, W) at the input's size, and with ``argmax=True`` also ``labels`` (N, H, W, int64),
-the per-pixel class, so an app needs no post-processing. ONNX and TorchScript take any height
-and width (and batch); ExecuTorch and Core ML are exported at ``img_size``.
+the per-pixel class, so an app needs no post-processing. ONNX, TorchScript and OpenVINO take any
+height and width (and batch); ExecuTorch, Core ML, LiteRT and ncnn are exported at ``img_size``.
+Every format is written and run through the targets classification and detection use.
 
 The check runs the file with its runtime on real photographs (matplotlib's samples) at the export
 size and, where the size is dynamic, at a second, non-square size: the logits must match the
@@ -17,15 +18,11 @@ Core ML predicts on macOS only; elsewhere its check is structural (no BatchNorm,
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,16 +32,11 @@ from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_
 from ..tasks.segmentation.evaluate import class_lut
 from ..tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from ..tasks.segmentation.model import Segmenter
-from . import torchscript
-from .common import INPUT_NAME, ExportError, package_version, require, write_checked
-from .coreml import coreml_op_counts, read_coreml_metadata
-from .executorch import executorch_method, read_executorch_metadata, to_executorch
+from .common import ExportError, package_version
 from .export import sample_images
-from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata, to_onnx
+from .onnx import MAX_SIDE, MIN_SIDE, onnx_session, read_onnx_metadata
+from .targets import FORMATS, format_of, load_export, read_metadata, run_export, target, write_target
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "executorch": ".pte", "coreml": ".mlpackage"}
-DYNAMIC = ("onnx", "torchscript")  # formats exported with a dynamic batch, height and width
-MIN_SIDE, MAX_SIDE = 32, 4096  # the sides an export with dynamic height and width accepts
 TOLERANCE = {"default": (1e-5, 1e-4), "coreml": (5e-2, 2e-2)}  # (atol, rtol); Core ML computes in float16
 
 
@@ -147,7 +139,7 @@ def export_segmenter(
     if not isinstance(model, Segmenter):
         raise TypeError(f"export_segmenter exports a Segmenter (create_segmenter), got {type(model).__name__}")
     out = Path(out)
-    format = format or next((f for f, s in FORMATS.items() if out.suffix == s), None)
+    format = format or format_of(out)
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r} for {out}; choose one of {list(FORMATS)}")
     out = out if out.suffix == FORMATS[format] else out.with_suffix(FORMATS[format])
@@ -160,25 +152,21 @@ def export_segmenter(
         warnings.simplefilter("ignore")
         fused = reparameterize_model(copy.deepcopy(model).eval(), inplace=True) if fused_now else reference
     wrapper = SegmentationOutputs(fused, argmax).eval()
-    dynamic = format in DYNAMIC
+    dynamic = "size" in target(format).dynamic
     meta = segmentation_metadata(model, img_size, argmax, dynamic)
     example = torch.zeros(2 if dynamic else 1, 3, img_size, img_size)
     report = SegmentationExportReport(out, format, fused_now)
-
-    def write(tmp: Path) -> None:
-        with torch.inference_mode(False), torch.no_grad():
-            _EXPORTERS[format](wrapper, tmp, example, meta)
+    t = target(format)
 
     def compare(tmp: Path) -> None:
-        if format == "coreml":
-            report.check = _coreml_structure(tmp, wrapper, example)
-            if sys.platform != "darwin" or not check:
-                return
-        if check:
-            images = check_images(img_size, dynamic, meta["mean"], meta["std"])
-            _compare_logits(tmp, wrapper, reference, images, report, (atol, rtol))
+        if format == "coreml" and not t.module.can_run():
+            report.check = t.module.check_structure(tmp, wrapper, example[:1])
+            return
+        images = check_images(img_size, dynamic, meta["mean"], meta["std"])
+        _compare_logits(tmp, wrapper, reference, images, report, (atol, rtol))
 
-    write_checked(out, write, compare, read_segmentation_metadata)
+    dynamic_mode = "size" if dynamic else "none"
+    write_target(format, wrapper, out, example, meta, dynamic_mode, wrapper.output_names, compare if check else None)
     return report
 
 
@@ -195,12 +183,14 @@ def _compare_logits(
     ``tolerance``: (atol, rtol), None for the format's default.
     """
     format, argmax = report.format, wrapper.argmax
-    run, report.check = _RUNNERS[format](tmp, wrapper)
+    runner = load_export(format, tmp)
+    report.check = f"{target(format).module.runtime_name()}, real images"
+    dynamic = "size" in target(format).dynamic
     diffs, scale, agree, labels_agree, pixels = 0.0, 0.0, 0, 0, 0
     for x in images:
         with torch.no_grad():
             expected = reference(x)["out"].float()
-        got = [torch.as_tensor(np.asarray(t)) for t in run(x)]
+        got = run_export(format, runner, x, dynamic)
         logits = got[0].float()
         if logits.shape != expected.shape:
             raise ExportError(
@@ -226,153 +216,9 @@ def _compare_logits(
         )
 
 
-# ----------------------------------------------------------------------------- per format
-
-
-def _onnx(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict) -> None:
-    onnx = require("onnx")
-    dims = {
-        0: torch.export.Dim("batch", min=1, max=256),
-        2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
-        3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE),
-    }
-    to_onnx(wrapper, out, example, output_names=wrapper.output_names, dynamic_shapes=(dims,))
-    proto = onnx.load(str(out))
-    ops = {n.op_type for n in proto.graph.node}
-    if "BatchNormalization" in ops:
-        raise ExportError(f"{out} still contains BatchNormalization nodes: the graph was not folded")
-    set_onnx_metadata(proto, meta)
-    onnx.save(proto, str(out))
-
-
-def _torchscript(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict) -> None:
-    torchscript.export(wrapper, out, example, meta, True)
-
-
-def _executorch(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict) -> None:
-    constants = {
-        "mobileone_metadata": json.dumps(meta),
-        "mean": meta["mean"],
-        "std": meta["std"],
-        "input_size": meta["input_size"],
-    }
-    to_executorch(wrapper, out, example, constants=constants)
-
-
-def _coreml(wrapper: SegmentationOutputs, out: Path, example: Tensor, meta: dict) -> None:
-    ct = require("coremltools")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, example)
-        mlmodel = ct.convert(
-            traced,
-            inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))],
-            outputs=[ct.TensorType(name=n) for n in wrapper.output_names],
-            convert_to="mlprogram",
-        )
-    mlmodel.short_description = f"{meta['architecture']} (fused MobileOne segmenter)"
-    mlmodel.input_description[INPUT_NAME] = f"{meta['input_layout']}; mean {meta['mean']}, std {meta['std']}"
-    for key, value in meta.items():
-        mlmodel.user_defined_metadata[key] = json.dumps(value)
-    if out.exists():
-        shutil.rmtree(out)
-    mlmodel.save(str(out))
-
-
-_EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "executorch": _executorch, "coreml": _coreml}
-
-
-def _convs_run(model: nn.Module, example: Tensor) -> int:
-    """How many convs an eval forward runs (the auxiliary head's are in the model, not in the graph)."""
-    ran: set[int] = set()
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: ran.add(id(m))) for m in model.modules() if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return len(ran)
-
-
-def _coreml_structure(path: Path, wrapper: nn.Module, example: Tensor) -> str:
-    ops = coreml_op_counts(path)
-    convs = _convs_run(wrapper, example)
-    if ops.get("batch_norm", 0) or ops.get("conv", 0) != convs:
-        raise ExportError(
-            f"{path} holds {ops.get('conv', 0)} convs and {ops.get('batch_norm', 0)} batch norms; the "
-            f"folded model has {convs} convs and none"
-        )
-    if "mean" not in read_coreml_metadata(path):
-        raise ExportError(f"{path} lacks the preprocessing metadata (mean, std, input size)")
-    where = "" if sys.platform == "darwin" else "; Core ML prediction needs macOS"
-    return f"structural ({ops['conv']} convs, no batch norm, metadata present){where}"
-
-
-def _onnx_runner(path: Path, wrapper: nn.Module):
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    return (
-        lambda x: session.run(None, {name: x.numpy()}),
-        f"onnxruntime {package_version('onnxruntime')}, real images",
-    )
-
-
-def _torchscript_runner(path: Path, wrapper: nn.Module):
-    loaded = torch.jit.load(str(path)).eval()
-
-    def run(x: Tensor) -> list[Tensor]:
-        with torch.no_grad():
-            y = loaded(x)
-        return list(y) if isinstance(y, tuple) else [y]
-
-    return run, f"TorchScript (torch {torch.__version__}), real images"
-
-
-def _executorch_runner(path: Path, wrapper: nn.Module):
-    method = executorch_method(path)
-
-    def run(x: Tensor) -> list[Tensor]:  # exported for batch 1
-        outs = [method.execute([x[i : i + 1].contiguous()]) for i in range(len(x))]
-        return [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
-
-    return run, f"ExecuTorch runtime {package_version('executorch')} (XNNPACK), real images"
-
-
-def _coreml_runner(path: Path, wrapper: nn.Module):
-    ct = require("coremltools")
-    mlmodel = ct.models.MLModel(str(path))
-    names = wrapper.output_names
-
-    def run(x: Tensor) -> list[np.ndarray]:
-        outs = [mlmodel.predict({INPUT_NAME: x[i : i + 1].numpy()}) for i in range(len(x))]
-        return [np.concatenate([np.asarray(o[n]) for o in outs]) for n in names]
-
-    return run, f"Core ML {package_version('coremltools')} prediction (float16 compute), real images"
-
-
-_RUNNERS = {
-    "onnx": _onnx_runner,
-    "torchscript": _torchscript_runner,
-    "executorch": _executorch_runner,
-    "coreml": _coreml_runner,
-}
-
-
 def read_segmentation_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of an exported segmenter, by the file's suffix."""
-    path = Path(path)
-    readers = {
-        ".onnx": read_onnx_metadata,
-        ".pt": torchscript.read_torchscript_metadata,
-        ".pte": read_executorch_metadata,
-        ".mlpackage": read_coreml_metadata,
-    }
-    if path.suffix not in readers:
-        raise ValueError(f"cannot read metadata from {path}: expected one of {list(readers)}")
-    return readers[path.suffix](path)
+    return read_metadata(path)
 
 
 def evaluate_onnx_segmenter(

@@ -10,26 +10,39 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import run_batches
+from .common import Runner
 
+SUFFIX, EXTRA, DYNAMIC = ".pt", "export", ("none", "batch", "size")
 METADATA_FILE = "mobileone.json"
 
 
-def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic_batch: bool) -> None:
+def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: str, names: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
     torch.jit.save(traced, str(out), _extra_files={METADATA_FILE: json.dumps(meta)})
 
 
-def read_torchscript_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata stored as an extra file beside a TorchScript export."""
     extra = {METADATA_FILE: ""}
     torch.jit.load(str(path), _extra_files=extra)
     return json.loads(extra[METADATA_FILE])
 
 
-def verify(path: Path, x: Tensor, dynamic_batch: bool, fused: nn.Module) -> tuple[Tensor, str]:
+def load(path: str | Path, threads: int | None = None) -> Runner:
     loaded = torch.jit.load(str(path)).eval()
-    with torch.no_grad():
-        return run_batches(loaded, x, True), f"TorchScript (torch {torch.__version__}), {len(x)} real images"
+
+    def run(x: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            y = loaded(x)
+        return list(y) if isinstance(y, (tuple, list)) else [y]
+
+    return run
+
+
+def runtime_name() -> str:
+    return f"TorchScript (torch {torch.__version__})"
+
+
+read_torchscript_metadata = read_metadata

@@ -16,7 +16,15 @@ from typing import Any
 
 from ...core.checkpoint import CheckpointError, read_task_weights, write_weights
 from ...core.config import MobileOneConfig, resolve_variant, variant_of
-from ...core.registry import PEER, ModelEntry, list_registered, normalize_name, register, register_model
+from ...core.registry import (
+    PEER,
+    ModelEntry,
+    list_registered,
+    names_a_task_model,
+    normalize_name,
+    register,
+    register_model,
+)
 from ..peer_init import zero_init_residuals
 from .backbones import MobileNetV3Pyramid, MobileNetV3Trunk, mobileone_backbone
 from .base import Detector
@@ -63,6 +71,11 @@ def build_detector(
         return TALDetector(config, trunk, channels, box_prior or 32.0)
     features = SSDLiteFeatures(trunk, channels, config.extra_channels)
     return SSDLiteDetector(config, features, features.out_channels)
+
+
+def qualified_name(name: str) -> str:
+    """``tal_s0`` / ``ssdlite_s1`` as given; a bare variant (``s0``, ``mnv3``) under the default head."""
+    return name if names_a_task_model(name) else f"{DEFAULT_HEAD}_{name.removeprefix('mobileone_')}"
 
 
 def _parse_name(name: str) -> tuple[str, str]:
