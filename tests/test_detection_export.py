@@ -134,8 +134,8 @@ class _Broken(torch.nn.Module):
 
 def _export_nms(module, det, path, size):
     from mobileone.deploy.detection import RAW_OUTPUTS
-    from mobileone.deploy.onnx_nms import add_nms
     from mobileone.deploy.onnx import to_onnx
+    from mobileone.deploy.onnx_nms import add_nms
 
     example = torch.zeros(1, 3, size, size)
     with torch.no_grad():
