@@ -127,7 +127,7 @@ def score_yolo(weights: Path, scenes: Path) -> dict[str, float]:
     from ultralytics import YOLO
 
     from mobileone.tasks.detection.data import load_splits
-    from mobileone.tasks.detection.task import detection_metrics
+    from mobileone.tasks.detection.evaluate import detection_metrics
 
     _, val = load_splits(scenes)
     model = YOLO(str(weights))
