@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.fusion import reparameterize_model
-from .common import ExportError, filtered_native_stderr, require, silenced_stdout, write_sidecar
+from .common import ExportError, filtered_native_stderr, keeps_signal_stack, require, silenced_stdout, write_sidecar
 from .detection import RAW_OUTPUTS, RawDetector, detector_metadata, fused_detector
 from .executorch import metadata_constants, to_executorch
 from .export import fuse_for_export, model_metadata
@@ -202,6 +202,7 @@ def _litert(graph: Graph, calibration: Tensor, out: Path, recipe: Recipe, meta: 
     return out
 
 
+@keeps_signal_stack
 def _openvino(graph: Graph, calibration: Tensor, out: Path, recipe: Recipe, meta: dict) -> Path:
     ov = require("openvino", "openvino")
     nncf = require("nncf", "openvino")
