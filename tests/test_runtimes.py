@@ -11,12 +11,12 @@ import torch
 
 from mobileone.cli import main
 from mobileone.deploy.common import ExportError, require
-from mobileone.deploy.detection import export_detector
-from mobileone.deploy.segmentation import export_segmenter
+from mobileone.deploy.detect import export_detector
+from mobileone.deploy.segment import export_segmenter
 from mobileone.deploy.targets import TARGETS, missing, read_metadata
 
-from .test_detection_model import settle, tiny_detector
-from .test_segmentation_model import tiny
+from .test_detect_model import settle, tiny_detector
+from .test_segment_model import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SLOW = pytest.mark.slow  # LiteRT's converter takes 5-15 s per model on 2 cores; several conversions add up
@@ -138,9 +138,9 @@ def test_bench_times_the_device_runtimes(tmp_path):
 
 
 @SLOW
-def test_detection_and_segmentation_bench_time_the_device_runtimes(tmp_path):
-    from mobileone.bench.detection import DetectionBenchConfig, detection_benchmark
-    from mobileone.bench.segmentation import SegmentationBenchConfig, run_segmentation_benchmark
+def test_detect_and_segmentation_bench_time_the_device_runtimes(tmp_path):
+    from mobileone.bench.detect import DetectionBenchConfig, detection_benchmark
+    from mobileone.bench.segment import SegmentationBenchConfig, run_segmentation_benchmark
 
     _needs("openvino")
     kw = {"threads": 1, "warmup": 0, "iters": 1, "min_time": 0.0, "out": str(tmp_path)}

@@ -20,13 +20,13 @@ from ..bench.timing import time_calls
 from ..core.checkpoint import load_checkpoint
 from ..core.factory import create_model
 from ..deploy.common import ExportError
-from ..deploy.detection import NMS_FORMATS, export_detector
+from ..deploy.detect import NMS_FORMATS, export_detector
 from ..deploy.evaluate_onnx import image_folder
 from ..deploy.export import export_model, model_metadata
-from ..deploy.segmentation import export_segmenter
+from ..deploy.segment import export_segmenter
 from ..deploy.targets import TARGETS, load_export, missing
-from ..tasks.detection.model import create_detector, load_detector, qualified_name
-from ..tasks.segmentation.model import create_segmenter, load_segmenter
+from ..tasks.detect.model import create_detector, load_detector, qualified_name
+from ..tasks.segment.model import create_segmenter, load_segmenter
 
 
 def check_images(data: str, model: torch.nn.Module, img_size: int | None, num: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..deploy.calibration import calibration_batch
 from ..deploy.int8 import Graph, Recipe, task_graph, weighted_layers
 from ..deploy.int8_check import quantize_checked
 from ..deploy.qat import qat_finetune
-from .classification import quantize_study
+from .classify import quantize_study
 from .export import BUILDERS
 
 HISTOGRAM = ("entropy", "percentile", "histogram")  # onnxruntime's names for the non-MinMax calibrations

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 
 from ..core.fusion import reparameterize_model
 from .common import ExportError, filtered_native_stderr, keeps_signal_stack, require, silenced_stdout, write_sidecar
-from .detection import RAW_OUTPUTS, RawDetector, detector_metadata, fused_detector
+from .detect import RAW_OUTPUTS, RawDetector, detector_metadata, fused_detector
 from .executorch import metadata_constants, to_executorch
 from .export import fuse_for_export, model_metadata
 from .openvino import convert_module
 from .quantize import QuantSettings, quantize_onnx
-from .segmentation import SegmentationOutputs, segmentation_metadata
+from .segment import SegmentationOutputs, segmentation_metadata
 from .targets import write_export
 
 RUNTIMES = {

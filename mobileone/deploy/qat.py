@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..tasks.classification.data import collate_skip_bad
+from ..tasks.classify.data import collate_skip_bad
 from .common import require
 from .evaluate_onnx import image_folder
 from .int8 import Graph

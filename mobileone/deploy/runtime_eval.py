@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.task import require_finite
-from ..tasks.detection.augment import to_image_pixels
-from ..tasks.detection.evaluate import detection_metrics, val_loader
-from ..tasks.detection.model import DetectorConfig, postprocess
-from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_splits
-from ..tasks.segmentation.evaluate import class_lut
-from ..tasks.segmentation.metrics import confusion_matrix, segmentation_scores
+from ..tasks.detect.augment import to_image_pixels
+from ..tasks.detect.evaluate import detection_metrics, val_loader
+from ..tasks.detect.model import DetectorConfig, postprocess
+from ..tasks.segment.data import SegmentationDataset, eval_transform, load_splits
+from ..tasks.segment.evaluate import class_lut
+from ..tasks.segment.metrics import confusion_matrix, segmentation_scores
 from .common import ExportError, Runner
 from .evaluate_onnx import image_folder
 from .targets import format_of, load_export, read_metadata, run_export

@@ -57,7 +57,7 @@ def option(
 
 
 # Values a recipe sets unless the user sets them. "short" is the default: it is what most users
-# run (a few epochs on a few thousand images) and what benchmarks/underfit.py tuned.
+# run (a few epochs on a few thousand images) and what experiments/underfit.py tuned.
 RECIPES: dict[str, dict[str, Any]] = {
     "imagenet": {"epochs": 300, "batch_size": 256, "warmup_epochs": 5.0, "init": "torch", "img_size": 224},
     "short": {"epochs": 10, "warmup_epochs": 1.0, "init": "identity"},
