@@ -201,8 +201,8 @@ def test_the_seed_study_runs_on_a_tiny_setting(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "detection_seeds.py"
-    spec = importlib.util.spec_from_file_location("detection_seeds", script)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "detect_seeds.py"
+    spec = importlib.util.spec_from_file_location("detect_seeds", script)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     data = tiny_dataset(tmp_path / "data", train=4, val=2)

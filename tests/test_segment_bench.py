@@ -70,7 +70,7 @@ def test_bench_command_times_both_output_strides_fused_and_unfused(tmp_path, cap
 
 @pytest.mark.slow  # four training subprocesses of the real S0 and MobileNetV3 (about 30-60 s on 2 cores)
 def test_seed_comparison_script_runs_end_to_end_on_a_tiny_setting(tmp_path):
-    spec = importlib.util.spec_from_file_location("segmentation_seeds", ROOT / "experiments" / "segmentation_seeds.py")
+    spec = importlib.util.spec_from_file_location("segment_seeds", ROOT / "experiments" / "segment_seeds.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     data = make_masks_dataset(tmp_path / "d", n_train=4, n_val=1)

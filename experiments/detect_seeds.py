@@ -9,8 +9,8 @@ in onnxruntime at 320 px, batch 1, against the peer. It writes ``results.md`` an
 ``results.json`` under ``--out``: mAP (IoU 0.50:0.95) and mAP@0.5 per run, their mean and
 sample standard deviation per detector, and the latency table of ``mobileone bench --task detect``.
 
-    .venv/bin/python experiments/detection_seeds.py --out runs/detection_seeds      # 3 seeds x 3 detectors
-    .venv/bin/python experiments/detection_seeds.py --variants s0 mnv3 --seeds 0 --epochs 2   # a quick look
+    .venv/bin/python experiments/detect_seeds.py --out runs/detect_seeds      # 3 seeds x 3 detectors
+    .venv/bin/python experiments/detect_seeds.py --variants s0 mnv3 --seeds 0 --epochs 2   # a quick look
 
 Run it on a quiet machine: the latencies are only worth reporting there, and the training times
 are recorded beside the mAPs.
@@ -130,7 +130,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/detection_seeds")
+    p.add_argument("--out", default="runs/detect_seeds")
     p.add_argument("--variants", nargs="+", default=["s0", "s1", "mnv3"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", help="a detection dataset folder (default: the built-in digit scenes)")

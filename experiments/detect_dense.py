@@ -21,9 +21,9 @@ benchmark alone, leaving torch alone::
 
     pip install --no-deps ultralytics ultralytics-thop opencv-python-headless polars
 
-    .venv/bin/python experiments/detection_dense.py --out runs/detection_dense            # 3 seeds, ~2 h on 2 cores
-    .venv/bin/python experiments/detection_dense.py --seeds 0 --detectors s0 --no-yolo    # one run
-    .venv/bin/python experiments/detection_dense.py --split --seeds --no-yolo             # the step split only
+    .venv/bin/python experiments/detect_dense.py --out runs/detect_dense            # 3 seeds, ~2 h on 2 cores
+    .venv/bin/python experiments/detect_dense.py --seeds 0 --detectors s0 --no-yolo    # one run
+    .venv/bin/python experiments/detect_dense.py --split --seeds --no-yolo             # the step split only
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]], split: d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("runs/detection_dense"))
+    p.add_argument("--out", type=Path, default=Path("runs/detect_dense"))
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--detectors", nargs="+", default=["s0", "mnv3"], help="variants under the default head")
     p.add_argument("--no-yolo", action="store_true", help="leave YOLOv8n out (Ultralytics not installed)")

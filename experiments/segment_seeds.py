@@ -10,8 +10,8 @@ timed in onnxruntime at 512 px, batch 1 (``mobileone bench --task segment``'s co
 sample standard deviation and range per model, and the latency table. Finished runs are kept:
 running it again with the same ``--out`` skips them (and re-times).
 
-    .venv/bin/python experiments/segmentation_seeds.py --out runs/segmentation_seeds   # 3 seeds x 4 models
-    .venv/bin/python experiments/segmentation_seeds.py --models lraspp_s0 lraspp_mnv3 --seeds 0 --epochs 2
+    .venv/bin/python experiments/segment_seeds.py --out runs/segment_seeds   # 3 seeds x 4 models
+    .venv/bin/python experiments/segment_seeds.py --models lraspp_s0 lraspp_mnv3 --seeds 0 --epochs 2
 
 Run it on a quiet machine: the latencies are only worth reporting there, and the training times
 are recorded beside the mIoUs.
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), help=f"default: {' '.join(MODELS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--out", default="runs/segmentation_seeds")
+    p.add_argument("--out", default="runs/segment_seeds")
     p.add_argument("--data", help="a segmentation dataset instead of the built-in scenes")
     p.add_argument("--epochs", type=int, help="default: the built-in data's")
     p.add_argument("--img-size", type=int, help="training crop (default: the built-in data's)")
