@@ -13,12 +13,13 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
+T = TypeVar("T")
 log = logging.getLogger("mobileone")
 
 if TYPE_CHECKING:
@@ -111,6 +112,24 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         epoch = self.epoch
         return ((epoch, i) for i in super().__iter__())
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation, a pure function of its key (see :class:`EpochSampler`)."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+def seeded(seed: int, epoch: int, index: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with torch's RNG seeded from (run seed, epoch, index): a sample's augmentation is a pure
+    function of its key (see :class:`EpochSampler`), whatever the worker, the process count or a resume. In a
+    data worker its own RNG is seeded; in the main process the caller's RNG state is kept."""
+    torch_seed = sample_seed(seed, epoch, index)
+    if get_worker_info() is not None:  # a worker's RNG is its own
+        torch.manual_seed(torch_seed)
+        return fn(*args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        return fn(*args)
 
 
 SMALL_VAL = 2000  # validation images per rank below which they are read in the training process
