@@ -46,10 +46,20 @@ class Env:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
 
 
+def pick_device(device: str = "auto") -> torch.device:
+    """``cuda`` when asked for or (``auto``) when there is one, else the CPU."""
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def eval_loader(ds: Dataset, batch_size: int, workers: int, collate: Callable, device: torch.device) -> DataLoader:
+    """The loader of an evaluation outside training (``mobileone eval``): in order, pinned memory on a GPU."""
+    return DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+
+
 def setup_env(cfg: TrainConfig) -> Env:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); pick device, AMP and threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(cfg.device).type == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
     torch.set_num_threads(cpu_plan(cfg.workers, cfg.threads, world, use_cuda)[1])

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...core.checkpoint import CheckpointError, read_task_weights, write_weights
+from ...core.checkpoint import CheckpointError, load_task_state, read_task_weights, write_weights
 from ...core.config import MobileOneConfig, resolve_variant, variant_of
 from ...core.registry import (
     PEER,
@@ -218,10 +218,4 @@ def load_detector(path: str | os.PathLike) -> Detector:
     model = build_detector(config)
     if meta.get("inference_mode"):
         model.reparameterize()
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the detector its metadata describes: {e}") from e
-    model.class_names = meta.get("class_names")
-    model.preprocess.update(meta.get("preprocess") or {})
-    return model.eval()
+    return load_task_state(model, sd, meta, path, "detector")
