@@ -135,13 +135,19 @@ class Task(ABC):
     @abstractmethod
     def load(self, path: Path) -> nn.Module: ...
 
+    # A picture of the best model's predictions on a few validation images, drawn after the run, or None.
+    draw_predictions: Callable[[nn.Module, Dataset, Path], None] | None = None
+    metric_labels: dict[str, str] = {}  # how the per-epoch line names the metrics it shows (default: all, by name)
+
     def finish(self, run_dir: Path, best: nn.Module, data: TaskData, cfg: TrainConfig) -> None:
-        """After the run, on rank 0: e.g. a picture of predictions on a few validation images."""
-        return None
+        """After the run, on rank 0: the picture of predictions (:attr:`draw_predictions`), if the task draws one."""
+        if self.draw_predictions is not None:
+            self.draw_predictions(best, data.val, run_dir / "predictions.png")
 
     def epoch_line(self, row: dict[str, Any]) -> str:
-        """The metrics part of the per-epoch line."""
-        parts = [f"val {n} {row[n]:.2f}" for n in self.metric_names if row.get(n) is not None]
+        """The metrics part of the per-epoch line: ``val <metric> <value>`` ..., then the EMA's main metric."""
+        labels = self.metric_labels or {n: n for n in self.metric_names}
+        parts = [f"{label} {row[n]:.2f}" for n, label in labels.items() if row.get(n) is not None]
         if row.get(f"ema_{self.metric}") is not None:
-            parts.append(f"EMA {self.metric} {row[f'ema_{self.metric}']:.2f}")
-        return "  ".join(parts)
+            parts.append(f"EMA {labels.get(self.metric, self.metric)} {row[f'ema_{self.metric}']:.2f}")
+        return "val " + "  ".join(parts)

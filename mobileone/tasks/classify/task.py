@@ -85,6 +85,9 @@ class ClassifyTask(Task):
     name = "classify"
     metric = "val_top1"
     metric_names = ("val_top1", "val_top5")
+    metric_labels = {"val_top1": "top-1", "val_top5": "top-5"}
+    save = staticmethod(save_checkpoint)
+    load = staticmethod(load_checkpoint)
 
     def __init__(self) -> None:
         self.teacher: nn.Module | None = None
@@ -186,13 +189,3 @@ class ClassifyTask(Task):
             )
         n = counts[0].item()
         return {"val_top1": 100.0 * counts[1].item() / n, "val_top5": 100.0 * counts[2].item() / n}
-
-    def save(self, model: nn.Module, path: Path, **meta: Any) -> Path:
-        return save_checkpoint(model, path, **meta)
-
-    def load(self, path: Path) -> nn.Module:
-        return load_checkpoint(path)
-
-    def epoch_line(self, row: dict[str, Any]) -> str:
-        ema = f"  EMA top-1 {row['ema_val_top1']:.2f}" if row.get("ema_val_top1") is not None else ""
-        return f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}{ema}"

@@ -115,6 +115,10 @@ class DetectTask(Task):
     name = "detect"
     metric = "map"
     metric_names = ("map", "map_50", "map_75")
+    metric_labels = {"map": "mAP", "map_50": "mAP@0.5"}
+    save = staticmethod(save_detector)
+    load = staticmethod(load_detector)
+    draw_predictions = staticmethod(draw_predictions)
     min_batch = 2  # BatchNorm over the 1x1 maps of the last extra block needs two images
     min_img_size = 64  # the extra blocks halve 1/32 of the input three more times
 
@@ -251,16 +255,3 @@ class DetectTask(Task):
         if env.world > 1:
             dist.broadcast_object_list(out, src=0)
         return out[0]
-
-    def save(self, model: nn.Module, path: Path, **meta: Any) -> Path:
-        return save_detector(model, path, **meta)
-
-    def load(self, path: Path) -> nn.Module:
-        return load_detector(path)
-
-    def finish(self, run_dir: Path, best: nn.Module, data: TaskData, cfg: TrainConfig) -> None:
-        draw_predictions(best, data.val, run_dir / "predictions.png")
-
-    def epoch_line(self, row: dict[str, Any]) -> str:
-        ema = f"  EMA mAP {row['ema_map']:.2f}" if row.get("ema_map") is not None else ""
-        return f"val mAP {row['map']:.2f}  mAP@0.5 {row['map_50']:.2f}{ema}"

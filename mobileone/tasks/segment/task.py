@@ -15,13 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
-from ...core.files import atomic_write
 from ...core.model import init_branches
 from ...engine.config import TrainConfig
 from ...engine.distributed import Env, all_reduce_sum
@@ -30,10 +27,10 @@ from ..images import short_sides
 from ..peer_init import zero_init_residuals
 from .builtin import builtin_scenes
 from .data import SegmentationDataset, collate_masks, eval_transform, load_splits, train_transform
-from .evaluate import confusion_over, predict
-from .masks import voc_palette
+from .evaluate import confusion_over
 from .metrics import segmentation_scores
 from .model import IGNORE_INDEX, MNV3, Segmenter, create_segmenter, load_segmenter, save_segmenter
+from .visualize import draw_predictions
 
 # Segmentation's own defaults (the recipe's are classification's): VOC-style 512 px crops, batch 16,
 # no label smoothing, lr 0.02 at batch 16 (base_lr per 256 images).
@@ -107,6 +104,10 @@ class SegmentTask(Task):
     name = "segment"
     metric = "miou"
     metric_names = ("miou", "pixel_acc")
+    metric_labels = {"miou": "mIoU", "pixel_acc": "pixel acc"}
+    save = staticmethod(save_segmenter)
+    load = staticmethod(load_segmenter)
+    draw_predictions = staticmethod(draw_predictions)
     min_img_size = 64  # crops of at least 4x4 cells at output stride 16
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
@@ -186,64 +187,3 @@ class SegmentTask(Task):
             )
         scores = segmentation_scores(cm)
         return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"]}
-
-    def save(self, model: nn.Module, path: Path, **meta: Any) -> Path:
-        return save_segmenter(model, path, **meta)
-
-    def load(self, path: Path) -> nn.Module:
-        return load_segmenter(path)
-
-    def finish(self, run_dir: Path, best: nn.Module, data: TaskData, cfg: TrainConfig) -> None:
-        draw_predictions(best, data.val, run_dir / "predictions.png")
-
-    def epoch_line(self, row: dict[str, Any]) -> str:
-        ema = f"  EMA mIoU {row['ema_miou']:.2f}" if row.get("ema_miou") is not None else ""
-        return f"val mIoU {row['miou']:.2f}  pixel acc {row['pixel_acc']:.2f}{ema}"
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """(H, W) class indices as (H, W, 3) VOC palette colours; ignore pixels white."""
-    rgb = voc_palette()[mask]
-    rgb[mask == IGNORE_INDEX] = 255
-    return rgb
-
-
-@torch.no_grad()
-def draw_predictions(model: nn.Module, dataset: SegmentationDataset, out: Path, n: int = 4) -> Path | None:
-    """A picture of ``n`` validation images: the image, its mask, the prediction (and the pixel accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model = model.eval().cpu()
-    rows = []
-    for i in range(min(len(dataset), n * 3)):
-        pair = dataset.read(i)
-        if pair is None:
-            continue
-        x, _ = dataset[i]
-        pred = predict(model, x[None].float()).argmax(1)[0].numpy().astype(np.uint8)
-        rows.append((np.asarray(pair[0]), pair[1], pred))
-        if len(rows) == n:
-            break
-    if not rows:
-        return None
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
-    for r, (image, truth, pred) in enumerate(rows):
-        labelled = truth != IGNORE_INDEX
-        acc = 100.0 * float((pred[labelled] == truth[labelled]).mean()) if labelled.any() else float("nan")
-        for c, (title, panel) in enumerate(
-            (("image", image), ("mask", colorize(truth)), (f"prediction ({acc:.0f} % px)", colorize(pred)))
-        ):
-            axes[r][c].imshow(panel, interpolation="nearest")
-            axes[r][c].set_axis_off()
-            if r == 0 or c == 2:
-                axes[r][c].set_title(title, fontsize=9)
-    names = getattr(model, "class_names", None)
-    if names:
-        fig.suptitle(f"classes: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}", fontsize=8)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return out
