@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,32 @@ class ExportCheckError(ExportError):
 
 T = TypeVar("T")
 FAILED = ".failed"  # NAME.failed.EXT: an export whose check failed, kept for inspection only
+
+
+@dataclass
+class ExportReport:
+    """What was exported, whether it had to be fused first, and how the file compares with PyTorch.
+
+    Each task's report adds its check's numbers and says them in :meth:`check_lines`.
+    """
+
+    path: Path
+    format: str
+    fused_on_export: bool
+    check: str = "not run"
+    notes: list[str] = field(default_factory=list)
+
+    def headline(self) -> str:
+        return f"exported {self.format} to {self.path}"
+
+    def check_lines(self) -> list[str]:
+        return [f"check: {self.check}"]
+
+    def summary(self) -> str:
+        lines = [self.headline()]
+        if self.fused_on_export:
+            lines.append("the model had train-time branches: fused it (eval mode) before exporting")
+        return "\n".join(lines + self.check_lines() + [f"note: {n}" for n in self.notes])
 
 
 def failed_path(out: str | os.PathLike) -> Path:

@@ -25,7 +25,7 @@ import copy
 import math
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from ..core.ranges import MAX_DETECTIONS
 from ..tasks.detect.augment import to_image_pixels
 from ..tasks.detect.evaluate import detection_metrics, val_loader
 from ..tasks.detect.model import Detector, DetectorConfig, postprocess
-from .common import ExportError, require, write_checked
+from .common import ExportError, ExportReport, require, write_checked
 from .export import sample_images
 from .onnx import onnx_session, read_onnx_metadata, set_onnx_metadata
 from .onnx_nms import add_nms
@@ -64,22 +64,13 @@ class RawDetector(nn.Module):
 
 
 @dataclass
-class DetectionExportReport:
-    """What was written, in which form, and how it compares with the PyTorch detector."""
+class DetectionExportReport(ExportReport):
+    """The detector's report: which form was written (raw outputs, or NMS in the graph)."""
 
-    path: Path
-    format: str
-    form: str
-    fused_on_export: bool
-    check: str = "not run"
-    notes: list[str] = field(default_factory=list)
+    form: str = "raw"
 
-    def summary(self) -> str:
-        lines = [f"exported the {self.form} detector ({self.format}) to {self.path}"]
-        if self.fused_on_export:
-            lines.append("the detector had train-time branches and BatchNorms: fused it (eval mode) before exporting")
-        lines.append(f"check: {self.check}")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+    def headline(self) -> str:
+        return f"exported the {self.form} detector ({self.format}) to {self.path}"
 
 
 def fused_detector(model: Detector) -> tuple[Detector, bool]:
@@ -147,7 +138,7 @@ def export_detector(
     size = fused.config.img_size
     example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
     meta = detector_metadata(fused, form, max_detections)
-    report = DetectionExportReport(out, format, form, fused_now)
+    report = DetectionExportReport(out, format, fused_now, form=form)
     if check and check_inputs is None:
         check_inputs = sample_images(4, size, meta["mean"], meta["std"])
     dynamic, t = "batch" if dynamic_batch else "none", target(format)

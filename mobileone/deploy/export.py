@@ -13,7 +13,7 @@ import copy
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..core.config import IMAGENET_MEAN, IMAGENET_STD
 from ..core.fusion import reparameterizable_modules, reparameterize_model
 from ..core.model import MobileOne
 from ..core.ranges import IMG_SIZE
-from .common import OUTPUT_NAME, ExportError
+from .common import OUTPUT_NAME, ExportError, ExportReport
 from .targets import FORMATS, TARGETS, format_of, load_export, read_metadata, run_export, target, write_target
 
 log = logging.getLogger("mobileone")
@@ -33,34 +33,23 @@ __all__ = ["FORMATS", "TARGETS", "ExportReport", "export_model", "read_metadata"
 
 
 @dataclass
-class ExportReport:
-    """What was exported, whether it had to be fused, and how well the exported file matches PyTorch."""
+class ClassifierExportReport(ExportReport):
+    """The classifier's check: logits against PyTorch's on real images, and their top-1 agreement."""
 
-    path: Path
-    format: str
-    fused_on_export: bool
-    check: str
     max_abs_diff: float | None = None
     tolerance: float | None = None
     relative_error: float | None = None  # max |exported - PyTorch| / max |PyTorch|
     top1_agreement: float | None = None  # % of check images whose top-1 class equals PyTorch's
     images: int = 0
-    notes: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        lines = [f"exported {self.format} to {self.path}"]
-        if self.fused_on_export:
-            lines.append("the model had train-time branches: fused it (eval mode) before exporting")
-        if self.max_abs_diff is not None:
-            lines.append(
-                f"check ({self.check}): max |exported - PyTorch| = {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:.3g}; {self.relative_error:.2g} of max |logit|), "
-                f"top-1 agreement {self.top1_agreement:.2f} % on {self.images} images"
-            )
-        else:
-            lines.append(f"check: {self.check}")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+    def check_lines(self) -> list[str]:
+        if self.max_abs_diff is None:
+            return super().check_lines()
+        return [
+            f"check ({self.check}): max |exported - PyTorch| = {self.max_abs_diff:.3g} "
+            f"(tolerance {self.tolerance:.3g}; {self.relative_error:.2g} of max |logit|), "
+            f"top-1 agreement {self.top1_agreement:.2f} % on {self.images} images"
+        ]
 
 
 def model_metadata(model: nn.Module, img_size: int) -> dict[str, Any]:
@@ -156,7 +145,7 @@ def export_model(
     # torch.export specializes a batch of 1 to a constant, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, in_chans, img_size, img_size)
     t = target(format)
-    report = ExportReport(out, format, fused_now, check="not run", notes=notes)
+    report = ClassifierExportReport(out, format, fused_now, notes=notes)
     if check and check_inputs is None:
         check_inputs = sample_images(8, img_size, meta["mean"], meta["std"])
 

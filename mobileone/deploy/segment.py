@@ -32,7 +32,7 @@ from ..tasks.segment.data import SegmentationDataset, eval_transform, load_split
 from ..tasks.segment.evaluate import class_lut
 from ..tasks.segment.metrics import confusion_matrix, segmentation_scores
 from ..tasks.segment.model import Segmenter
-from .common import ExportError, package_version
+from .common import ExportError, ExportReport, package_version
 from .export import sample_images
 from .onnx import MAX_SIDE, MIN_SIDE, onnx_session, read_onnx_metadata
 from .targets import FORMATS, format_of, load_export, read_metadata, run_export, target, write_target
@@ -57,37 +57,26 @@ class SegmentationOutputs(nn.Module):
 
 
 @dataclass
-class SegmentationExportReport:
-    """What was exported and how closely the file reproduces PyTorch (logits, and argmax agreement in %)."""
+class SegmentationExportReport(ExportReport):
+    """The segmenter's check: logits against PyTorch's at each size, argmax agreement in % of pixels."""
 
-    path: Path
-    format: str
-    fused_on_export: bool
-    check: str = "not run"
     sizes: list[tuple[int, int]] = field(default_factory=list)
     max_abs_diff: float | None = None
     tolerance: float | None = None
     argmax_agreement: float | None = None  # % of pixels whose argmax matches PyTorch's
     labels_agreement: float | None = None  # % of pixels where the file's ``labels`` output matches PyTorch's argmax
-    notes: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        lines = [f"exported {self.format} to {self.path}"]
-        if self.fused_on_export:
-            lines.append("the model had train-time branches and BatchNorms: folded them (eval mode) before exporting")
-        if self.max_abs_diff is not None:
-            sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
-            lines.append(
-                f"check ({self.check}; sizes {sizes}): max |logits - PyTorch| = {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:.3g}); argmax agreement "
-                f"{self.argmax_agreement:.4f} %"
-            )
-            if self.labels_agreement is not None:
-                lines.append(f"labels output vs PyTorch argmax: {self.labels_agreement:.4f} % of pixels agree")
-        else:
-            lines.append(f"check: {self.check}")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+    def check_lines(self) -> list[str]:
+        if self.max_abs_diff is None:
+            return super().check_lines()
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
+        lines = [
+            f"check ({self.check}; sizes {sizes}): max |logits - PyTorch| = {self.max_abs_diff:.3g} "
+            f"(tolerance {self.tolerance:.3g}); argmax agreement {self.argmax_agreement:.4f} %"
+        ]
+        if self.labels_agreement is not None:
+            lines.append(f"labels output vs PyTorch argmax: {self.labels_agreement:.4f} % of pixels agree")
+        return lines
 
 
 def segmentation_metadata(model: Segmenter, img_size: int, argmax: bool, dynamic: bool) -> dict[str, Any]:
