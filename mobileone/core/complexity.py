@@ -48,6 +48,25 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> int:
     return total
 
 
+@torch.no_grad()
+def layers_run(
+    model: nn.Module, example: torch.Tensor, kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+) -> list[str]:
+    """Names of the ``kinds`` layers a forward on ``example`` runs, in the order it first runs them: what an
+    exported graph holds (a train-only auxiliary head is in the model but not in the graph)."""
+    order: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: order.append(names[m])) for m in model.modules() if isinstance(m, kinds)
+    ]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
 def count_layers(model: nn.Module) -> int:
     """Weight layers of the deployed net: MobileOne layers (one conv each once fused) plus the head."""
     return sum(isinstance(m, MobileOneLayer) for m in model.modules()) + sum(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.complexity import layers_run
 from .common import INPUT_NAME, OUTPUT_NAME, ExportError, Runner, package_version, require
 
 SUFFIX, EXTRA, DYNAMIC = ".mlpackage", "export", ("none", "batch")
@@ -70,17 +71,7 @@ def coreml_op_counts(path: str | Path) -> dict[str, int]:
 
 def convs_run(model: nn.Module, example: Tensor) -> int:
     """How many convs an eval forward runs (an auxiliary head's are in the model, not in the graph)."""
-    ran: set[int] = set()
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: ran.add(id(m))) for m in model.modules() if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return len(ran)
+    return len(layers_run(model, example, (nn.Conv2d,)))
 
 
 def check_structure(path: Path, model: nn.Module, example: Tensor) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.complexity import layers_run
 from ..core.fusion import reparameterize_model
 from .common import ExportError, filtered_native_stderr, keeps_signal_stack, require, silenced_stdout, write_sidecar
 from .detect import RAW_OUTPUTS, RawDetector, detector_metadata, fused_detector
@@ -100,20 +101,7 @@ def task_graph(task: str, model: nn.Module, img_size: int | None = None) -> Grap
 
 def weighted_layers(module: nn.Module, example: Tensor) -> list[str]:
     """Names of the convs and linears in the order a forward runs them (the order exported graphs keep)."""
-    order: list[str] = []
-    names = {m: n for n, m in module.named_modules()}
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: order.append(names[m]))
-        for m in module.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
+    return layers_run(module, example)
 
 
 def quantize_graph(runtime: str, graph: Graph, calibration: Tensor, out: Path, recipe: Recipe) -> Path:
