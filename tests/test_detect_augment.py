@@ -9,7 +9,8 @@ from PIL import Image
 
 from mobileone.core.config import IMAGENET_MEAN, IMAGENET_STD
 from mobileone.tasks.detect.augment import DenseTrainData, letterbox_transform, to_image_pixels
-from mobileone.tasks.detect.data import DetectionDataset, ImageRecord, Split
+from mobileone.tasks.detect.data import DetectionDataset
+from mobileone.tasks.detect.records import ImageRecord, Split
 
 
 def _squares(tmp_path, count: int = 4) -> Split:

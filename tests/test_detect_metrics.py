@@ -12,8 +12,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mobileone.tasks.detect.data import ImageRecord
 from mobileone.tasks.detect.metrics import coco_detections, coco_ground_truth, coco_map
+from mobileone.tasks.detect.records import ImageRecord
 
 CLASSES = ["cat", "dog", "bird", "fish"]  # "fish" has no ground truth: no AP
 

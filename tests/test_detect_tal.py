@@ -148,8 +148,8 @@ def test_raw_export_in_every_runtime(tmp_path, fmt, one_thread):
 def test_priors_fit_the_boxes_and_small_boxes_are_warned_about():
     import numpy as np
 
-    from mobileone.tasks.detect.data import ImageRecord
     from mobileone.tasks.detect.priors import box_sides, check_small_boxes, fit_ssdlite_ratios
+    from mobileone.tasks.detect.records import ImageRecord
 
     boxes = np.array([[0, 0, s, s] for s in range(16, 64, 4)], np.float32)  # sides 16..60 on a 640 px image
     record = ImageRecord("x.jpg", 640, 480, boxes, np.zeros(len(boxes), np.int64), np.zeros(len(boxes), bool))

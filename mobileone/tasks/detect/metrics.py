@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .data import ImageRecord
+from .records import ImageRecord
 
 BACKENDS = ("faster_coco_eval", "pycocotools")
 # COCOeval's stats entries we report: mAP (IoU 0.50:0.95), at 0.5 and 0.75, per object size (small < 32^2 px,

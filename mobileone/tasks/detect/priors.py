@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .data import ImageRecord
+from .records import ImageRecord
 
 SMALLEST_STRIDE = 8  # the tal head's finest level
 SMALL_SHARE = 0.1  # warn when more than this share of the boxes is below what the detector resolves
