@@ -64,6 +64,8 @@ def prepare_qat(module: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "executorch")
     xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "executorch")
     quantizer = xq.XNNPACKQuantizer().set_global(xq.get_symmetric_quantization_config(is_per_channel=True, is_qat=True))
+    # torch's own deprecation inside its pytree, raised on every copy of the graph (the engine's EMA copies it)
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batch = torch.export.Dim("batch", min=1, max=4096)
@@ -73,13 +75,20 @@ def prepare_qat(module: nn.Module, example: Tensor) -> torch.fx.GraphModule:
 
 
 def switchable(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``graph`` with ``.train()`` and ``.eval()`` as the engine calls them (returning the module), done by torchao's
-    ``move_exported_model_to_train`` / ``_eval``, which an exported graph needs instead (they switch dropout)."""
+    """``graph`` with ``.train()`` and ``.eval()`` as the engine calls them (returning the module). An exported
+    graph refuses them: its dropout and batch-norm ops are switched by torchao's ``move_exported_model_to_train``
+    / ``_eval``, which a fused model, with neither, does not need (each call costs a second of pattern matching)."""
     ao = require("torchao.quantization.pt2e", "executorch")
+    special = any(
+        n.op == "call_function" and any(op in str(n.target) for op in ("dropout", "batch_norm"))
+        for n in graph.graph.nodes
+    )
 
     def train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
-        (ao.move_exported_model_to_train if mode else ao.move_exported_model_to_eval)(self)
-        self.training = mode
+        if special:
+            (ao.move_exported_model_to_train if mode else ao.move_exported_model_to_eval)(self)
+        for module in self.modules():
+            module.training = mode
         return self
 
     graph.train = types.MethodType(train, graph)
@@ -202,6 +211,15 @@ class QATTask(Task):
         return self.base.collate()
 
     def loss(self, net: nn.Module, images: Tensor, targets: Any, cfg: TrainConfig) -> Tensor:
+        try:
+            return self.task_loss(net, images, targets, cfg)
+        except RuntimeError as e:  # torchao's fake quantization of a NaN weight fails on the zero point it derives
+            if "zero_point" not in str(e):
+                raise
+            return torch.tensor(float("nan"), device=images.device)  # the engine's NaN stop reports it
+
+    def task_loss(self, net: nn.Module, images: Tensor, targets: Any, cfg: TrainConfig) -> Tensor:
+        """The base task's loss on the graph's outputs (default: the base task's own)."""
         return self.base.loss(net, images, targets, cfg)
 
     def evaluable(self, graph: nn.Module) -> nn.Module:
@@ -248,7 +266,7 @@ class SegmentationQAT(QATTask):
     def unwrap(self, module: nn.Module) -> nn.Module:
         return module.model
 
-    def loss(self, net: nn.Module, images: Tensor, targets: Tensor, cfg: TrainConfig) -> Tensor:
+    def task_loss(self, net: nn.Module, images: Tensor, targets: Tensor, cfg: TrainConfig) -> Tensor:
         return segmentation_loss({"out": net(images)}, targets, 0.0, cfg.label_smoothing)
 
     def evaluable(self, graph: nn.Module) -> nn.Module:
@@ -271,7 +289,7 @@ class DetectionQAT(QATTask):
     def prepare(self, cfg: TrainConfig, env: Env, model: nn.Module) -> None:
         self.detector = copy.deepcopy(self.template.detector).to(env.device).eval()
 
-    def loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
+    def task_loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
         losses = self.detector.compute_loss(*net(images), targets)
         return losses["bbox_regression"] + losses["classification"]
 
@@ -319,22 +337,15 @@ def run_qat(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def qat_finetune(
-    graph: Graph,
-    train_data: str | os.PathLike,
-    epochs: int = QAT_DEFAULTS["epochs"],
-    lr: float = QAT_DEFAULTS["lr"],
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
+    graph: Graph, train_data: str | os.PathLike, out: str | os.PathLike | None = None, **options: Any
 ) -> Graph:
-    """``graph`` (of :func:`~mobileone.deploy.int8.task_graph`) with the weights of the best epoch of a QAT run
-    on ``train_data``; the run directory is ``out`` (default: a temporary one, deleted after)."""
+    """``graph`` (of :func:`~mobileone.deploy.int8.task_graph`) with the weights of the best epoch of a QAT run on
+    ``train_data``; ``options`` are ``TrainConfig`` fields (``epochs``, ``lr``, ``batch_size``, ...), the run
+    directory is ``out`` (default: a temporary one, deleted after)."""
     with tempfile.TemporaryDirectory(prefix="mobileone_qat_") as tmp:
         qat = qat_task(graph.task)
-        model = qat.unwrap(qat.captured(graph))
-        checkpoint = qat.base.save(model, Path(tmp) / "fused.safetensors")
-        run = Path(out) if out is not None else Path(tmp) / "run"
+        checkpoint = qat.base.save(qat.unwrap(qat.captured(graph)), Path(tmp) / "fused.safetensors")
         size = int(graph.example.shape[-1])
-        options = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "img_size": size}
-        summary = run_qat(qat_config(graph.task, checkpoint, train_data, run, **options))
-        tuned = qat.base.load(Path(summary["run_dir"]) / "best.safetensors")
+        cfg = qat_config(graph.task, checkpoint, train_data, out or Path(tmp) / "run", img_size=size, **options)
+        tuned = qat.base.load(Path(run_qat(cfg)["run_dir"]) / "best.safetensors")
         return task_graph(graph.task, tuned, size)
