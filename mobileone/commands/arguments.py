@@ -295,7 +295,11 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
         "quantization-aware training (a run of the training engine; its best epoch is converted as above)"
     )
     g.add_argument("--qat", action="store_true", help="fine-tune the fused model with fake quantization first")
-    g.add_argument("--train-data", help="the task's training data (as mobileone train --data)")
+    g.add_argument(
+        "--train-data",
+        help="the task's training data, as mobileone train --data (default: the data of the run that wrote "
+        "--checkpoint, from its config.json; the built-in data too)",
+    )
     g.add_argument("--epochs", type=ranged(_train_range("epochs")), help="default 3")
     g.add_argument("--lr", type=ranged(_train_range("lr")), help="peak learning rate, cosine to 0 (default 0.001)")
     g.add_argument(

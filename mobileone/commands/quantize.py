@@ -15,7 +15,7 @@ from pathlib import Path
 from ..deploy.calibration import calibration_batch
 from ..deploy.int8 import Graph, Recipe, task_graph, weighted_layers
 from ..deploy.int8_check import quantize_checked
-from ..deploy.qat import qat_config, run_qat
+from ..deploy.qat import qat_config, qat_data, run_qat
 from ..engine import TrainConfig
 from ..engine.rundir import OccupiedError, RunDir
 from .classification import quantize_study
@@ -69,7 +69,7 @@ def quantize(args: argparse.Namespace) -> int:
             return 143 if isinstance(e, Terminated) else 130
         tuned = argparse.Namespace(**{**vars(args), "checkpoint": str(Path(cfg.out) / "best.safetensors")})
         reference, graph = graph, task_graph(args.task, BUILDERS[args.task](tuned), args.img_size)
-        qat, calib_data = {"run": cfg.out, "epochs": cfg.epochs, "best": summary["best"]}, calib_data or cfg.data
+        qat, calib_data = {"run": cfg.out, "epochs": cfg.epochs, "best": summary["best"]}, calib_data or qat_data(cfg)
     elif args.train_data or args.resume or args.qat_out:
         raise ValueError("--train-data, --qat-out and --resume belong to --qat (quantization-aware training)")
     if not calib_data:
@@ -113,8 +113,6 @@ def fine_tune(args: argparse.Namespace, graph: Graph) -> tuple[TrainConfig, dict
         cfg = qat_config(args.task, args.checkpoint, args.train_data, out, resume=True, **options)
         if Path(cfg.pretrained) != Path(args.checkpoint).resolve():
             raise ValueError(f"{out} fine-tunes {cfg.pretrained}, not {args.checkpoint}; give that --checkpoint")
-    elif not args.train_data:
-        raise ValueError("--qat needs --train-data: the task's training data (as for mobileone train --data)")
     else:
         options["img_size"] = int(graph.example.shape[-1])
         try:

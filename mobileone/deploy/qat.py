@@ -23,7 +23,8 @@ import os
 import tempfile
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,10 @@ from ..engine import Task, TaskData, TrainConfig, fit, resolve_config
 from ..engine.distributed import Env
 from ..engine.task import DataError
 from ..tasks import get_task
-from ..tasks.segmentation.task import segmentation_loss
+from ..tasks.classification.data import builtin_dataset
+from ..tasks.detection.builtin import digit_scenes
+from ..tasks.segmentation.builtin import builtin_scenes
+from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE, segmentation_loss
 from .calibration import calibration_batch
 from .common import require
 from .int8 import Graph, task_graph
@@ -53,9 +57,15 @@ QAT_DEFAULTS: dict[str, Any] = {
     "amp": "none",  # fake quantization is simulated in float32
     "channels_last": False,
 }
-# Options of the run that wrote the checkpoint (its config.json beside it) that QAT keeps unless given:
-# the augmentation the model was trained with (no flips for digits), its label smoothing, its data layout.
-INHERITED = ("hflip", "crop_scale", "augment", "magnitude", "label_smoothing", "data_format")
+# Options of the run that wrote the checkpoint (its config.json beside it) that QAT keeps unless given: its
+# data (None: the built-in data, with its lighter augmentation), the augmentation the model was trained with
+# (no flips for digits), its label smoothing, its data layout.
+INHERITED = ("data", "hflip", "crop_scale", "augment", "magnitude", "label_smoothing", "data_format")
+BUILTIN_DATA: dict[str, Callable[[], Path]] = {
+    "classify": builtin_dataset,
+    "detect": digit_scenes,
+    "segment": partial(builtin_scenes, size=BUILTIN_SCENE_SIZE),
+}
 CALIBRATION_IMAGES = 32  # training images whose ranges start the fake quantizers (then moving averages)
 
 
@@ -187,7 +197,7 @@ class QATTask(Task):
         self.template, self.size = self.captured(graph), int(graph.example.shape[-1])
         prepared = prepare_qat(self.template, graph.example)
         with torch.no_grad():
-            prepared(calibration_batch(cfg.data, graph.meta, CALIBRATION_IMAGES, cfg.seed))
+            prepared(calibration_batch(qat_data(cfg), graph.meta, CALIBRATION_IMAGES, cfg.seed))
         return prepared
 
     def captured(self, graph: Graph) -> nn.Module:
@@ -317,15 +327,29 @@ def source_run_options(checkpoint: str | os.PathLike, task: str) -> dict[str, An
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in INHERITED}
 
 
+def qat_data(cfg: TrainConfig) -> Path:
+    """The folder a QAT run trains on: ``cfg.data``, or the task's built-in data."""
+    return Path(cfg.data) if cfg.data else BUILTIN_DATA[cfg.task]()
+
+
 def qat_config(
-    task: str, checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, **options: Any
+    task: str, checkpoint: str | os.PathLike, data: str | os.PathLike | None, out: str | os.PathLike, **options: Any
 ) -> TrainConfig:
-    """The QAT run's config: the engine's defaults, :data:`QAT_DEFAULTS`, the source run's augmentation,
-    then ``options`` (``TrainConfig`` fields; None means unset). ``resume=True`` continues the run in ``out``."""
+    """The QAT run's config: the engine's defaults, :data:`QAT_DEFAULTS`, the source run's :data:`INHERITED`
+    options (``data`` too when None is given), then ``options`` (``TrainConfig`` fields; None means unset).
+    ``resume=True`` continues the run in ``out``."""
     qat = qat_task(task)
     if options.pop("resume", False):
         return resolve_config(qat, resume=str(out), **options)
-    options = {**source_run_options(checkpoint, task), **{k: v for k, v in options.items() if v is not None}}
+    source = source_run_options(checkpoint, task)
+    if data is not None:
+        source["data"] = str(data)
+    elif "data" not in source:
+        raise ValueError(
+            f"QAT needs the task's training data: give --train-data (no run's config.json beside {checkpoint} "
+            "names the data it was trained on)"
+        )
+    options = {**source, **{k: v for k, v in options.items() if v is not None}}
     if "img_size" not in options:  # the checkpoint's, as the export has it
         options["img_size"] = int(task_graph(task, qat.base.load(Path(checkpoint))).example.shape[-1])
     return resolve_config(qat, pretrained=str(Path(checkpoint).resolve()), data=str(data), out=str(out), **options)
