@@ -65,6 +65,15 @@ def test_the_graph_is_fake_quantized_with_ranges_from_training_images(tmp_path, 
     assert (cfg.lr, cfg.weight_decay, cfg.img_size) == (QAT_DEFAULTS["lr"], 0.0, 16)
 
 
+def test_the_source_runs_data_and_augmentation_are_kept_unless_given(tmp_path, data, checkpoint):
+    source = {"task": "classify", "data": str(data), "hflip": 0.0, "crop_scale": [0.5, 1.0], "epochs": 10}
+    (tmp_path / "config.json").write_text(json.dumps(source))  # the run that wrote the checkpoint
+    cfg = qat_config("classify", checkpoint, None, tmp_path / "run")
+    assert (cfg.data, cfg.hflip, cfg.crop_scale) == (str(data), 0.0, (0.5, 1.0))
+    assert cfg.epochs == QAT_DEFAULTS["epochs"] and not cfg.auto_epochs  # its epochs are not QAT's
+    assert qat_config("classify", checkpoint, data, tmp_path / "run", hflip=0.5).hflip == 0.5
+
+
 def test_qat_one_epoch_through_the_engine(tmp_path, data, checkpoint):
     """The engine's run directory, EMA and metrics; the checkpoints are the fused model with the tuned weights."""
     graph = task_graph("classify", load_checkpoint(checkpoint))
@@ -105,7 +114,6 @@ def test_interrupted_qat_resumes_where_it_stopped_then_converts(tmp_path, data, 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["qat"]["run"] == str(run) and report["qat"]["epochs"] == 2
     assert report["int8"] == runtime_metric(out, data)["value"]  # the INT8 file runs in onnxruntime
-    assert report["fp32"] == runtime_metric(tmp_path / "q.fp32.onnx", data)["value"]
 
 
 def test_a_nan_stops_qat_and_options_are_checked(tmp_path, data, checkpoint, monkeypatch, capsys):

@@ -352,7 +352,7 @@ def qat_config(
     options = {**source, **{k: v for k, v in options.items() if v is not None}}
     if "img_size" not in options:  # the checkpoint's, as the export has it
         options["img_size"] = int(task_graph(task, qat.base.load(Path(checkpoint))).example.shape[-1])
-    return resolve_config(qat, pretrained=str(Path(checkpoint).resolve()), data=str(data), out=str(out), **options)
+    return resolve_config(qat, pretrained=str(Path(checkpoint).resolve()), out=str(out), **options)
 
 
 def run_qat(cfg: TrainConfig) -> dict[str, Any]:
