@@ -20,7 +20,7 @@ test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check mobileone tests benchmarks && $(VENV)/bin/ruff format --check mobileone tests benchmarks
+	$(VENV)/bin/ruff check mobileone tests experiments && $(VENV)/bin/ruff format --check mobileone tests experiments
 
 # The README's latency table: run on a quiet machine (about 10-15 minutes on 2 cores).
 bench: $(VENV)/.installed

@@ -44,15 +44,15 @@ __version__ = "0.2.0"
 # Names whose modules need optional extras: (module, attribute), imported on first access.
 _OPTIONAL = {
     "train": ("mobileone.tasks", "train"),
-    "predict": ("mobileone.tasks.classification.predict", "predict"),
-    "preprocessing": ("mobileone.tasks.classification.predict", "preprocessing"),
+    "predict": ("mobileone.tasks.classify.predict", "predict"),
+    "preprocessing": ("mobileone.tasks.classify.predict", "preprocessing"),
     "TrainConfig": ("mobileone.engine.config", "TrainConfig"),
     "export_model": ("mobileone.deploy.export", "export_model"),
     "read_metadata": ("mobileone.deploy.export", "read_metadata"),
-    "create_detector": ("mobileone.tasks.detection.model", "create_detector"),
-    "load_detector": ("mobileone.tasks.detection.model", "load_detector"),
-    "create_segmenter": ("mobileone.tasks.segmentation.model", "create_segmenter"),
-    "load_segmenter": ("mobileone.tasks.segmentation.model", "load_segmenter"),
+    "create_detector": ("mobileone.tasks.detect.model", "create_detector"),
+    "load_detector": ("mobileone.tasks.detect.model", "load_detector"),
+    "create_segmenter": ("mobileone.tasks.segment.model", "create_segmenter"),
+    "load_segmenter": ("mobileone.tasks.segment.model", "load_segmenter"),
 }
 
 
@@ -60,9 +60,9 @@ def _register_tasks(task: str | None) -> None:
     """Import the task model modules (they need torchvision) so that their builders are registered."""
     try:
         if task in (None, "detect"):
-            from .tasks.detection import model as _detection  # noqa: F401
+            from .tasks.detect import model as _detection  # noqa: F401
         if task in (None, "segment"):
-            from .tasks.segmentation import builders as _segmentation  # noqa: F401
+            from .tasks.segment import builders as _segmentation  # noqa: F401
     except ImportError as e:
         if task is not None:
             raise ImportError(f"{task} models need torchvision: pip install 'mobileone[train]' ({e})") from e

@@ -25,13 +25,13 @@ from .deploy.common import ExportCheckError, ExportError
 from .engine import TrainingError
 from .engine.rundir import RunDirError
 
-TASK_MODULES = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
 # Exit codes: 0 done, 1 a check failed or an input could not be read, 2 bad input (one line, no traceback),
 # 3 training stopped (non-finite loss or model), 130 Ctrl-C, 143 SIGTERM.
 USER_ERRORS = (CheckpointError, ValueError, OSError, RunDirError, ExportError, ImportError)
 
 
 def _module(name: str) -> Any:
+    """A command module: ``commands/<task>.py`` holds each task's bodies (one spelling: classify, detect, segment)."""
     return importlib.import_module(f"mobileone.commands.{name}")
 
 
@@ -44,7 +44,7 @@ def _task_command(command: str, module: str | None = None) -> Callable[[argparse
             _module("source").resolve_task(args)
         if getattr(args, "json", None) and isinstance(args.json, str):  # refused before a long evaluation
             check_replaceable(Path(args.json), is_json_result, "; choose another --json")
-        return getattr(_module(module or TASK_MODULES[args.task]), command)(args)
+        return getattr(_module(module or args.task), command)(args)
 
     return run
 
@@ -53,7 +53,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.checkpoint:
         args.task = None
         if _module("source").resolve_task(args) != "classify":
-            return _module(TASK_MODULES[args.task]).info(args)
+            return _module(args.task).info(args)
     return _module("info").info(args)
 
 

@@ -44,7 +44,7 @@ def tiny_model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Tiny colour classes on disk (``train/`` and ``val/``): 3 steps an epoch at batch 8."""
-    from .classification_data import make_data
+    from .classify_data import make_data
 
     return make_data(tmp_path_factory.mktemp("data"))
 
@@ -52,7 +52,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def tiny():
     """A 4-block MobileOne with the BN statistics of real activations, in eval mode."""
-    from .classification_data import TINY
+    from .classify_data import TINY
 
     torch.manual_seed(0)
     model = create_model(TINY, num_classes=3)

@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from mobileone.tasks.detection.model import save_detector
-from mobileone.tasks.segmentation.model import save_segmenter
+from mobileone.tasks.detect.model import save_detector
+from mobileone.tasks.segment.model import save_segmenter
 
-from .segmentation_data import make_masks_dataset
-from .test_detection_data import tiny_dataset
-from .test_detection_model import settle, tiny_detector
-from .test_segmentation_model import tiny as tiny_segmenter
+from .segment_data import make_masks_dataset
+from .test_detect_data import tiny_dataset
+from .test_detect_model import settle, tiny_detector
+from .test_segment_model import tiny as tiny_segmenter
 
 
 def task_files(tmp: Path) -> dict[str, Path]:

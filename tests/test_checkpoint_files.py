@@ -11,7 +11,7 @@ import mobileone
 from mobileone import CheckpointError, create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from mobileone.core.checkpoint import write_weights
 
-from .classification_data import TINY, apple_file
+from .classify_data import TINY, apple_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

@@ -19,7 +19,7 @@ from mobileone.cli import main
 from mobileone.commands.arguments import build_parser
 from mobileone.tasks import resolve_config
 
-from .classification_data import ROOT, TINY, cli_train, make_data
+from .classify_data import ROOT, TINY, cli_train, make_data
 from .task_models import task_files as make_task_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
@@ -88,11 +88,11 @@ def test_counts_and_tolerances_are_refused_with_the_valid_range(argv, message, c
 
 def test_zero_is_a_value_not_unset(tmp_path, tiny):
     from mobileone.deploy import export_model
-    from mobileone.deploy.detection import export_detector
-    from mobileone.deploy.segmentation import export_segmenter
+    from mobileone.deploy.detect import export_detector
+    from mobileone.deploy.segment import export_segmenter
 
-    from .test_detection_model import tiny_detector
-    from .test_segmentation_model import tiny as tiny_segmenter
+    from .test_detect_model import tiny_detector
+    from .test_segment_model import tiny as tiny_segmenter
 
     with pytest.raises(ValueError, match=r"img_size must be an integer in 16..4096 \(pixels\), got 0"):
         export_model(tiny, tmp_path / "c.onnx", img_size=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mobileone.tasks.classification.data import (
+from mobileone.tasks.classify.data import (
     DataError,
     ImageFolderDataset,
     builtin_dataset,
@@ -168,7 +168,7 @@ def test_boxes_turn_as_the_exif_orientation_turns_the_pixels(orientation):
 
 
 def test_a_flat_folder_of_images_is_read_without_class_folders(tmp_path):
-    from mobileone.tasks.classification.data import ImageFilesDataset
+    from mobileone.tasks.classify.data import ImageFilesDataset
 
     for i in range(3):
         Image.new("RGB", (12, 10), (80 * i, 0, 0)).save(tmp_path / f"{i}.jpg")

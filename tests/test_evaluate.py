@@ -9,8 +9,8 @@ from torch import nn
 
 from mobileone import create_model, load_checkpoint, reparameterize_model, save_checkpoint
 from mobileone.cli import main
-from mobileone.tasks.classification.data import DataError, ImageFolderDataset, eval_transform
-from mobileone.tasks.classification.evaluate import accuracy_counts, evaluate_checkpoint
+from mobileone.tasks.classify.data import DataError, ImageFolderDataset, eval_transform
+from mobileone.tasks.classify.evaluate import accuracy_counts, evaluate_checkpoint
 
 TINY = {"widths": [8, 16, 16, 16], "stem_width": 8, "blocks": [1, 1, 1, 1], "k": 2}
 

@@ -9,7 +9,7 @@ import mobileone
 from mobileone import create_model
 from mobileone.cli import main
 
-from .classification_data import TINY
+from .classify_data import TINY
 from .task_models import task_files as make_task_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
@@ -32,7 +32,7 @@ def test_onnx_metadata_values_are_all_json(tmp_path):
 def task_files(tmp_path_factory, data):
     from mobileone import save_checkpoint
 
-    from .classification_data import TINY as ARCH
+    from .classify_data import TINY as ARCH
 
     files = make_task_files(tmp_path_factory.mktemp("tasks"))
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def test_export_never_replaces_a_file_it_did_not_write(tmp_path, task_files, cap
     assert main(argv) == 0 and main(argv) == 0  # its own export it replaces
 
 
-def test_detection_tolerances_are_honoured(tmp_path, task_files, capsys):
+def test_detect_tolerances_are_honoured(tmp_path, task_files, capsys):
     pytest.importorskip("onnxruntime")
     argv = ["export", "--checkpoint", str(task_files["detect"]), "--format", "onnx", "--raw", "--out"]
     assert main([*argv, str(tmp_path / "loose.onnx"), "--atol", "0.5", "--rtol", "0.01"]) == 0

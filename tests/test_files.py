@@ -24,7 +24,7 @@ from mobileone.core.files import (
 )
 from mobileone.engine.rundir import RunDir
 
-from .classification_data import ROOT, cli_train, finite
+from .classify_data import ROOT, cli_train, finite
 
 
 def _dead_pid() -> int:

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: its CPU dry run passes, and the run records failures, caps and budgets instead of dying.
+"""experiments/gpu_check.py: its CPU dry run passes, and the run records failures, caps and budgets instead of dying.
 
 The GPU check is run by hand where a GPU is (docs/gpu.md); these tests keep its code from rotting
 on machines without one: the same steps with ``--device cpu --quick`` (gloo instead of NCCL, the CPU
@@ -17,7 +17,7 @@ import torch
 from mobileone.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "experiments" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
 sys.modules["gpu_check"] = gpu_check
 spec.loader.exec_module(gpu_check)

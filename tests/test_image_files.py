@@ -9,15 +9,15 @@ from PIL import Image
 from mobileone import save_checkpoint
 from mobileone.engine import DataError
 from mobileone.tasks import train
-from mobileone.tasks.classification.data import (
+from mobileone.tasks.classify.data import (
     ImageFolderDataset,
     UnreadableImageError,
     load_image,
 )
-from mobileone.tasks.classification.evaluate import evaluate_checkpoint
+from mobileone.tasks.classify.evaluate import evaluate_checkpoint
 from mobileone.tasks.images import image_size
 
-from .classification_data import config, make_data, write_bomb
+from .classify_data import config, make_data, write_bomb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

@@ -17,13 +17,13 @@ from mobileone.deploy.common import ExportError
 from mobileone.deploy.int8 import Recipe, quantize_graph, task_graph, weighted_layers
 from mobileone.deploy.int8_check import quantize_checked
 from mobileone.deploy.targets import missing
-from mobileone.tasks.classification.data import builtin_dataset
+from mobileone.tasks.classify.data import builtin_dataset
 
-from .segmentation_data import make_masks_dataset
-from .test_detection_data import tiny_dataset
-from .test_detection_model import settle, tiny_detector
+from .segment_data import make_masks_dataset
+from .test_detect_data import tiny_dataset
+from .test_detect_model import settle, tiny_detector
 from .test_quantize import _train_on_digits
-from .test_segmentation_model import tiny
+from .test_segment_model import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = MobileOneConfig(widths=(8, 16, 16, 32), stem_width=8, blocks=(1, 1, 1, 1), k=2)

@@ -10,7 +10,7 @@ import pytest
 
 from mobileone.cli import main
 
-from .classification_data import ROOT, cli_train, poison_loss
+from .classify_data import ROOT, cli_train, poison_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

@@ -188,7 +188,7 @@ def test_benchmark_scripts_import():
     # the import paths that a layout change leaves stale (their __main__ blocks do not run).
     import importlib.util
 
-    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+    for path in sorted((PACKAGE.parent / "experiments").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -7,9 +7,9 @@ from mobileone import save_checkpoint
 from mobileone.cli import main
 from mobileone.engine import NonFiniteOutputError, TrainingError
 from mobileone.tasks import train
-from mobileone.tasks.classification.evaluate import evaluate_checkpoint
+from mobileone.tasks.classify.evaluate import evaluate_checkpoint
 
-from .classification_data import config, finite, poison_loss
+from .classify_data import config, finite, poison_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

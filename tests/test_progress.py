@@ -6,7 +6,7 @@ import pytest
 
 from mobileone.tasks import resolve_config, train
 
-from .classification_data import TINY, make_data
+from .classify_data import TINY, make_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

@@ -12,18 +12,19 @@ import torch
 
 from mobileone import create_model, load_checkpoint, save_checkpoint
 from mobileone.cli import main
-from mobileone.deploy.int8 import task_graph
-from mobileone.deploy.qat import QAT_DEFAULTS, qat_config, qat_finetune, qat_task
+from mobileone.deploy.int8 import Recipe, quantize_graph, task_graph
+from mobileone.deploy.qat import QAT_DEFAULTS, qat_config, qat_finetune, qat_task, run_qat
 from mobileone.deploy.runtime_eval import runtime_metric
 from mobileone.deploy.targets import missing
-from mobileone.tasks.detection.model import save_detector
-from mobileone.tasks.segmentation.model import save_segmenter
+from mobileone.tasks.detect.model import save_detector
+from mobileone.tasks.segment.model import save_segmenter
 
-from .classification_data import TINY, poison_loss
-from .segmentation_data import make_masks_dataset
-from .test_detection_data import tiny_dataset
-from .test_detection_model import settle, tiny_detector
-from .test_segmentation_model import tiny
+from .classify_data import TINY, poison_loss
+from .segment_data import make_masks_dataset
+from .test_detect_data import tiny_dataset
+from .test_detect_model import settle, tiny_detector
+from .test_detect_tal import tiny_tal
+from .test_segment_model import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COLOURS = ["blue", "green", "red"]  # the classes of the ``data`` fixture, in folder order
@@ -138,28 +139,36 @@ def test_help_states_the_qat_defaults(capsys):
     assert f"default {QAT_DEFAULTS['epochs']}" in text and f"(default {QAT_DEFAULTS['lr']})" in text
 
 
-@pytest.mark.slow  # two QAT runs (capture, one epoch, INT8 in onnxruntime and its scoring): about 20 s
-def test_segmenter_and_detector_qat_then_int8_in_onnxruntime(tmp_path):
+@pytest.mark.slow  # three QAT runs (capture, one epoch), two INT8 files in onnxruntime: about 30 s
+def test_segmenter_and_detectors_qat_then_int8_in_onnxruntime(tmp_path):
+    """LR-ASPP, the tal detector (the default head) and SSDLite: each head's loss on the graph's outputs."""
     _needs("onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seg = tiny("lraspp", num_classes=4).eval()
     seg.preprocess["input_size"] = 32
     seg_data = make_masks_dataset(tmp_path / "seg", val_sizes=((24, 40),))
-    det = settle(tiny_detector(num_classes=2, max_detections=20))
     det_data = tiny_dataset(tmp_path / "det")
-    for task, ckpt, data in (
-        ("segment", save_segmenter(seg, tmp_path / "seg.safetensors"), seg_data),
-        ("detect", save_detector(det, tmp_path / "det.safetensors"), det_data),
+    for name, ckpt, data, convert in (
+        ("segment", save_segmenter(seg, tmp_path / "seg.safetensors"), seg_data, True),
+        ("tal", save_detector(settle(tiny_tal()), tmp_path / "tal.safetensors"), det_data, True),
+        (
+            "ssdlite",
+            save_detector(settle(tiny_detector(max_detections=20)), tmp_path / "ssd.safetensors"),
+            det_data,
+            False,
+        ),
     ):
-        out = tmp_path / f"{task}.onnx"
-        argv = _quantize(ckpt, data, out, "--task", task, "--epochs", "1", "--batch-size", "4")
-        assert main([*argv, "--json", str(tmp_path / f"{task}.json")]) == 0
-        rows = (tmp_path / f"{task}.qat" / "metrics.jsonl").read_text().splitlines()
-        report = json.loads((tmp_path / f"{task}.json").read_text())
-        metric = {"segment": "miou", "detect": "map"}[task]
-        assert len(rows) == 1 and json.loads(rows[0])[metric] >= 0 and report["metric"] in ("miou", "map_50")
-        assert report["int8"] == runtime_metric(out, data)["value"]
+        task, metric = ("segment", "miou") if name == "segment" else ("detect", "map")
+        run = tmp_path / f"{name}.qat"
+        summary = run_qat(qat_config(task, ckpt, data, run, epochs=1, batch_size=4, workers=0, progress=False))
+        row = json.loads((run / "metrics.jsonl").read_text())
+        assert row["epoch"] == 1 and summary["best"][metric] == max(row[metric], row["ema_" + metric])
+        if convert:
+            graph = task_graph(task, qat_task(task).base.load(run / "best.safetensors"))
+            calibration = torch.randn(4, *graph.example.shape[1:])
+            path = quantize_graph("onnxruntime", graph, calibration, tmp_path / f"{name}.onnx", Recipe())
+            assert 0 <= runtime_metric(path, data)["value"] <= 100  # the INT8 file of the QAT weights runs
 
 
 @pytest.mark.slow  # PT2E capture, one epoch and the lowering to XNNPACK: about 20 s

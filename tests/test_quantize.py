@@ -12,7 +12,7 @@ from mobileone.deploy.evaluate_onnx import evaluate_onnx, onnx_logits  # noqa: E
 from mobileone.deploy.export import export_model  # noqa: E402
 from mobileone.deploy.onnx import read_onnx_metadata  # noqa: E402
 from mobileone.deploy.quantize import QuantSettings  # noqa: E402
-from mobileone.tasks.classification.data import builtin_dataset, digits_split, eval_transform  # noqa: E402
+from mobileone.tasks.classify.data import builtin_dataset, digits_split, eval_transform  # noqa: E402
 
 SIZE = 16
 

@@ -10,13 +10,13 @@ from mobileone.engine import DataError
 from mobileone.engine.distributed import Env, make_loader
 from mobileone.engine.rundir import RunDir, RunDirError
 from mobileone.tasks import resolve_config, train
-from mobileone.tasks.classification.data import (
+from mobileone.tasks.classify.data import (
     ImageFolderDataset,
     collate_skip_bad,
     train_transform,
 )
 
-from .classification_data import config, make_data
+from .classify_data import config, make_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

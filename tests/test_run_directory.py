@@ -15,7 +15,7 @@ from mobileone.cli import main
 from mobileone.engine.rundir import RunDir, RunDirError
 from mobileone.tasks import resolve_config, train
 
-from .classification_data import ROOT, TINY, cli_train, config, poison_loss
+from .classify_data import ROOT, TINY, cli_train, config, poison_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

@@ -11,12 +11,12 @@ import torch
 
 from mobileone.cli import main
 from mobileone.deploy.common import ExportError, require
-from mobileone.deploy.detection import export_detector
-from mobileone.deploy.segmentation import export_segmenter
+from mobileone.deploy.detect import export_detector
+from mobileone.deploy.segment import export_segmenter
 from mobileone.deploy.targets import TARGETS, missing, read_metadata
 
-from .test_detection_model import settle, tiny_detector
-from .test_segmentation_model import tiny
+from .test_detect_model import settle, tiny_detector
+from .test_segment_model import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SLOW = pytest.mark.slow  # LiteRT's converter takes 5-15 s per model on 2 cores; several conversions add up
@@ -138,9 +138,9 @@ def test_bench_times_the_device_runtimes(tmp_path):
 
 
 @SLOW
-def test_detection_and_segmentation_bench_time_the_device_runtimes(tmp_path):
-    from mobileone.bench.detection import DetectionBenchConfig, detection_benchmark
-    from mobileone.bench.segmentation import SegmentationBenchConfig, run_segmentation_benchmark
+def test_detect_and_segmentation_bench_time_the_device_runtimes(tmp_path):
+    from mobileone.bench.detect import DetectionBenchConfig, detection_benchmark
+    from mobileone.bench.segment import SegmentationBenchConfig, run_segmentation_benchmark
 
     _needs("openvino")
     kw = {"threads": 1, "warmup": 0, "iters": 1, "min_time": 0.0, "out": str(tmp_path)}
@@ -154,3 +154,35 @@ def test_detection_and_segmentation_bench_time_the_device_runtimes(tmp_path):
     result = run_segmentation_benchmark(seg, progress=False)
     assert not result["errors"] and all(r["openvino"]["median_ms"] > 0 for r in result["rows"])
     assert (tmp_path / "segment_results.md").exists() and not (tmp_path / "results.md").exists()
+
+
+def test_openvino_leaves_the_threads_signal_stack_as_it_was(tmp_path):
+    """OpenVINO installs an alternate signal stack on the calling thread and can free it while installed: a
+    later SIGCHLD (a finished subprocess, which PyTorch's data loader handles) then killed the whole process
+    with a segmentation fault. Every OpenVINO call of ours puts the thread's own stack back."""
+    import ctypes
+    import subprocess
+
+    _needs("openvino")
+    from mobileone.deploy import openvino
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    def current() -> tuple:
+        s = Stack()
+        ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s))
+        return s.ss_sp, s.ss_flags, s.ss_size
+
+    from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
+
+    _set_SIGCHLD_handler()  # what a DataLoader with workers leaves behind
+    before = current()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    openvino.export(model, tmp_path / "m.xml", x, {"task": "classify"}, "none", ["out"])
+    run = openvino.load(tmp_path / "m.xml", threads=1)
+    assert torch.allclose(run(x)[0], model(x), atol=1e-5)
+    assert current() == before
+    del run
+    assert subprocess.run(["true"]).returncode == 0  # the SIGCHLD is delivered on a valid stack

@@ -33,7 +33,7 @@ from mobileone.engine.schedules import (
     weight_decay_at,
 )
 from mobileone.tasks import resolve_config, train
-from mobileone.tasks.classification.task import build_classifier, distill_loss
+from mobileone.tasks.classify.task import build_classifier, distill_loss
 
 TINY = {"widths": [8, 16, 16, 16], "stem_width": 8, "blocks": [1, 1, 1, 1], "k": 2}
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,13 +20,13 @@ from ..bench.timing import time_calls
 from ..core.checkpoint import load_checkpoint
 from ..core.factory import create_model
 from ..deploy.common import ExportError
-from ..deploy.detection import NMS_FORMATS, export_detector
+from ..deploy.detect import NMS_FORMATS, export_detector
 from ..deploy.evaluate_onnx import image_folder
 from ..deploy.export import export_model, model_metadata
-from ..deploy.segmentation import export_segmenter
+from ..deploy.segment import export_segmenter
 from ..deploy.targets import TARGETS, load_export, missing
-from ..tasks.detection.model import create_detector, load_detector
-from ..tasks.segmentation.model import create_segmenter, load_segmenter
+from ..tasks.detect.model import create_detector, load_detector, qualified_name
+from ..tasks.segment.model import create_segmenter, load_segmenter
 
 
 def check_images(data: str, model: torch.nn.Module, img_size: int | None, num: int) -> torch.Tensor:
@@ -53,11 +53,11 @@ def detector(args: argparse.Namespace) -> torch.nn.Module:
         model = load_detector(args.checkpoint)
         if args.img_size and args.img_size != model.config.img_size:
             raise ValueError(
-                f"{args.checkpoint} was trained at {model.config.img_size} px and its default boxes are "
-                f"laid out for it; --img-size {args.img_size} cannot change that"
+                f"{args.checkpoint} was trained at {model.config.img_size} px and exports at that size; "
+                f"--img-size {args.img_size} cannot change that"
             )
         return model
-    name = args.variant if args.variant.startswith("ssdlite") else f"ssdlite_{args.variant}"
+    name = qualified_name(args.variant)
     torch.manual_seed(0)
     return create_detector(
         name, 80 if args.num_classes is None else args.num_classes, 320 if args.img_size is None else args.img_size

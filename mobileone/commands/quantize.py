@@ -18,7 +18,7 @@ from ..deploy.int8_check import quantize_checked
 from ..deploy.qat import qat_config, qat_data, run_qat
 from ..engine import TrainConfig
 from ..engine.rundir import OccupiedError, RunDir
-from .classification import quantize_study
+from .classify import quantize_study
 from .export import BUILDERS
 from .train import Terminated, sigterm_as_interrupt
 

@@ -21,7 +21,7 @@ def hits_strided_1x1_bug(x: Tensor, weight: Tensor, stride: int, padding: int) -
     kernel, on CPUs without AVX-512, channels_last input, few input channels) writes out of bounds:
     wrong gradients with 2 threads, heap corruption and aborts with 1 (docs/fast-train.md, section 6).
     Seen in torch 2.12.1, 2.13.0 and 2.15.0, the newest release when checked; reproduced by
-    ``benchmarks/torch_conv_bug.py``. Which shapes it hits depends on the CPU, so every strided
+    ``experiments/torch_conv_bug.py``. Which shapes it hits depends on the CPU, so every strided
     1x1 conv on CPU whose weight gradient is taken counts.
     """
     return (

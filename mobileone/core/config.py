@@ -78,7 +78,7 @@ class MobileOneConfig:
 # The paper's Table 7 (as Apple's code builds it): width multipliers of stages 1-4, k, SE blocks.
 # The micro variants of Table 13 were never published beyond their sizes; these configs are
 # reconstructions: S0's depth (2, 8, 10, 1) and k = 4, stage widths (multiples of 8, rising)
-# chosen by ``benchmarks/micro_search.py`` so that fused params and MACs at 224 px are each
+# chosen by ``experiments/micro_search.py`` so that fused params and MACs at 224 px are each
 # within 2 % of the paper's (docs/architecture.md has the search's table).
 VARIANTS: dict[str, MobileOneConfig] = {
     "mobileone_s0": MobileOneConfig.from_multipliers((0.75, 1.0, 1.0, 2.0), k=4),

@@ -349,7 +349,7 @@ def init_branches(
     With PyTorch's defaults (every BN scale 1, shift 0) a layer outputs the sum of up to k + 2
     unit-variance branches and the gradient grows layer by layer towards the input: at init, S0's
     stem gets relative gradients ~800x those of its last stage, and short runs under-fit
-    (``benchmarks/underfit.py``, README "Why S0 under-fits short runs"). Fusion is unaffected:
+    (``experiments/underfit.py``, README "Why S0 under-fits short runs"). Fusion is unaffected:
     this only chooses where training starts, so call it on a fresh model, before training.
 
     - ``"torch"``: leave the defaults (the paper's setting; Apple's checkpoints were trained so).

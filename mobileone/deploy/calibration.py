@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ..tasks.classification.data import ImageFilesDataset, eval_transform
+from ..tasks.classify.data import ImageFilesDataset, eval_transform
 
 MASK_FOLDERS = {"masks", "labels", "annotations", "SegmentationClass", "SegmentationObject"}
 

@@ -4,6 +4,8 @@ names, batching."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib
 import json
 import logging
@@ -199,6 +201,34 @@ def silenced_stdout() -> Iterator[None]:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def keeps_signal_stack(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` and put the calling thread's alternate signal stack back as it was.
+
+    OpenVINO's CPU plugin installs an alternate signal stack on the thread that compiles or runs a
+    model and can free it while it is still installed; the next signal delivered to a Python handler
+    on that thread (the SIGCHLD of a finished subprocess, which PyTorch's data loader listens to;
+    Ctrl-C) then kills the process with a segmentation fault. Linux only; elsewhere ``fn`` as is.
+    """
+    if not sys.platform.startswith("linux"):
+        return fn
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        saved = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(saved))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            libc.sigaltstack(ctypes.byref(saved), None)
+
+    return wrapper
 
 
 def require(module: str, extra: str = "export") -> Any:

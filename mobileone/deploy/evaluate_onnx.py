@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..tasks.classification.data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
-from ..tasks.classification.evaluate import topk_hits
+from ..tasks.classify.data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
+from ..tasks.classify.evaluate import topk_hits
 from .onnx import onnx_session, read_onnx_metadata, require_onnx_task
 
 

@@ -29,13 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from ..core.fusion import reparameterize_model
-from .common import ExportError, filtered_native_stderr, require, silenced_stdout, write_sidecar
-from .detection import RAW_OUTPUTS, RawDetector, detector_metadata, fused_detector
+from .common import ExportError, filtered_native_stderr, keeps_signal_stack, require, silenced_stdout, write_sidecar
+from .detect import RAW_OUTPUTS, RawDetector, detector_metadata, fused_detector
 from .executorch import metadata_constants, to_executorch
 from .export import fuse_for_export, model_metadata
 from .openvino import convert_module
 from .quantize import QuantSettings, quantize_onnx
-from .segmentation import SegmentationOutputs, segmentation_metadata
+from .segment import SegmentationOutputs, segmentation_metadata
 from .targets import write_export
 
 RUNTIMES = {
@@ -202,6 +202,7 @@ def _litert(graph: Graph, calibration: Tensor, out: Path, recipe: Recipe, meta: 
     return out
 
 
+@keeps_signal_stack
 def _openvino(graph: Graph, calibration: Tensor, out: Path, recipe: Recipe, meta: dict) -> Path:
     ov = require("openvino", "openvino")
     nncf = require("nncf", "openvino")

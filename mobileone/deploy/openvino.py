@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import Runner, package_version, require
+from .common import Runner, keeps_signal_stack, package_version, require
 
 SUFFIX, EXTRA, DYNAMIC = ".xml", "openvino", ("none", "batch", "size")
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
+@keeps_signal_stack
 def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: str, names: list[str]) -> None:
     """Convert ``model`` at ``example``'s shape (batch, or batch and size, dynamic when asked), float32 weights."""
     ov = require("openvino", EXTRA)
@@ -31,6 +32,7 @@ def export(model: nn.Module, out: Path, example: Tensor, meta: dict, dynamic: st
     ov.save_model(ir, str(out), compress_to_fp16=False)
 
 
+@keeps_signal_stack
 def convert_module(model: nn.Module, example: Tensor, dynamic: str, names: list[str]) -> Any:
     """The in-memory OpenVINO model of ``model``, its outputs named ``names``."""
     ov = require("openvino", EXTRA)
@@ -45,6 +47,7 @@ def convert_module(model: nn.Module, example: Tensor, dynamic: str, names: list[
     return ir
 
 
+@keeps_signal_stack
 def convert_onnx(onnx_path: Path, out: Path, meta: dict) -> None:
     """Convert an ONNX file (e.g. a detector with NMS in its graph) to IR with float32 weights."""
     ov = require("openvino", EXTRA)
@@ -53,12 +56,14 @@ def convert_onnx(onnx_path: Path, out: Path, meta: dict) -> None:
     ov.save_model(ir, str(out), compress_to_fp16=False)
 
 
+@keeps_signal_stack
 def read_metadata(path: str | Path) -> dict[str, Any]:
     ov = require("openvino", EXTRA)
     model = ov.Core().read_model(str(path))
     return json.loads(model.get_rt_info(["mobileone", "metadata"]).astype(str))
 
 
+@keeps_signal_stack
 def load(path: str | Path, threads: int | None = None, precision: str = "fp32") -> Runner:
     """A runner of the IR on OpenVINO's CPU plugin, in ``precision`` math (float32 by default), latency mode."""
     ov = require("openvino", EXTRA)
@@ -68,6 +73,7 @@ def load(path: str | Path, threads: int | None = None, precision: str = "fp32") 
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
+    @keeps_signal_stack
     def run(x: Tensor) -> list[Tensor]:
         result = request.infer([x.numpy()])
         return [torch.from_numpy(result[o].copy()) for o in compiled.outputs]

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from ..tasks.classification.data import load_image
-from ..tasks.classification.predict import image_files, preprocessing, top_k
-from ..tasks.detection.model import DetectorConfig, postprocess
+from ..tasks.classify.data import load_image
+from ..tasks.classify.predict import image_files, preprocessing, top_k
+from ..tasks.detect.model import DetectorConfig, postprocess
 from .onnx import onnx_session, require_onnx_task
 
 

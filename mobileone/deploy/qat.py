@@ -18,6 +18,7 @@ small learning rate (:data:`QAT_DEFAULTS`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -36,10 +37,10 @@ from ..engine import Task, TaskData, TrainConfig, fit, resolve_config
 from ..engine.distributed import Env
 from ..engine.task import DataError
 from ..tasks import get_task
-from ..tasks.classification.data import builtin_dataset
-from ..tasks.detection.builtin import digit_scenes
-from ..tasks.segmentation.builtin import builtin_scenes
-from ..tasks.segmentation.task import BUILTIN_SCENE_SIZE, segmentation_loss
+from ..tasks.classify.data import builtin_dataset
+from ..tasks.detect.builtin import digit_scenes
+from ..tasks.segment.builtin import builtin_scenes
+from ..tasks.segment.task import BUILTIN_SCENE_SIZE, segmentation_loss
 from .calibration import calibration_batch
 from .common import require
 from .int8 import Graph, task_graph
@@ -59,8 +60,8 @@ QAT_DEFAULTS: dict[str, Any] = {
 }
 # Options of the run that wrote the checkpoint (its config.json beside it) that QAT keeps unless given: its
 # data (None: the built-in data, with its lighter augmentation), the augmentation the model was trained with
-# (no flips for digits), its label smoothing, its data layout.
-INHERITED = ("data", "hflip", "crop_scale", "augment", "magnitude", "label_smoothing", "data_format")
+# (no flips for digits, detection's mosaic), its label smoothing, its data layout, its head.
+INHERITED = ("data", "hflip", "crop_scale", "augment", "magnitude", "mosaic", "label_smoothing", "data_format", "head")
 BUILTIN_DATA: dict[str, Callable[[], Path]] = {
     "classify": builtin_dataset,
     "detect": digit_scenes,
@@ -135,7 +136,7 @@ class GraphDetector(nn.Module):
         return self.detector.config
 
     def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.detector.decode(*self.graph(x))
+        return self.detector.decode(*self.graph(x), (int(x.shape[-2]), int(x.shape[-1])))
 
     def postprocess(self, boxes: Tensor, scores: Tensor) -> list[dict[str, Tensor]]:
         return self.detector.postprocess(boxes, scores)
@@ -290,6 +291,11 @@ class DetectionQAT(QATTask):
         super().__init__(base)
         self.detector: nn.Module | None = None  # the float detector on the run's device: anchors, matcher, loss
 
+    def load_data(self, cfg: TrainConfig, env: Env) -> TaskData:
+        # An epoch of QAT is one pass over the data: a capped epoch (steps_per_epoch) is the detect task's way
+        # out of its floor of steps, which is there for training from scratch.
+        return self.base.load_data(cfg if cfg.steps_per_epoch else dataclasses.replace(cfg, steps_per_epoch=1), env)
+
     def captured(self, graph: Graph) -> nn.Module:
         return HeadOutputs(graph.module.detector)
 
@@ -300,7 +306,7 @@ class DetectionQAT(QATTask):
         self.detector = copy.deepcopy(self.template.detector).to(env.device).eval()
 
     def task_loss(self, net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]], cfg: TrainConfig) -> Tensor:
-        losses = self.detector.compute_loss(*net(images), targets)
+        losses = self.detector.compute_loss(*net(images), targets, (int(images.shape[-2]), int(images.shape[-1])))
         return losses["bbox_regression"] + losses["classification"]
 
     def evaluable(self, graph: nn.Module) -> nn.Module:

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.task import require_finite
-from ..tasks.detection.model import DetectorConfig, postprocess
-from ..tasks.detection.task import detection_metrics, val_loader
-from ..tasks.segmentation.data import SegmentationDataset, eval_transform, load_splits
-from ..tasks.segmentation.evaluate import class_lut
-from ..tasks.segmentation.metrics import confusion_matrix, segmentation_scores
+from ..tasks.detect.augment import to_image_pixels
+from ..tasks.detect.evaluate import detection_metrics, val_loader
+from ..tasks.detect.model import DetectorConfig, postprocess
+from ..tasks.segment.data import SegmentationDataset, eval_transform, load_splits
+from ..tasks.segment.evaluate import class_lut
+from ..tasks.segment.metrics import confusion_matrix, segmentation_scores
 from .common import ExportError, Runner
 from .evaluate_onnx import image_folder
 from .targets import format_of, load_export, read_metadata, run_export
@@ -71,9 +72,8 @@ def _map50(format: str, runner: Runner, meta: dict, data: Any) -> tuple[float, i
             continue
         boxes, scores = _outputs(format, runner, x)[:2]
         det, t = postprocess(boxes, scores, config)[0], targets[0]
-        h, w = t["size"]
-        scale = torch.tensor([w / config.img_size, h / config.img_size] * 2)
-        results.append((t["index"], det["boxes"].float() * scale, det["scores"].float(), det["labels"]))
+        pixels = to_image_pixels(det["boxes"].float(), t["size"], config.img_size)
+        results.append((t["index"], pixels, det["scores"].float(), det["labels"]))
         seen.append(t["index"])
     if not seen:
         raise ExportError(f"no validation image of {ds.source} could be read")

@@ -36,7 +36,7 @@ CHOICES = {
     "data_format": ("auto", "coco", "voc", "yolo", "masks"),
     "augment": ("none", "randaugment", "autoaugment"),
     "init": ("torch", "unit-sum", "identity"),
-    "head": ("deeplabv3", "lraspp"),
+    "head": ("tal", "ssdlite", "deeplabv3", "lraspp"),
     "device": ("auto", "cuda", "cpu"),
     "amp": ("auto", "none", "bf16", "fp16"),
 }
@@ -57,7 +57,7 @@ def option(
 
 
 # Values a recipe sets unless the user sets them. "short" is the default: it is what most users
-# run (a few epochs on a few thousand images) and what benchmarks/underfit.py tuned.
+# run (a few epochs on a few thousand images) and what experiments/underfit.py tuned.
 RECIPES: dict[str, dict[str, Any]] = {
     "imagenet": {"epochs": 300, "batch_size": 256, "warmup_epochs": 5.0, "init": "torch", "img_size": 224},
     "short": {"epochs": 10, "warmup_epochs": 1.0, "init": "identity"},
@@ -75,7 +75,7 @@ class TrainConfig:
 
     # --- data and model
     task: str = option(
-        "classify", "data", "classify, detect (SSDLite) or segment (DeepLabV3, LR-ASPP)", choices=CHOICES["task"]
+        "classify", "data", "classify, detect (tal, SSDLite) or segment (DeepLabV3, LR-ASPP)", choices=CHOICES["task"]
     )
     data: str | None = option(
         None,
@@ -148,19 +148,28 @@ class TrainConfig:
     hflip: float = option(0.5, "augmentation", "horizontal flip probability", UNIT)
     augment: str = option("none", "augmentation", "strength rises with the image size", choices=CHOICES["augment"])
     magnitude: float = option(7.0, "augmentation", "RandAugment magnitude at full strength", Range(0.0, 30.0))
+    # --- detection and segmentation: the head (None: the task's default)
+    head: str | None = option(
+        None,
+        "data",
+        "detect: tal (default) or ssdlite; segment: deeplabv3 (default) or lraspp",
+        choices=CHOICES["head"],
+    )
     # --- detection
-    anchor_min_ratio: float = option(
-        0.2,
+    mosaic: float = option(0.5, "detection", "share of training samples tiled from four images", UNIT)
+    anchor_min_ratio: float | None = option(
+        None,
         "detection",
-        "smallest default box / image size (SSD's s_min)",
+        "ssdlite: smallest default box / image size (SSD's s_min); default: fitted to the training boxes",
         Range(0.0, 1.0, low_open=True, high_open=True),
     )
-    anchor_max_ratio: float = option(0.95, "detection", "largest default box / image size", FRACTION)
+    anchor_max_ratio: float | None = option(
+        None, "detection", "ssdlite: largest default box / image size; default: fitted", FRACTION
+    )
     score_thresh: float = option(0.001, "detection", "lowest score kept for evaluation", BELOW_ONE)
     nms_thresh: float = option(0.55, "detection", "IoU of per-class NMS", FRACTION)
     max_detections: int = option(300, "detection", "detections kept per image", MAX_DETECTIONS)
     # --- segmentation
-    head: str = option("deeplabv3", "segmentation", "segmentation head", choices=CHOICES["head"])
     output_stride: int = option(16, "segmentation", "backbone output stride (8 or 16)", Range(8, 16, integer=True))
     aux_weight: float = option(
         0.4, "segmentation", "auxiliary FCN loss weight (deeplabv3); 0: no aux head", Range(0.0, 10.0)
@@ -209,7 +218,8 @@ class TrainConfig:
             raise ValueError(
                 f"crop_scale must be two numbers 0 < min <= max <= 1 (area fractions), got {self.crop_scale}"
             )
-        if self.anchor_min_ratio >= self.anchor_max_ratio:
+        low, high = self.anchor_min_ratio or 0.0, self.anchor_max_ratio or 1.0
+        if low >= high:
             raise ValueError(
                 f"anchor_min_ratio ({self.anchor_min_ratio}) must be below anchor_max_ratio ({self.anchor_max_ratio})"
             )

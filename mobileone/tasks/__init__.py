@@ -11,11 +11,11 @@ from typing import Any
 from ..engine import Task, TrainConfig, fit
 from ..engine import resolve_config as _resolve
 from ..engine.config import run_task
-from .classification.task import ClassificationTask
-from .detection.task import DetectionTask
-from .segmentation.task import SegmentationTask
+from .classify.task import ClassifyTask
+from .detect.task import DetectTask
+from .segment.task import SegmentTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask, "segment": SegmentationTask}
+TASKS: dict[str, type[Task]] = {"classify": ClassifyTask, "detect": DetectTask, "segment": SegmentTask}
 
 
 def get_task(name: str) -> Task:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.task import DataError
-from .segmentation.model import IGNORE_INDEX
+from .segment.model import IGNORE_INDEX
 
 
 def read_text(path: str | Path) -> str:

@@ -1,0 +1,90 @@
+"""An epoch of ``mobileone train`` alone and beside one competing CPU-bound process, today's settings against the
+spinning ones the command used before (OpenMP's default wait policy, one loader process beside a thread per core).
+
+Each run is a fresh ``mobileone train --epochs 1`` on the built-in digits with the command's own defaults
+(S0, 32 px, batch 64); its time is the epoch's ``epoch_seconds`` (training, evaluation, checkpoints) from
+``metrics.jsonl``. The competitor is a pure-Python busy loop, one core. Rounds alternate the settings, so a
+machine whose load drifts affects them alike; medians are reported. The target (issue 22): beside the
+competitor at most 1.5x the time alone, and alone at most 5 % slower than the spinning settings.
+
+    python experiments/busy_machine.py --rounds 3
+
+Run it on an otherwise quiet machine; the competitor is the only load it means to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# name: (extra train flags, extra environment). "spinning" is what the command did before: OpenMP's default
+# wait policy (GOMP_SPINCOUNT 300000, libgomp's default, which the command leaves alone) and one loader
+# process beside as many compute threads as cores.
+SETTINGS = {
+    "defaults": ([], {}),
+    "spinning": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {"GOMP_SPINCOUNT": "300000"}),
+}
+
+
+def epoch_seconds(flags: list[str], env: dict[str, str], competitor: bool) -> float:
+    """One fresh ``mobileone train --epochs 1`` run; its epoch time (beside a busy loop if ``competitor``)."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competitor else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "mobileone", "train", "--epochs", "1", "--out", f"{tmp}/run", "--no-progress"]
+            clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            run_env = {**clean, "PYTHONPATH": str(ROOT), **env}
+            subprocess.run([*cmd, *flags], env=run_env, check=True, capture_output=True, text=True)
+            return json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch_seconds"]
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each setting, alternated (default 3)")
+    parser.add_argument("--json", help="also write the times here")
+    args = parser.parse_args()
+    subprocess.run(
+        [sys.executable, "-c", "from mobileone.tasks.classify.data import builtin_dataset as b; b()"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )  # the digits, written once
+    times: dict[tuple[str, bool], list[float]] = {}
+    for r in range(args.rounds):
+        for name, (flags, env) in SETTINGS.items():
+            for competitor in (False, True):
+                t = epoch_seconds(flags, env, competitor)
+                times.setdefault((name, competitor), []).append(t)
+                print(
+                    f"round {r + 1}: {name:9s} {'beside a busy process' if competitor else 'alone':22s} {t:6.1f} s",
+                    flush=True,
+                )
+    median = {k: statistics.median(v) for k, v in times.items()}
+    print("\n| settings | alone (s) | beside a busy process (s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for name in SETTINGS:
+        alone, busy = median[name, False], median[name, True]
+        print(f"| {name} | {alone:.1f} | {busy:.1f} | {busy / alone:.2f}x |")
+    change = median["defaults", False] / median["spinning", False] - 1
+    print(
+        f"\ndefaults alone against the spinning settings alone: {100 * change:+.1f} % "
+        f"(target <= +5 %); beside a busy process: {median['defaults', True] / median['defaults', False]:.2f}x "
+        "its time alone (target <= 1.5x)"
+    )
+    if args.json:
+        rows = [{"settings": n, "competitor": c, "seconds": v} for (n, c), v in times.items()]
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
