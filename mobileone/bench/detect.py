@@ -11,7 +11,6 @@ threshold, the worst case for NMS; a trained detector keeps far fewer candidates
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from ..deploy.onnx import onnx_session, to_onnx
 from ..deploy.onnx_nms import add_nms
 from ..deploy.targets import TARGETS, load_export
 from ..tasks.detect.model import Detector, create_detector, load_detector
+from .report import save_result
 from .timing import alternate_rounds, cpu_name
 
 DEFAULT_MODELS = ("tal_s0", "tal_mnv3", "ssdlite_s0", "ssdlite_mnv3")
@@ -168,10 +168,7 @@ def detection_benchmark(cfg: DetectionBenchConfig) -> dict[str, Any]:
         "max_round_spread": spread,
         "rows": rows,
     }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detect_results.json").write_text(json.dumps(result, indent=2))
-    (out / "detect_results.md").write_text(results_markdown(result))
+    save_result(cfg.out, "detect_results", result, results_markdown(result))
     return result
 
 

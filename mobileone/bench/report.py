@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import PAPER
+from ..core.files import write_text
 from ..deploy.common import require
 from .timing import STABLE_ROUNDS, WIDE_SPREAD
 
@@ -178,11 +179,18 @@ def plot_latency_vs_top1(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def save_result(out: str | Path, stem: str, result: dict[str, Any], markdown: str) -> Path:
+    """``stem.json`` and ``stem.md`` in ``out``, each written atomically: every benchmark's result files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{stem}.json", json.dumps(result, indent=2, default=str))
+    write_text(out / f"{stem}.md", markdown)
+    return out
+
+
 def write_results(result: dict[str, Any], out: Path) -> None:
     """results.md, results.csv, results.json and latency_vs_macs.png in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(results_markdown(result))
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    save_result(out, "results", result, results_markdown(result))
     fields = [
         "model",
         "family",

@@ -11,7 +11,6 @@ at a fixed thread count (``bench.timing``).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 from ..core.complexity import count_macs, count_params
 from ..deploy.segment import SegmentationOutputs
 from ..tasks.segment.model import MNV3, create_segmenter, parse_segmenter_name
+from .report import save_result
 from .timing import RUNTIMES, cpu_name, time_model
 
 DEFAULT_MODELS = ("deeplabv3_s0", "lraspp_s0", "deeplabv3_mnv3", "lraspp_mnv3")
@@ -111,10 +111,7 @@ def run_segmentation_benchmark(cfg: SegmentationBenchConfig, progress: bool = Tr
         "torch": torch.__version__,
     }
     if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "segment_results.json").write_text(json.dumps(result, indent=2))
-        (out / "segment_results.md").write_text(segmentation_markdown(result))
+        save_result(cfg.out, "segment_results", result, segmentation_markdown(result))
     return result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,54 +93,43 @@ def _time_net(
             return latency_stats(time_calls(fn, warmup, iters, min_time))
 
 
-def _study(
+def _activation_nets(s: MicroStudy) -> dict[str, Callable[[], nn.Module]]:
+    """The 30-layer net with each activation (the paper's Table 2); the first, ReLU, is the reference."""
+    return {name: (lambda name=name: ConvNet30(name, s.depth, s.width)) for name in ACTIVATIONS}
+
+
+def _skip_se_nets(s: MicroStudy) -> dict[str, Callable[[], nn.Module]]:
+    """The 30-layer ReLU net plain, with a skip connection per layer, with SE per layer, with both."""
+    variants = {"plain": (False, False), "+ skip": (True, False), "+ SE": (False, True), "+ skip + SE": (True, True)}
+    return {
+        name: (lambda skip=skip, se=se: ConvNet30("ReLU", s.depth, s.width, skip=skip, se=se))
+        for name, (skip, se) in variants.items()
+    }
+
+
+STUDIES = {"activation": _activation_nets, "skip/SE": _skip_se_nets}
+
+
+def run_study(
     title: str,
-    nets: dict[str, Callable[[], nn.Module]],
-    runtime: str,
-    threads: int,
-    study: MicroStudy,
-    warmup: int,
-    iters: int,
-    min_time: float,
+    runtime: str = "eager",
+    threads: int = 2,
+    study: MicroStudy | None = None,
+    warmup: int = 10,
+    iters: int = 30,
+    min_time: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Time each net of a study; ``relative`` is its median over the first net's."""
+    """Time each net of the study ``title`` (one of :data:`STUDIES`); ``relative`` is its median over the first's."""
+    s = study or MicroStudy()
     rows = []
-    for name, make in nets.items():
+    for name, make in STUDIES[title](s).items():
         torch.manual_seed(0)
-        stats = _time_net(make(), study, runtime, threads, warmup, iters, min_time)
+        stats = _time_net(make(), s, runtime, threads, warmup, iters, min_time)
         rows.append({"study": title, "variant": name, "runtime": runtime, **stats})
     for r in rows:
         r["relative"] = r["median_ms"] / rows[0]["median_ms"]
     return rows
 
 
-def activation_study(
-    runtime: str = "eager",
-    threads: int = 2,
-    study: MicroStudy | None = None,
-    warmup: int = 10,
-    iters: int = 30,
-    min_time: float = 1.0,
-) -> list[dict[str, Any]]:
-    """Latency of the 30-layer net with each activation (the paper's Table 2), relative to ReLU."""
-    s = study or MicroStudy()
-    nets = {name: (lambda name=name: ConvNet30(name, s.depth, s.width)) for name in ACTIVATIONS}
-    return _study("activation", nets, runtime, threads, s, warmup, iters, min_time)
-
-
-def skip_se_study(
-    runtime: str = "eager",
-    threads: int = 2,
-    study: MicroStudy | None = None,
-    warmup: int = 10,
-    iters: int = 30,
-    min_time: float = 1.0,
-) -> list[dict[str, Any]]:
-    """Latency of the 30-layer ReLU net plain, with a skip connection per layer, with SE per layer, with both."""
-    s = study or MicroStudy()
-    variants = {"plain": (False, False), "+ skip": (True, False), "+ SE": (False, True), "+ skip + SE": (True, True)}
-    nets = {
-        name: (lambda skip=skip, se=se: ConvNet30("ReLU", s.depth, s.width, skip=skip, se=se))
-        for name, (skip, se) in variants.items()
-    }
-    return _study("skip/SE", nets, runtime, threads, s, warmup, iters, min_time)
+activation_study = partial(run_study, "activation")  # latency of each activation relative to ReLU (Table 2)
+skip_se_study = partial(run_study, "skip/SE")  # the cost of skip connections and SE blocks

@@ -8,7 +8,6 @@ agreement, export, time; a whole cycle from training to a deployable file in abo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..tasks.classify.data import ImageFolderDataset, builtin_dataset, eval_tran
 from ..tasks.classify.evaluate import confusion_text, evaluate_checkpoint, plot_confusion
 from ..tasks.classify.predict import predict as predict_images
 from . import write_json
+from .report import config_from_args, report_predictions
 
 DEMO_EPOCHS, DEMO_IMG_SIZE = 6, 32
 
@@ -116,15 +116,9 @@ def predict(args: argparse.Namespace) -> int:
             results += predict_onnx(args.onnx, source, args.topk, args.threads)
         else:
             results += predict_images(args.checkpoint, source, args.topk)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            if "error" in r:
-                print(f"{r['image']}: {r['error']}")
-            else:
-                print(f"{r['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f} %" for t in r["top"]))
-    return 1 if any("error" in r for r in results) else 0
+    return report_predictions(
+        args, results, lambda r: ", ".join(f"{t['class']} {100 * t['probability']:.1f} %" for t in r["top"])
+    )
 
 
 def quantize_study(args: argparse.Namespace) -> int:
@@ -151,17 +145,13 @@ def quantize_study(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """``mobileone bench``: latency per runtime of MobileOne and its peers, with the paper's analyses."""
-    cfg = BenchConfig(
+    cfg = config_from_args(
+        BenchConfig,
+        args,
         models=args.models.split(","),
         runtimes=args.runtimes.split(","),
         batch_sizes=list(args.batch_sizes),
         img_size=224 if args.img_size is None else args.img_size,
-        threads=args.threads,
-        out=args.out,
-        warmup=args.warmup,
-        iters=args.iters,
-        min_time=args.min_time,
-        rounds=args.rounds,
         precisions=args.precisions.split(","),
         studies=not args.no_studies,
     )

@@ -9,16 +9,15 @@ in onnxruntime, and latency unfused against fused.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..bench.detect import DEFAULT_MODELS, DetectionBenchConfig, alternate_medians, detection_benchmark
-from ..core.files import write_json_result
 from ..core.fusion import reparameterize_model
 from ..deploy.common import ExportError
 from ..deploy.detect import compare_detections, evaluate_onnx_detector, export_detector
@@ -31,6 +30,7 @@ from ..tasks.detect.model import build_detector, load_detector, qualified_name
 from ..tasks.detect.predict import coco_records, predict_detections
 from . import write_json
 from .info import report
+from .report import config_from_args, report_predictions
 
 DEMO_EPOCHS, DEMO_IMG_SIZE = 3, 96
 
@@ -73,16 +73,9 @@ def bench(args: argparse.Namespace) -> int:
     """``mobileone bench --task detect``: SSDLite on MobileOne against the MobileNetV3 peer, fused or not, +/- NMS."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [m.strip() for m in args.models.split(",")]
     models = [qualified_name(m) for m in models]
-    cfg = DetectionBenchConfig(
-        models=models,
-        runtimes=args.runtimes.split(","),
-        img_size=320 if args.img_size is None else args.img_size,
-        threads=args.threads,
-        warmup=args.warmup,
-        iters=args.iters,
-        min_time=args.min_time,
-        out=args.out,
-    )
+    runtimes = args.runtimes.split(",")
+    size = 320 if args.img_size is None else args.img_size
+    cfg = config_from_args(DetectionBenchConfig, args, models=models, runtimes=runtimes, img_size=size)
     detection_benchmark(cfg)
     print((Path(args.out) / "detect_results.md").read_text())
     print(f"written: {args.out}/detect_results.md, detect_results.json")
@@ -110,18 +103,13 @@ def predict(args: argparse.Namespace) -> int:
     model = OnnxModel(args.onnx, "detect", args.threads) if args.onnx else load_detector(args.checkpoint)
     out = Path(args.out or "predictions")
     results = [r for source in args.images for r in predict_detections(model, source, out, args.min_score)]
-    write_json_result(out / "predictions.json", {"images": results, "coco": coco_records(results)}, "predict")
-    if args.json:
-        print(json.dumps(results, indent=2))
-    for r in results if not args.json else []:
-        if "error" in r:
-            print(f"{r['image']}: {r['error']}")
-            continue
+
+    def describe(r: dict[str, Any]) -> str:
         kept = [d for d in r["detections"] if d["score"] >= args.min_score]
         shown = ", ".join(f"{d['class']} {d['score']:.2f}" for d in kept[:10]) or "nothing"
-        print(f"{r['image']}: {shown} (scores >= {args.min_score}) -> {r['picture']}")
-    print(f"written: {out}/predictions.json (every detection; COCO's result format under 'coco')", file=sys.stderr)
-    return 1 if any("error" in r for r in results) else 0
+        return f"{shown} (scores >= {args.min_score}) -> {r['picture']}"
+
+    return report_predictions(args, results, describe, {"coco": coco_records(results)})
 
 
 def demo(args: argparse.Namespace) -> int:

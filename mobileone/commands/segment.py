@@ -10,17 +10,16 @@ latency unfused against fused, in about 3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..bench.segment import DEFAULT_MODELS, SegmentationBenchConfig, run_segmentation_benchmark
 from ..bench.timing import time_model
-from ..core.files import write_json_result
 from ..core.fusion import reparameterize_model
 from ..deploy.common import ExportError
 from ..deploy.predict_onnx import OnnxModel
@@ -35,6 +34,7 @@ from ..tasks.segment.task import BUILTIN_SCENE_SIZE
 from . import write_json
 from .export import segmenter_name
 from .info import report
+from .report import config_from_args, report_predictions
 
 DEMO_MODEL, DEMO_EPOCHS, DEMO_IMG_SIZE = "lraspp", 8, 64
 
@@ -80,17 +80,14 @@ def evaluate(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """``mobileone bench --task segment``: DeepLabV3 / LR-ASPP latency against the MobileNetV3 peers."""
     models = list(DEFAULT_MODELS) if args.models == "default" else [segmenter_name(m) for m in args.models.split(",")]
-    cfg = SegmentationBenchConfig(
+    cfg = config_from_args(
+        SegmentationBenchConfig,
+        args,
         models=models,
         output_strides=list(args.output_strides),
         runtimes=args.runtimes.split(","),
         img_size=512 if args.img_size is None else args.img_size,
         batch=min(args.batch_sizes),
-        threads=args.threads,
-        warmup=args.warmup,
-        iters=args.iters,
-        min_time=args.min_time,
-        out=args.out,
     )
     result = run_segmentation_benchmark(cfg)
     print((Path(args.out) / "segment_results.md").read_text())
@@ -118,16 +115,12 @@ def predict(args: argparse.Namespace) -> int:
     model = OnnxModel(args.onnx, "segment", args.threads) if args.onnx else load_segmenter(args.checkpoint)
     out = Path(args.out or "predictions")
     results = [r for source in args.images for r in predict_masks(model, source, out)]
-    write_json_result(out / "predictions.json", {"images": results}, "predict")
-    if args.json:
-        print(json.dumps(results, indent=2))
-    for r in results if not args.json else []:
-        if "error" in r:
-            print(f"{r['image']}: {r['error']}")
-            continue
+
+    def describe(r: dict[str, Any]) -> str:
         top = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
-        print(f"{r['image']}: " + ", ".join(f"{k} {v:.1f} %" for k, v in top) + f" -> {r['mask']}, {r['overlay']}")
-    return 1 if any("error" in r for r in results) else 0
+        return ", ".join(f"{k} {v:.1f} %" for k, v in top) + f" -> {r['mask']}, {r['overlay']}"
+
+    return report_predictions(args, results, describe, {})
 
 
 def demo(args: argparse.Namespace) -> int:

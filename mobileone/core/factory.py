@@ -15,7 +15,7 @@ from .checkpoint import load_checkpoint
 from .config import VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from .config import register_variant as _register_config
 from .model import MobileOne
-from .registry import ModelEntry, register, register_model
+from .registry import ModelEntry, documented_builders, register
 
 _MODEL_OPTIONS = ("in_chans", "features_only", "out_indices", "drop_rate")
 _REFUSED = {
@@ -82,111 +82,34 @@ def create_model(
     return model
 
 
-@register_model("classify", backbone="mobileone_s0")
-def mobileone_s0(**kwargs: Any) -> MobileOne:
-    """MobileOne-S0 (paper Table 7): k = 4 branches, 2.1 M params and 275 M MACs once fused.
-
-    Args:
-        **kwargs: as for :func:`create_model` (``num_classes``, ``inference_mode``, ``checkpoint``, ...).
-
-    Example:
-        >>> model = mobileone_s0(num_classes=10)
-    """
-    return create_model("mobileone_s0", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_s1")
-def mobileone_s1(**kwargs: Any) -> MobileOne:
-    """MobileOne-S1 (paper Table 7): k = 1, 4.8 M params and 825 M MACs once fused.
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_s1(num_classes=10)
-    """
-    return create_model("mobileone_s1", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_s2")
-def mobileone_s2(**kwargs: Any) -> MobileOne:
-    """MobileOne-S2 (paper Table 7): k = 1, 7.8 M params and 1,298 M MACs once fused.
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_s2(num_classes=10)
-    """
-    return create_model("mobileone_s2", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_s3")
-def mobileone_s3(**kwargs: Any) -> MobileOne:
-    """MobileOne-S3 (paper Table 7): k = 1, 10.1 M params and 1,896 M MACs once fused.
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_s3(num_classes=10)
-    """
-    return create_model("mobileone_s3", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_s4")
-def mobileone_s4(**kwargs: Any) -> MobileOne:
-    """MobileOne-S4 (paper Table 7): k = 1, SE in the last 6 blocks, 14.8 M params and 2,979 M MACs once fused.
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_s4(num_classes=10)
-    """
-    return create_model("mobileone_s4", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_mu0")
-def mobileone_mu0(**kwargs: Any) -> MobileOne:
-    """MobileOne-mu0 (paper Table 13, reconstructed): 0.56 M params and 69 M MACs once fused (paper 0.57 M / 68 M).
-
-    The paper never published the micro variants' widths; this config matches their sizes
-    (docs/architecture.md, "Micro variants").
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_mu0(num_classes=10)
-    """
-    return create_model("mobileone_mu0", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_mu1")
-def mobileone_mu1(**kwargs: Any) -> MobileOne:
-    """MobileOne-mu1 (paper Table 13, reconstructed): 0.98 M params and 141 M MACs once fused (paper 0.98 M / 139 M).
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_mu1(num_classes=10)
-    """
-    return create_model("mobileone_mu1", **kwargs)
-
-
-@register_model("classify", backbone="mobileone_mu2")
-def mobileone_mu2(**kwargs: Any) -> MobileOne:
-    """MobileOne-mu2 (paper Table 13, reconstructed): 1.31 M params and 214 M MACs once fused (paper 1.3 M / 214 M).
-
-    Args:
-        **kwargs: as for :func:`create_model`.
-
-    Example:
-        >>> model = mobileone_mu2(num_classes=10)
-    """
-    return create_model("mobileone_mu2", **kwargs)
+# One documented, registered builder per variant: name -> what it is.
+PAPER_MODELS = {
+    "mobileone_s0": "MobileOne-S0 (paper Table 7): k = 4 branches, 2.1 M params and 275 M MACs once fused.",
+    "mobileone_s1": "MobileOne-S1 (paper Table 7): k = 1, 4.8 M params and 825 M MACs once fused.",
+    "mobileone_s2": "MobileOne-S2 (paper Table 7): k = 1, 7.8 M params and 1,298 M MACs once fused.",
+    "mobileone_s3": "MobileOne-S3 (paper Table 7): k = 1, 10.1 M params and 1,896 M MACs once fused.",
+    "mobileone_s4": (
+        "MobileOne-S4 (paper Table 7): k = 1, SE in the last 6 blocks, 14.8 M params and 2,979 M MACs once fused."
+    ),
+}
+MICRO_MODELS = {
+    "mobileone_mu0": (
+        "MobileOne-mu0 (paper Table 13, reconstructed): 0.56 M params and 69 M MACs once fused (paper 0.57 M / 68 M)."
+    ),
+    "mobileone_mu1": (
+        "MobileOne-mu1 (paper Table 13, reconstructed): 0.98 M params and 141 M MACs once fused (paper 0.98 M / 139 M)."
+    ),
+    "mobileone_mu2": (
+        "MobileOne-mu2 (paper Table 13, reconstructed): 1.31 M params and 214 M MACs once fused (paper 1.3 M / 214 M)."
+    ),
+}
+_ARGS = "**kwargs: as for create_model (num_classes, inference_mode, checkpoint, config overrides, ...)"
+mobileone_s0, mobileone_s1, mobileone_s2, mobileone_s3, mobileone_s4 = documented_builders(
+    "classify", create_model, PAPER_MODELS, _ARGS, "num_classes=10"
+)
+mobileone_mu0, mobileone_mu1, mobileone_mu2 = documented_builders(
+    "classify", create_model, MICRO_MODELS, _ARGS, "num_classes=10"
+)
 
 
 def register_variant(name: str, config: MobileOneConfig) -> str:

@@ -114,3 +114,30 @@ def find_by_parts(task: str, backbone: str, head: str | None = None) -> ModelEnt
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with its builder's keyword arguments."""
     return find_model(name).builder(**kwargs)
+
+
+def documented_builders(
+    task: str, build: Callable[..., nn.Module], summaries: dict[str, str], args: str, example: str
+) -> tuple[Callable[..., nn.Module], ...]:
+    """One documented, registered builder function per entry of ``summaries`` (name -> what the model is).
+
+    As torchvision's and timm's one function per model, without writing the same function twenty times:
+    ``name(*args, **kwargs)`` is ``build(name, *args, **kwargs)``; its docstring is the summary, ``args`` (the
+    Args section) and an example calling it with ``example``. A name ``head_s0`` has head ``head`` and
+    backbone ``mobileone_s0`` (``head_mnv3``: the peer); a classifier's name is its backbone.
+    """
+
+    def make(name: str, summary: str) -> Callable[..., nn.Module]:
+        def builder(*call_args: Any, **kwargs: Any) -> nn.Module:
+            return build(name, *call_args, **kwargs)
+
+        head, _, tail = name.partition("_")
+        head_name, backbone = (
+            (None, name) if task == "classify" else (head, PEER if tail == PEER else f"mobileone_{tail}")
+        )
+        builder.__name__ = builder.__qualname__ = name
+        builder.__doc__ = f"{summary}\n\nArgs:\n    {args}\n\nExample:\n    >>> model = {name}({example})\n"
+        register(ModelEntry(name, task, backbone, builder, head_name))
+        return builder
+
+    return tuple(make(name, summary) for name, summary in summaries.items())

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from ..tasks.classify.data import load_image
-from ..tasks.classify.predict import image_files, preprocessing, top_k
+from ..tasks.classify.predict import preprocessing, top_k
 from ..tasks.detect.model import DetectorConfig, postprocess
+from ..tasks.images import image_files
 from .onnx import onnx_session, require_onnx_task
 
 

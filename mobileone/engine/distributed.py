@@ -13,12 +13,13 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
+T = TypeVar("T")
 log = logging.getLogger("mobileone")
 
 if TYPE_CHECKING:
@@ -45,10 +46,20 @@ class Env:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
 
 
+def pick_device(device: str = "auto") -> torch.device:
+    """``cuda`` when asked for or (``auto``) when there is one, else the CPU."""
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def eval_loader(ds: Dataset, batch_size: int, workers: int, collate: Callable, device: torch.device) -> DataLoader:
+    """The loader of an evaluation outside training (``mobileone eval``): in order, pinned memory on a GPU."""
+    return DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+
+
 def setup_env(cfg: TrainConfig) -> Env:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); pick device, AMP and threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(cfg.device).type == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
     torch.set_num_threads(cpu_plan(cfg.workers, cfg.threads, world, use_cuda)[1])
@@ -111,6 +122,24 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         epoch = self.epoch
         return ((epoch, i) for i in super().__iter__())
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation, a pure function of its key (see :class:`EpochSampler`)."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+def seeded(seed: int, epoch: int, index: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with torch's RNG seeded from (run seed, epoch, index): a sample's augmentation is a pure
+    function of its key (see :class:`EpochSampler`), whatever the worker, the process count or a resume. In a
+    data worker its own RNG is seeded; in the main process the caller's RNG state is kept."""
+    torch_seed = sample_seed(seed, epoch, index)
+    if get_worker_info() is not None:  # a worker's RNG is its own
+        torch.manual_seed(torch_seed)
+        return fn(*args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        return fn(*args)
 
 
 SMALL_VAL = 2000  # validation images per rank below which they are read in the training process

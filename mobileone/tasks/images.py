@@ -17,7 +17,7 @@ segmentation alike:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..engine.task import DataError
 
@@ -237,3 +238,41 @@ def load_image_and_boxes(
         )
     canvas = (image.height, image.width)
     return image, tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY", canvas_size=canvas)
+
+
+ImageSource = str | os.PathLike | Iterable[str | os.PathLike]
+
+
+def image_files(source: ImageSource) -> list[Path]:
+    """One image file, every image under a folder (sorted, hidden entries skipped), or a list of files."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMG_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not files:
+                raise DataError(f"{path} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
+            return files
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (give an image file or a folder of images)")
+        return [path]
+    return [Path(p) for p in source]
+
+
+def each_image(
+    source: str | os.PathLike | Iterable[str | os.PathLike], errors: list
+) -> Iterator[tuple[Path, Image.Image]]:
+    """The images of ``source`` (see :func:`image_files`), decoded and upright; one that does not decode adds
+    ``{"image", "error"}`` to ``errors`` instead, so a prediction over a folder never stops on one bad file."""
+    for path in image_files(source):
+        try:
+            img = load_image(path)
+        except UnreadableImageError as e:
+            errors.append({"image": str(path), "error": f"unreadable image: {e}"})
+            continue
+        yield path, img

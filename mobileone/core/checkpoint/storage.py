@@ -239,3 +239,14 @@ def read_task_weights(path: str | os.PathLike, task: str) -> tuple[StateDict, di
             f"or last.safetensors from `mobileone train --task {task}`"
         )
     return sd, meta
+
+
+def load_task_state(model: Any, sd: StateDict, meta: dict[str, Any], path: str | os.PathLike, what: str) -> Any:
+    """Load ``sd`` into the task ``model`` its metadata rebuilt; classes and preprocessing from ``meta``; eval mode."""
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the {what} its metadata describes: {str(e)[:500]}") from e
+    model.class_names = meta.get("class_names")
+    model.preprocess.update(meta.get("preprocess") or {})
+    return model.eval()

@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
 from ...core.files import atomic_folder
+from ...engine.distributed import seeded
 from ...engine.task import DataError
 from ..images import UnreadableImageError, load_image
 
@@ -198,13 +199,7 @@ class ImageFolderDataset(ImageFolder):
             return None, path
         if self.transform is None:
             return img, target
-        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        if get_worker_info() is not None:  # a worker's RNG is its own
-            torch.manual_seed(seed)
-            return self.transform(img), target
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img), target
+        return seeded(self.seed, epoch, index, self.transform, img), target
 
 
 class ImageFilesDataset(Dataset):

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ...core.checkpoint import load_checkpoint
 from ...core.files import atomic_write
+from ...engine.distributed import eval_loader, pick_device
 from ...engine.task import NonFiniteOutputError, require_finite
 from .data import DataError, ImageFolderDataset, collate_skip_bad, eval_transform
 
@@ -97,11 +98,9 @@ def evaluate_checkpoint(
         ds.samples = [(p, remap[t]) for p, t in ds.samples]
     elif len(ds.classes) > model.num_classes:
         raise DataError(f"{root} has {len(ds.classes)} classes but the model only {model.num_classes}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device)
     model.to(dev)
-    loader = DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate_skip_bad, pin_memory=dev.type == "cuda")
+    loader = eval_loader(ds, batch_size, workers, collate_skip_bad, dev)
     t0 = time.perf_counter()
     confusion = torch.zeros(model.num_classes, model.num_classes, dtype=torch.int64)
     try:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ...core.checkpoint import load_checkpoint
-from .data import DataError, eval_transform, load_image
+from ..images import image_files
+from .data import eval_transform, load_image
 
 
 def preprocessing(source: str | os.PathLike | nn.Module | dict[str, Any]):
@@ -40,27 +39,6 @@ def preprocessing(source: str | os.PathLike | nn.Module | dict[str, Any]):
         tuple(meta.get("mean", (0.485, 0.456, 0.406))),
         tuple(meta.get("std", (0.229, 0.224, 0.225))),
     )
-
-
-def image_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """One image file, every image under a folder (sorted, hidden entries skipped), or a list of files."""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMG_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not files:
-                raise DataError(f"{path} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
-            return files
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (give an image file or a folder of images)")
-        return [path]
-    return [Path(p) for p in source]
 
 
 def top_k(probabilities: torch.Tensor, classes: list[str], k: int) -> list[dict[str, Any]]:

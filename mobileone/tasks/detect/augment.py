@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2._utils import query_size
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
+from ...engine.distributed import sample_seed, seeded
 from .data import DetectionDataset
 
 MIN_VISIBLE = 0.4  # a box cut by the crop is kept while this fraction of its area is inside
@@ -131,13 +132,8 @@ class DenseTrainData(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        seed = (self.base.seed * 1_000_003 + epoch) * 10_000_019 + index
-        if get_worker_info() is not None:  # a worker's RNG is its own
-            torch.manual_seed(seed)
-            return self._sample(index % len(self.records), seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._sample(index % len(self.records), seed)
+        seed = sample_seed(self.base.seed, epoch, index)
+        return seeded(self.base.seed, epoch, index, self._sample, index % len(self.records), seed)
 
     def _sample(self, index: int, seed: int) -> tuple[Any, Any]:
         rng = torch.Generator().manual_seed(seed)

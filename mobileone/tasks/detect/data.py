@@ -47,12 +47,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
+from ...engine.distributed import seeded
 from ...engine.task import DataError
 from ..classify.data import scan_image_tree
 from ..datasets_check import (
@@ -653,14 +654,7 @@ class DetectionDataset(Dataset):
         target = {"boxes": boxes, "labels": torch.from_numpy(r.labels[keep])}
         if self.transform is None:
             return img, target
-        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        if get_worker_info() is not None:  # a worker's RNG is its own
-            torch.manual_seed(seed)
-            x, t = self.transform(img, target)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                x, t = self.transform(img, target)
+        x, t = seeded(self.seed, epoch, index, self.transform, img, target)
         return x, {"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]}
 
 

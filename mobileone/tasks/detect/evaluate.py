@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ...engine.distributed import pick_device
 from ...engine.task import DataError, require_finite
 from .augment import letterbox_transform, to_image_pixels
 from .data import DetectionDataset, collate_detection, load_splits
@@ -85,7 +86,7 @@ def evaluate_detector(
 ) -> dict[str, Any]:
     """COCO mAP (percent, with AP per class) of a detector checkpoint, fused or not, on ``data``'s val split."""
     model = load_detector(checkpoint)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = pick_device(device)
     ds, loader = val_loader(
         data, data_format, model.config.img_size, model.preprocess["mean"], model.preprocess["std"], batch_size, workers
     )

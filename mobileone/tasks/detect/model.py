@@ -14,16 +14,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...core.checkpoint import CheckpointError, read_task_weights, write_weights
+from ...core.checkpoint import CheckpointError, load_task_state, read_task_weights, write_weights
 from ...core.config import MobileOneConfig, resolve_variant, variant_of
 from ...core.registry import (
     PEER,
     ModelEntry,
+    documented_builders,
     list_registered,
     names_a_task_model,
     normalize_name,
     register,
-    register_model,
 )
 from ..peer_init import zero_init_residuals
 from .backbones import MobileNetV3Pyramid, MobileNetV3Trunk, mobileone_backbone
@@ -150,178 +150,40 @@ def create_detector(
     return detector
 
 
-# One documented builder per model; the tal head first: it is the default of ``--task detect``.
-
-
-@register_model("detect", backbone="mobileone_s0", head="tal")
-def tal_s0(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """The default detector: MobileOne-S0 (strides 8 / 16 / 32: 128, 256, 1024 channels) under the
-    anchor-free task-aligned head (FPN + PAN neck, 64 channels).
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = tal_s0(num_classes=1, img_size=320)
-    """
-    return create_detector("tal_s0", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s1", head="tal")
-def tal_s1(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S1 under the tal head.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = tal_s1(num_classes=1, img_size=320)
-    """
-    return create_detector("tal_s1", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s2", head="tal")
-def tal_s2(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S2 under the tal head.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = tal_s2(num_classes=1, img_size=320)
-    """
-    return create_detector("tal_s2", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s3", head="tal")
-def tal_s3(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S3 under the tal head.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = tal_s3(num_classes=1, img_size=320)
-    """
-    return create_detector("tal_s3", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s4", head="tal")
-def tal_s4(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """MobileOne-S4 under the tal head.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = tal_s4(num_classes=1, img_size=320)
-    """
-    return create_detector("tal_s4", num_classes, **kwargs)
-
-
-@register_model("detect", backbone=PEER, head="tal")
-def tal_mnv3(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """The peer of the default: torchvision's MobileNetV3-Large (no weights; strides 8 / 16 / 32: 40, 112,
-    960 channels) under the very same tal head, assignment and loss.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = tal_mnv3(num_classes=1, img_size=320)
-    """
-    return create_detector("tal_mnv3", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s0", head="ssdlite")
-def ssdlite_s0(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S0 (256 and 1024 channels at strides 16 and 32); not in the paper's Table 11a.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = ssdlite_s0(num_classes=1, img_size=320)
-    """
-    return create_detector("ssdlite_s0", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s1", head="ssdlite")
-def ssdlite_s1(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S1 (512 and 1280 channels at strides 16 and 32); paper: 25.7 mAP on COCO.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = ssdlite_s1(num_classes=1, img_size=320)
-    """
-    return create_detector("ssdlite_s1", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s2", head="ssdlite")
-def ssdlite_s2(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S2 (640 and 2048 channels at strides 16 and 32); paper: 26.6 mAP on COCO.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = ssdlite_s2(num_classes=1, img_size=320)
-    """
-    return create_detector("ssdlite_s2", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s3", head="ssdlite")
-def ssdlite_s3(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S3 (768 and 2048 channels at strides 16 and 32); paper: 27.3 mAP on COCO.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = ssdlite_s3(num_classes=1, img_size=320)
-    """
-    return create_detector("ssdlite_s3", num_classes, **kwargs)
-
-
-@register_model("detect", backbone="mobileone_s4", head="ssdlite")
-def ssdlite_s4(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """SSDLite on MobileOne-S4 (SE blocks; 896 and 2048 channels); paper: 29.4 mAP on COCO.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = ssdlite_s4(num_classes=1, img_size=320)
-    """
-    return create_detector("ssdlite_s4", num_classes, **kwargs)
-
-
-@register_model("detect", backbone=PEER, head="ssdlite")
-def ssdlite_mnv3(num_classes: int = 80, **kwargs: Any) -> Detector:
-    """The SSDLite peer: torchvision's SSDLite MobileNetV3-Large trunk (reduced tail, no weights) with the same
-    extra blocks, head, default boxes and loss as the MobileOne SSDLite detectors.
-
-    Args:
-        num_classes: object classes (no background).
-        **kwargs: as for :func:`create_detector` (``img_size``, ``backbone_checkpoint``, ``box_prior``, ...).
-
-    Example:
-        >>> det = ssdlite_mnv3(num_classes=1, img_size=320)
-    """
-    return create_detector("ssdlite_mnv3", num_classes, **kwargs)
+# One documented, registered builder per model: name -> what the model is. The tal head first: the default.
+TAL_MODELS = {
+    "tal_s0": (
+        "The default detector: MobileOne-S0 (strides 8 / 16 / 32: 128, 256, 1024 channels) under the "
+        "anchor-free task-aligned head (FPN + PAN neck, 64 channels)."
+    ),
+    "tal_s1": "MobileOne-S1 under the tal head.",
+    "tal_s2": "MobileOne-S2 under the tal head.",
+    "tal_s3": "MobileOne-S3 under the tal head.",
+    "tal_s4": "MobileOne-S4 under the tal head.",
+    "tal_mnv3": (
+        "The peer of the default: torchvision's MobileNetV3-Large (no weights; strides 8 / 16 / 32: 40, 112, "
+        "960 channels) under the very same tal head, assignment and loss."
+    ),
+}
+SSDLITE_MODELS = {
+    "ssdlite_s0": "SSDLite on MobileOne-S0 (256 and 1024 channels at strides 16 and 32); not in the paper's Table 11a.",
+    "ssdlite_s1": "SSDLite on MobileOne-S1 (512 and 1280 channels at strides 16 and 32); paper: 25.7 mAP on COCO.",
+    "ssdlite_s2": "SSDLite on MobileOne-S2 (640 and 2048 channels at strides 16 and 32); paper: 26.6 mAP on COCO.",
+    "ssdlite_s3": "SSDLite on MobileOne-S3 (768 and 2048 channels at strides 16 and 32); paper: 27.3 mAP on COCO.",
+    "ssdlite_s4": "SSDLite on MobileOne-S4 (SE blocks; 896 and 2048 channels); paper: 29.4 mAP on COCO.",
+    "ssdlite_mnv3": (
+        "The SSDLite peer: torchvision's SSDLite MobileNetV3-Large trunk (reduced tail, no weights) with the "
+        "same extra blocks, head, default boxes and loss as the MobileOne SSDLite detectors."
+    ),
+}
+_ARGS = "num_classes (objects, no background), then create_detector's options (img_size, backbone_checkpoint, ...)"
+_EXAMPLE = "num_classes=1, img_size=320"
+tal_s0, tal_s1, tal_s2, tal_s3, tal_s4, tal_mnv3 = documented_builders(
+    "detect", create_detector, TAL_MODELS, _ARGS, _EXAMPLE
+)
+ssdlite_s0, ssdlite_s1, ssdlite_s2, ssdlite_s3, ssdlite_s4, ssdlite_mnv3 = documented_builders(
+    "detect", create_detector, SSDLITE_MODELS, _ARGS, _EXAMPLE
+)
 
 
 for _head in HEADS:  # the micro variants build by name, without a documented builder each
@@ -356,10 +218,4 @@ def load_detector(path: str | os.PathLike) -> Detector:
     model = build_detector(config)
     if meta.get("inference_mode"):
         model.reparameterize()
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the detector its metadata describes: {e}") from e
-    model.class_names = meta.get("class_names")
-    model.preprocess.update(meta.get("preprocess") or {})
-    return model.eval()
+    return load_task_state(model, sd, meta, path, "detector")

@@ -18,8 +18,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
-from ..classify.predict import image_files
-from ..images import UnreadableImageError, load_image
+from ..images import each_image
 from ..pictures import save_png
 from .augment import letterbox_transform, to_image_pixels
 
@@ -44,12 +43,7 @@ def predict_detections(
     transform = letterbox_transform(size, pre.get("mean", (0.485, 0.456, 0.406)), pre.get("std", (0.229, 0.224, 0.225)))
     names = list(getattr(model, "class_names", None) or [])
     results = []
-    for path in image_files(images):
-        try:
-            img = load_image(path)
-        except UnreadableImageError as e:
-            results.append({"image": str(path), "error": f"unreadable image: {e}"})
-            continue
+    for path, img in each_image(images, results):
         w, h = img.size
         det = model(transform(img)[None])[0]
         boxes = to_image_pixels(det["boxes"].float(), (h, w), size)

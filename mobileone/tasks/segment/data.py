@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD
+from ...engine.distributed import seeded
 from ...engine.task import DataError
 from ..datasets_check import pair_by_stem, read_names, read_text, refuse_duplicates, require_classes, warn_unmatched
 from ..images import UnreadableImageError, load_image_and_mask, open_image, read_header
@@ -359,14 +360,7 @@ class SegmentationDataset(Dataset):
             return None, str(self.samples[index][0])
         image = tv_tensors.Image(torch.from_numpy(np.asarray(pair[0]).copy()).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(pair[1].copy()))
-        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        if get_worker_info() is not None:  # a worker's RNG is its own
-            torch.manual_seed(seed)
-            x, y = self.transform(image, mask)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                x, y = self.transform(image, mask)
+        x, y = seeded(self.seed, epoch, index, self.transform, image, mask)
         return x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)
 
 

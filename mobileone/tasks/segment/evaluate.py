@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
+from ...engine.distributed import eval_loader, pick_device
 from ...engine.task import DataError, require_finite
 from .data import SegmentationDataset, collate_masks, eval_transform, load_splits
 from .metrics import confusion_matrix, segmentation_scores
@@ -114,11 +114,9 @@ def evaluate_checkpoint(
     lut = class_lut(classes, model.class_names, model.num_classes, f"{data} ({split})")
     pre = model.preprocess
     ds = SegmentationDataset(samples[split], classes, eval_transform(pre["mean"], pre["std"]), lut=lut)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device)
     model.to(dev)
-    loader = DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate_masks, pin_memory=dev.type == "cuda")
+    loader = eval_loader(ds, batch_size, workers, collate_masks, dev)
     t0 = time.perf_counter()
     cm, bad = confusion_over(model, loader, model.num_classes, dev, size=size)
     scores = segmentation_scores(cm, model.class_names or [str(i) for i in range(model.num_classes)])

@@ -38,7 +38,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from ...core.checkpoint import CheckpointError, load_checkpoint, read_task_weights, write_weights
+from ...core.checkpoint import load_checkpoint, load_task_state, read_task_weights, write_weights
 from ...core.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, MobileOneConfig, resolve_variant, variant_of
 from ...core.factory import create_model
 from ...core.fusion import fold_conv_bn, reparameterize_model
@@ -314,13 +314,7 @@ def load_segmenter(path: str | os.PathLike) -> Segmenter:
     model = Segmenter(SegmenterConfig(**fields))
     if info.get("inference_mode"):
         model = _fold(model)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the {model.name} it describes: {str(e)[:500]}") from e
-    model.class_names = info.get("class_names")
-    model.preprocess.update(info.get("preprocess") or {})
-    return model.eval()
+    return load_task_state(model, sd, info, path, model.name)
 
 
 __all__ = [

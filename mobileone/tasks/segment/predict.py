@@ -19,8 +19,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from ..classify.predict import image_files
-from ..images import UnreadableImageError, load_image
+from ..images import each_image
 from ..pictures import save_png
 from .data import eval_transform
 from .masks import voc_palette
@@ -45,12 +44,7 @@ def predict_masks(
     transform = eval_transform(pre.get("mean", (0.485, 0.456, 0.406)), pre.get("std", (0.229, 0.224, 0.225)))
     names = list(getattr(model, "class_names", None) or [])
     results = []
-    for path in image_files(images):
-        try:
-            img = load_image(path)
-        except UnreadableImageError as e:
-            results.append({"image": str(path), "error": f"unreadable image: {e}"})
-            continue
+    for path, img in each_image(images, results):
         x = transform(tv_tensors.Image(TF.pil_to_tensor(img)))
         labels = model(x[None].float())["out"][0].argmax(0).numpy().astype(np.uint8)
         counts = np.bincount(labels.ravel(), minlength=len(names))
