@@ -60,8 +60,9 @@ QAT_DEFAULTS: dict[str, Any] = {
 }
 # Options of the run that wrote the checkpoint (its config.json beside it) that QAT keeps unless given: its
 # data (None: the built-in data, with its lighter augmentation), the augmentation the model was trained with
-# (no flips for digits, detection's mosaic), its label smoothing, its data layout, its head.
-INHERITED = ("data", "hflip", "crop_scale", "augment", "magnitude", "mosaic", "label_smoothing", "data_format", "head")
+# (no flips for digits, detection's mosaic), its label smoothing, its data layout. (Not its head: the checkpoint
+# is the model, and runs written before detection had heads say deeplabv3 there.)
+INHERITED = ("data", "hflip", "crop_scale", "augment", "magnitude", "mosaic", "label_smoothing", "data_format")
 BUILTIN_DATA: dict[str, Callable[[], Path]] = {
     "classify": builtin_dataset,
     "detect": digit_scenes,
