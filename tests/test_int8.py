@@ -1,5 +1,5 @@
 """INT8 in each runtime: every task quantized and scored in its runtime, the remedy chain on a model built to
-collapse, the failure that names --qat, QAT for one epoch, and INT8 in the bench (tiny sizes throughout)."""
+collapse, the failure that names --qat, and INT8 in the bench (tiny sizes throughout; QAT: test_qat.py)."""
 
 from __future__ import annotations
 
@@ -149,21 +149,6 @@ def test_still_over_the_limit_exits_3_and_names_qat(tmp_path, digits, monkeypatc
 def test_ncnn_int8_says_the_wheels_lack_the_tools(digits):
     with pytest.raises(ExportError, match="ncnn2table and ncnn2int8"):
         quantize_graph("ncnn", classifier(), torch.zeros(1, 3, 16, 16), digits / "x.param", Recipe())
-
-
-@pytest.mark.slow  # PT2E capture, one epoch and the lowering: about 20 s
-def test_qat_one_epoch_then_executorch_int8(tmp_path, digits, capsys):
-    _needs("executorch")
-    model = create_model(TINY, num_classes=10)
-    model.class_names = [str(i) for i in range(10)]
-    model.preprocess.update(input_size=16, crop_pct=1.0)
-    ckpt = save_checkpoint(model, tmp_path / "best.safetensors")
-    argv = ["quantize", "--runtime", "executorch", "--checkpoint", str(ckpt), "--calib-data", str(digits)]
-    argv += ["--out", str(tmp_path / "q.pte"), "--qat", "--train-data", str(digits), "--epochs", "1"]
-    argv += ["--num-calib", "16", "--max-drop", "100", "--json", str(tmp_path / "r.json")]
-    assert main(argv) == 0
-    assert "qat epoch 1/1" in capsys.readouterr().err
-    assert json.loads((tmp_path / "r.json").read_text())["runtime"] == "executorch"
 
 
 @pytest.mark.slow  # two INT8 conversions and their timing

@@ -53,7 +53,7 @@ def test_every_command_parses_and_reads_what_an_earlier_one_wrote(doc):
             pytest.fail(f"{doc.name}: `mobileone {' '.join(argv)}` does not parse")
         for flag in INPUTS:
             value = getattr(args, flag[2:].replace("-", "_"), None)
-            if value and value.startswith("runs/"):
+            if isinstance(value, str) and value.startswith("runs/"):
                 assert any(value.startswith(w) for w in written), (
                     f"{doc.name}: {flag} {value} is written by no command before it"
                 )

@@ -268,7 +268,10 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     add_task(p)
     p.add_argument("--runtime", choices=INT8_RUNTIMES, default="onnxruntime", help="default onnxruntime")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of the task (unfused ones are fused)")
-    p.add_argument("--calib-data", required=True, help="any folder of images to calibrate on (its train/ if present)")
+    p.add_argument(
+        "--calib-data",
+        help="any folder of images to calibrate on (its train/ if present; default with --qat: the QAT data)",
+    )
     p.add_argument("--out", required=True, help="INT8 file to write (the fp32 export goes beside it, *.fp32.*)")
     p.add_argument("--eval-data", help="the task's data whose val split scores fp32 and INT8 (default --calib-data)")
     p.add_argument("--json", metavar="OUT", help="write {task, runtime, metric, fp32, int8, drop} and the steps")
@@ -288,11 +291,28 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--reduce-range", action="store_true", help="--study: 7-bit weights (old x86 int8 kernels)")
     p.add_argument("--study", action="store_true", help="onnxruntime, classify: compare calibration settings")
-    g = p.add_argument_group("quantization-aware training")
-    g.add_argument("--qat", action="store_true", help="fine-tune the fused classifier with fake quantization first")
-    g.add_argument("--train-data", help="--qat: the training data (its train/)")
-    g.add_argument("--epochs", type=ranged(POSITIVE), default=1, help="--qat: epochs (default 1)")
-    g.add_argument("--lr", type=ranged(Range(0.0, 10.0)), default=1e-3, help="--qat: learning rate (default 1e-3)")
+    g = p.add_argument_group(
+        "quantization-aware training (a run of the training engine; its best epoch is converted as above)"
+    )
+    g.add_argument("--qat", action="store_true", help="fine-tune the fused model with fake quantization first")
+    g.add_argument(
+        "--train-data",
+        help="the task's training data, as mobileone train --data (default: the data of the run that wrote "
+        "--checkpoint, from its config.json; the built-in data too)",
+    )
+    g.add_argument("--epochs", type=ranged(_train_range("epochs")), help="default 3")
+    g.add_argument("--lr", type=ranged(_train_range("lr")), help="peak learning rate, cosine to 0 (default 0.001)")
+    g.add_argument(
+        "--batch-size", type=ranged(_train_range("batch_size")), help="default: the task's, lowered for small data"
+    )
+    g.add_argument("--qat-out", metavar="RUN_DIR", help="the QAT run's directory (default: --out's name + .qat)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted QAT run in --qat-out")
+    g.add_argument("--workers", type=ranged(WORKERS), help="data-loading processes (default: fits the cores)")
+
+
+def _train_range(name: str) -> Range:
+    """The valid range of a training option (the same check as mobileone train's)."""
+    return TrainConfig.__dataclass_fields__[name].metadata["range"]
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:

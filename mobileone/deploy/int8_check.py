@@ -54,6 +54,7 @@ class Int8Report:
     fp32_path: Path | None = None
     path: Path | None = None
     images: int = 0
+    qat: dict[str, Any] | None = None  # the QAT run the INT8 file comes from: its directory and best epoch
 
     @property
     def best(self) -> Step:
@@ -78,13 +79,15 @@ class Int8Report:
             "images": self.images,
             "file": str(self.path),
             "fp32_file": str(self.fp32_path),
+            "qat": self.qat,
             "steps": [
                 {"remedy": s.remedy, "recipe": s.recipe.label(), "int8": s.value, "drop": s.drop} for s in self.steps
             ],
         }
 
     def summary(self) -> str:
-        lines = [f"{self.metric} in {self.runtime} on {self.images} images: fp32 {self.fp32:.2f}"]
+        before = " (the checkpoint, before QAT)" if self.qat else ""
+        lines = [f"{self.metric} in {self.runtime} on {self.images} images: fp32 {self.fp32:.2f}{before}"]
         lines += [
             f"  {s.remedy}: INT8 {s.value:.2f} (drop {s.drop:.2f} points; {s.recipe.label()})" for s in self.steps
         ]
@@ -168,10 +171,12 @@ def quantize_checked(
     max_drop: float = 1.0,
     recipe: Recipe | None = None,
     threads: int | None = None,
+    reference: Graph | None = None,
 ) -> Int8Report:
     """Quantize ``graph`` for ``runtime``, measure fp32 and INT8 in it on ``eval_data``, remedy while over ``max_drop``.
 
-    Writes the fp32 export beside ``out`` (``<stem>.fp32<suffix>``) and the best INT8 file at ``out``.
+    Writes the fp32 export of ``reference`` (default ``graph``; after QAT, the model before it, so the drop is
+    what the user loses) beside ``out`` (``<stem>.fp32<suffix>``) and the best INT8 file at ``out``.
     """
     recipe = recipe or Recipe()
     format = RUNTIMES[runtime]
@@ -180,7 +185,8 @@ def quantize_checked(
     out = out if out.suffix == suffix else out.with_suffix(suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     fp32 = out.with_name(f"{out.stem}.fp32{suffix}")
-    write_export(format, graph.module, fp32, graph.example, graph.meta, "none", graph.names)
+    ref = reference or graph
+    write_export(format, ref.module, fp32, ref.example, ref.meta, "none", ref.names)
     base = runtime_metric(fp32, eval_data, threads)
     report = Int8Report(graph.task, runtime, base["metric"], base["value"], max_drop=max_drop, fp32_path=fp32)
     report.images = base["images"]
