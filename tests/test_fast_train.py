@@ -559,11 +559,12 @@ def test_custom_functions_gradients_and_saved_tensors():
     per_channel = [
         torch.randn(*n, dtype=torch.float64, requires_grad=True) for n in ((2,), (2,), (2, 2), (2, 2), (2, 2))
     ]
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        z, xi = (t.contiguous(memory_format=fmt).requires_grad_() for t in torch.randn(2, 2, 2, 4, 4).double())
+    for fmt, stride in itertools.product((torch.contiguous_format, torch.channels_last), (1, 2)):
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+        depthwise = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
-            lambda *a: branch_stats.NormPlusAffine.apply(*a, 1e-3)[0],
-            (z, xi, *per_channel),
+            lambda a, k, *p, s=stride: branch_stats.ConvNormPlusAffine.apply(a, k, (s, 1, 1, 2), *p, 1e-3)[0],
+            (xi, depthwise, *per_channel),
             fast_mode=True,
         )
 
@@ -578,7 +579,10 @@ def test_custom_functions_gradients_and_saved_tensors():
         (branch_stats.Moments.apply, (x,)),
         (lambda a, k: branch_stats.ConvMoments.apply(a, k, (1, 1, 1, 2)), (x, kernels)),
         (branch_stats.QuadraticForms.apply, (w, cov)),
-        (lambda a, b: branch_stats.NormPlusAffine.apply(a, b, *per_channel, 1e-5)[0], (x, x)),
+        (
+            lambda a, k: branch_stats.ConvNormPlusAffine.apply(a, k, (1, 1, 1, 2), *per_channel, 1e-5)[0],
+            (x, kernels[0]),
+        ),
     ]:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             changed_after_forward(fn, *inputs)

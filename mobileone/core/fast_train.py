@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from .branch_stats import (
     ConvMoments,
+    ConvNormPlusAffine,
     Moments,
-    NormPlusAffine,
     conv2d,
     conv_moments,
     covariance_stats,
@@ -106,7 +106,8 @@ def _direct_applies(layer: MobileOneLayer, x: Tensor) -> bool:
     depthwise = layer.groups == layer.in_channels == layer.out_channels
     autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     plain_float = x.dtype in (torch.float32, torch.float64) and not autocast
-    return layer.k == 1 and (layer.rbr_scale is None or depthwise) and plain_float
+    strided_1x1 = layer.kernel_size == 1 and layer.stride > 1  # conv2d's workaround (branch_stats) is not inside
+    return layer.k == 1 and (layer.rbr_scale is None or depthwise) and plain_float and not strided_1x1
 
 
 def _patch_covariance_pays(layer: MobileOneLayer, positions: int) -> bool:
@@ -231,23 +232,20 @@ def _concat_sum(layer: MobileOneLayer, x: Tensor) -> Tensor:
 
 
 def _direct_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Tensor:
-    """One conv, then :class:`~mobileone.core.branch_stats.NormPlusAffine` (or the conv's BatchNorm alone)."""
+    """The conv and its BatchNorm, with the per-channel branches (:class:`ConvNormPlusAffine`) if any."""
     main = layer.rbr_conv[0]
-    z = conv2d(x, main.conv.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     if len(bns) == 1:
-        return main.bn(z)
-    x_sub = x[:, :, :: layer.stride, :: layer.stride]  # what the 1x1 scale branch and the skip branch see
-    ones = torch.ones_like(main.bn.weight)
+        return main.bn(conv2d(x, main.conv.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups))
     ws = [layer.rbr_scale.conv.weight.reshape(-1)] if layer.rbr_scale is not None else []
-    ws += [ones] if layer.rbr_skip is not None else []
-    ws = torch.stack(ws)
+    ws = torch.stack(ws + ([torch.ones_like(main.bn.weight)] if layer.rbr_skip is not None else []))
     extra = bns[1:]
     gs, bs = torch.stack([bn.weight for bn in extra]), torch.stack([bn.bias for bn in extra])
-    y, mean_z, var_z, mean_x, var_x = NormPlusAffine.apply(
-        z, x_sub, main.bn.weight, main.bn.bias, ws, gs, bs, bns[0].eps
+    conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    y, mean_z, var_z, mean_x, var_x = ConvNormPlusAffine.apply(
+        x, main.conv.weight, conv, main.bn.weight, main.bn.bias, ws, gs, bs, bns[0].eps
     )
     w = ws.detach()
-    count = x_sub.shape[0] * x_sub.shape[2] * x_sub.shape[3]
+    count = y.shape[0] * y.shape[2] * y.shape[3]
     _update_running(bns, torch.cat([mean_z[None], w * mean_x]), torch.cat([var_z[None], w * w * var_x]), count)
     return y
 
