@@ -14,8 +14,9 @@ machine load, and splits where the time goes:
 - ``data``: seconds per augmented training image, ours (``DenseTrainData``: mosaic, scale jitter,
   flip, colour) and Ultralytics' (``YOLODataset`` with its default hyper-parameters: mosaic, random
   perspective, HSV, flip), in this process (0 loader processes, as ``mobileone train`` on 2 cores);
-- ``eval``: one per-epoch evaluation as the engine runs it (a fused copy of the model and of its
-  EMA, each over the validation images) against an epoch of training steps.
+- ``eval``: one validation as the engine runs it (a fused copy of the model and of its EMA, each
+  over the validation images) and its share of a default run's wall time (``--eval-every``'s
+  default: at most 10 validations a run) against validating every epoch.
 
 Ultralytics (AGPL-3.0) is imported by this script only, never by the package::
 
@@ -23,7 +24,8 @@ Ultralytics (AGPL-3.0) is imported by this script only, never by the package::
     python experiments/detect_speed.py --threads 2 --steps 5 --out runs/detect_speed
     python experiments/detect_speed.py --parts step --steps 3        # the step alone
 
-On a shared machine read the ratios, not the seconds: each row of a round runs back to back.
+On a shared machine read the ratios, not the seconds: each row of a round runs back to back. The
+script waits passively (``OMP_WAIT_POLICY=PASSIVE``, as ``mobileone train`` does) for both models.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,20 +42,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ``mobileone train`` sets it, before torch loads OpenMP
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobileone import create_model, reparameterize_model  # noqa: E402
 from mobileone.core.config import VARIANTS  # noqa: E402
-from mobileone.engine.config import resolve_config  # noqa: E402
+from mobileone.engine.config import TrainConfig, resolve_config  # noqa: E402
 from mobileone.engine.distributed import cpu_plan, setup_env  # noqa: E402
 from mobileone.engine.schedules import make_ema  # noqa: E402
+from mobileone.engine.trainer import validates  # noqa: E402
 from mobileone.tasks.detect.augment import DenseTrainData, letterbox_transform  # noqa: E402
 from mobileone.tasks.detect.data import DetectionDataset, collate_detection, load_splits  # noqa: E402
 from mobileone.tasks.detect.evaluate import detection_metrics, predict_loader  # noqa: E402
 from mobileone.tasks.detect.scenes import dense_scenes  # noqa: E402
-from mobileone.tasks.detect.task import DetectTask  # noqa: E402
+from mobileone.tasks.detect.task import DETECT_MIN_STEPS, DetectTask  # noqa: E402
 
 BATCH, SIZE = 16, 320
 PARTS = ("step", "backbone", "data", "eval")
@@ -62,10 +67,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def our_detector(scenes: Path, threads: int) -> tuple[torch.nn.Module, bool]:
-    """tal_s0 as ``mobileone train --task detect --data SCENES`` builds it; whether the engine runs it channels-last."""
+def our_detector(scenes: Path, threads: int, channels_last: bool | None = None) -> tuple[torch.nn.Module, bool]:
+    """tal_s0 as ``mobileone train --task detect --data SCENES`` builds it, and its memory format.
+
+    ``channels_last=None``: the engine's default (``--channels-last`` / ``--no-channels-last`` unset).
+    """
     task = DetectTask()
-    cfg = resolve_config(task, data=str(scenes), threads=threads)
+    cfg = resolve_config(task, data=str(scenes), threads=threads, channels_last=channels_last)
     env = setup_env(cfg)
     train, _ = load_splits(scenes)
     task.train_records = train.records
@@ -107,33 +115,39 @@ def yolo_model() -> tuple[torch.nn.Module, Any]:
 
 
 def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, dict[str, float]]:
-    """Seconds per step by part for tal_s0 and YOLOv8n, alternating, on the same batches."""
-    det, cl = our_detector(scenes, threads)
-    ema = make_ema(det, 0.9995)
-    opt = torch.optim.SGD(det.parameters(), lr=0.001, momentum=0.9)
+    """Seconds per step by part for tal_s0 (contiguous and channels-last) and YOLOv8n, alternating, same batches."""
+    _, default_cl = our_detector(scenes, threads)
     data = batches(scenes, steps + 1)
-    ours: dict[str, list[float]] = {p: [] for p in ("forward", "assignment_and_loss", "backward", "optimizer", "ema")}
-    theirs: dict[str, list[float]] = {p: [] for p in ("forward_and_loss", "backward", "optimizer", "ema")}
+    ours = {}
+    for cl in (False, True):
+        det, _ = our_detector(scenes, threads, cl)
+        label = f"tal_s0 (k=1, {'channels_last' if cl else 'contiguous'}{', the default' if cl == default_cl else ''})"
+        opt = torch.optim.SGD(det.parameters(), lr=0.001, momentum=0.9)
+        ours[label] = (det, make_ema(det, 0.9995), opt, cl)
+    parts = ("forward", "assignment_and_loss", "backward", "optimizer", "ema")
+    times: dict[str, dict[str, list[float]]] = {label: {p: [] for p in parts} for label in ours}
     if yolo:
         ym, yema = yolo_model()
         yopt = torch.optim.SGD(ym.parameters(), lr=0.001, momentum=0.9)
+        times["yolov8n"] = {p: [] for p in ("forward_and_loss", "backward", "optimizer", "ema")}
     for r, (x, targets) in enumerate(data):
-        xs = x.contiguous(memory_format=torch.channels_last) if cl else x
-        marks = [time.perf_counter()]
-        codes, logits = det.head_outputs(xs)
-        marks.append(time.perf_counter())
-        losses = det.compute_loss(codes, logits, targets, (SIZE, SIZE))
-        marks.append(time.perf_counter())
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        marks.append(time.perf_counter())
-        opt.step()
-        marks.append(time.perf_counter())
-        ema.update_parameters(det)
-        marks.append(time.perf_counter())
-        if r:
-            for part, a, b in zip(ours, marks, marks[1:]):
-                ours[part].append(b - a)
+        for label, (det, ema, opt, cl) in ours.items():
+            xs = x.contiguous(memory_format=torch.channels_last) if cl else x
+            marks = [time.perf_counter()]
+            codes, logits = det.head_outputs(xs)
+            marks.append(time.perf_counter())
+            losses = det.compute_loss(codes, logits, targets, (SIZE, SIZE))
+            marks.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            marks.append(time.perf_counter())
+            opt.step()
+            marks.append(time.perf_counter())
+            ema.update_parameters(det)
+            marks.append(time.perf_counter())
+            if r:
+                for part, a, b in zip(parts, marks, marks[1:]):
+                    times[label][part].append(b - a)
         if not yolo:
             continue
         batch = yolo_batch(x, targets)
@@ -148,12 +162,9 @@ def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, 
         yema.update(ym)
         marks.append(time.perf_counter())
         if r:
-            for part, a, b in zip(theirs, marks, marks[1:]):
-                theirs[part].append(b - a)
-    out = {f"tal_s0 (k=1{', channels_last' if cl else ''})": {p: median(v) for p, v in ours.items()}}
-    if yolo:
-        out["yolov8n"] = {p: median(v) for p, v in theirs.items()}
-    return out
+            for part, a, b in zip(times["yolov8n"], marks, marks[1:]):
+                times["yolov8n"][part].append(b - a)
+    return {label: {p: median(v) for p, v in parts_.items()} for label, parts_ in times.items()}
 
 
 def time_backbones(steps: int) -> dict[str, float]:
@@ -231,10 +242,11 @@ def yolo_dataset(scenes: Path) -> Any:
     return build_yolo_dataset(cfg, data["train"], BATCH, data, mode="train", stride=32)
 
 
-def time_eval(scenes: Path, steps_per_epoch: int, step_seconds: float, threads: int) -> dict[str, float]:
-    """One per-epoch evaluation as the engine runs it (fused copies of the model and of its EMA)."""
+def time_eval(scenes: Path, step_seconds: float, threads: int) -> dict[str, float]:
+    """One validation as the engine runs it (fused copies of the model and of its EMA), and its share of the
+    wall time of a default run (10 epochs) and of a 40-epoch run, validated as the engine's default does."""
     det, _ = our_detector(scenes, threads)
-    _, val = load_splits(scenes)
+    train, val = load_splits(scenes)
     ds = DetectionDataset(val)
     ds.transform = letterbox_transform(SIZE)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, collate_fn=collate_detection)
@@ -244,12 +256,18 @@ def time_eval(scenes: Path, steps_per_epoch: int, step_seconds: float, threads: 
         results, seen, _ = predict_loader(fused, loader, torch.device("cpu"))
         detection_metrics(ds.records, ds.classes, results, seen)
     seconds = time.perf_counter() - t0
-    return {
-        "evaluation (model + EMA), s": seconds,
-        "validation images": len(ds),
-        "an epoch of training steps, s": steps_per_epoch * step_seconds,
-        "evaluation / epoch": seconds / (steps_per_epoch * step_seconds),
-    }
+    out: dict[str, float] = {"validation (model + EMA), s": seconds, "validation images": len(ds)}
+    per_pass = len(train.records) // BATCH
+    for epochs in (10, 40):
+        steps = epochs * per_pass * math.ceil(DETECT_MIN_STEPS / (epochs * per_pass))  # the task's step floor
+        validations = sum(validates(TrainConfig(epochs=epochs), DetectTask(), e) for e in range(epochs))
+        train_s = steps * step_seconds
+        out[f"{epochs} epochs: steps, validations"] = f"{steps}, {validations} (every epoch: {epochs})"
+        out[f"{epochs} epochs: validation share of wall time"] = (
+            validations * seconds / (train_s + validations * seconds)
+        )
+        out[f"{epochs} epochs: ... if every epoch"] = epochs * seconds / (train_s + epochs * seconds)
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -261,9 +279,9 @@ def markdown(results: dict[str, Any]) -> str:
             cells = ", ".join(f"{p} {v:.3f}" for p, v in parts.items())
             lines.append(f"- {label}: {total:.3f} s/step, {BATCH / total:.1f} images/s ({cells})")
         totals = {k: sum(v.values()) for k, v in results["step"].items()}
-        if len(totals) == 2:
-            (a, ta), (b, tb) = totals.items()
-            lines.append(f"- ratio: {a} trains {tb / ta:.2f}x the images/s of {b} (model step only)")
+        for a, ta in totals.items():
+            if "yolov8n" in totals and a != "yolov8n":
+                lines.append(f"- ratio: {a} trains {totals['yolov8n'] / ta:.2f}x the images/s of yolov8n (model step)")
     if "backbone" in results:
         lines += ["", "S0 backbone alone, forward + backward, s per batch of 16:", ""]
         lines += [f"- {k}: {v:.3f}" for k, v in results["backbone"].items()]
@@ -273,11 +291,12 @@ def markdown(results: dict[str, Any]) -> str:
     if "epoch" in results:
         lines += ["", "Per-step wall time with data (0 loader processes):", ""]
         lines += [f"- {k}: {v:.3f} s/step, {BATCH / v:.1f} images/s" for k, v in results["epoch"].items()]
-        if len(results["epoch"]) == 2:
-            (a, ta), (b, tb) = results["epoch"].items()
-            lines.append(f"- ratio: {a} trains {tb / ta:.2f}x the images/s of {b} (data + step + EMA)")
+        for a, ta in results["epoch"].items():
+            if "yolov8n" in results["epoch"] and a != "yolov8n":
+                tb = results["epoch"]["yolov8n"]
+                lines.append(f"- ratio: {a} trains {tb / ta:.2f}x the images/s of yolov8n (data + step + EMA)")
     if "eval" in results:
-        lines += ["", "Per-epoch evaluation:", ""]
+        lines += ["", "Validation:", ""]
         lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in results["eval"].items()]
     return "\n".join(lines) + "\n"
 
@@ -312,15 +331,16 @@ def main() -> None:
     if "data" in parts:
         results["data"] = time_data(scenes, args.images, yolo)
         if "step" in results:
-            (ours, step), *rest = results["step"].items()
-            (d_ours, *d_rest) = results["data"].values()
-            results["epoch"] = {ours: sum(step.values()) + BATCH * d_ours}
-            if rest and d_rest:
-                results["epoch"][rest[0][0]] = sum(rest[0][1].values()) + BATCH * d_rest[0]
+            (d_ours, *d_yolo) = results["data"].values()
+            results["epoch"] = {
+                label: sum(step.values()) + BATCH * (d_yolo[0] if label == "yolov8n" else d_ours)
+                for label, step in results["step"].items()
+                if label != "yolov8n" or d_yolo
+            }
     if "eval" in parts:
-        step_s = sum(next(iter(results["step"].values())).values()) if "step" in results else float("nan")
-        train, _ = load_splits(scenes)
-        results["eval"] = time_eval(scenes, len(train.records) // BATCH, step_s, args.threads)
+        default = [v for k, v in results.get("step", {}).items() if "the default" in k]
+        step_s = sum(default[0].values()) if default else float("nan")
+        results["eval"] = time_eval(scenes, step_s, args.threads)
     results["load_average_after"] = os.getloadavg()[0]
     text = (
         markdown(results)
