@@ -2,7 +2,10 @@
 
 A train-time MobileOne layer is ``sum_i BN_i(conv(x, W_i))`` over its branches, each BatchNorm using
 batch statistics. :func:`branch_sum` computes exactly that sum, its gradients and every branch
-BatchNorm's running-statistic update, in one of two ways chosen per layer by :func:`plan`:
+BatchNorm's running-statistic update, in one of three ways chosen per layer by :func:`plan`:
+
+- ``"direct"`` (k = 1, the other branches per-channel): the conv once, its BatchNorm, and the
+  scale / skip branches as a per-channel affine map of the input (:class:`ConvNormPlusAffine`).
 
 - ``"concat"``: the branches that share a conv geometry run as one conv over their concatenated
   kernels (output channel ``o * B + j`` is branch ``j`` of channel ``o``, which keeps grouped and
