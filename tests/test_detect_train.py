@@ -58,6 +58,7 @@ def _options(data, out, **kw):
         "anchor_min_ratio": 0.15,
         "max_detections": 50,
         "deterministic": True,
+        "steps_per_epoch": 3,  # one pass an epoch: no floor of steps on these 6 images
         **kw,
     }
 
