@@ -9,8 +9,9 @@ machine load, and splits where the time goes:
   optimizer (SGD, momentum 0.9) and EMA, for tal_s0 as ``mobileone train --task detect`` builds it
   (k = 1, its channels-last choice) and for YOLOv8n (``DetectionModel("yolov8n.yaml")`` and its own
   ``v8DetectionLoss``, Ultralytics' ``ModelEMA``); the median of ``--steps`` rounds after a warm-up;
-- ``backbone``: forward + backward of S0's strides 8 / 16 / 32 alone (fused, train-time k = 1,
-  k = 1 without scale and skip branches), contiguous and channels-last;
+- ``backbone``: forward + backward of S0's strides 8 / 16 / 32 alone (fused, train-time k = 1, the
+  same with the fast path's "fold" formulation used before "direct", k = 1 without scale and skip
+  branches), contiguous and channels-last;
 - ``data``: seconds per augmented training image, ours (``DenseTrainData``: mosaic, scale jitter,
   flip, colour) and Ultralytics' (``YOLODataset`` with its default hyper-parameters: mosaic, random
   perspective, HSV, flip), in this process (0 loader processes, as ``mobileone train`` on 2 cores);
@@ -39,8 +40,10 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ``mobileone train`` sets it, before torch loads OpenMP
 import torch  # noqa: E402
@@ -48,7 +51,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobileone import create_model, reparameterize_model  # noqa: E402
+from mobileone.core import fast_train  # noqa: E402
 from mobileone.core.config import VARIANTS  # noqa: E402
+from mobileone.core.model import MobileOne  # noqa: E402
 from mobileone.engine.config import TrainConfig, resolve_config  # noqa: E402
 from mobileone.engine.distributed import cpu_plan, setup_env  # noqa: E402
 from mobileone.engine.schedules import make_ema  # noqa: E402
@@ -168,32 +173,34 @@ def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, 
 
 
 def time_backbones(steps: int) -> dict[str, float]:
-    """Forward + backward of S0's strides 8 / 16 / 32 (the mean of each map), seconds per batch of 16."""
+    """Forward + backward of S0's strides 8 / 16 / 32 (the mean of each map), seconds per batch of 16.
+
+    "k=1, fold" is the train-time k = 1 backbone with the formulation used before "direct" (the
+    depthwise layers' conv run once for its statistics, once folded), for the before / after ratio.
+    """
     x = torch.randn(BATCH, 3, SIZE, SIZE)
+    k1 = VARIANTS["mobileone_s0"].replace(k=1)
     forms = {
-        "fused": {"inference_mode": True},
-        "k=1": {"arch": VARIANTS["mobileone_s0"].replace(k=1).to_dict()},
-        "k=1, no scale / skip": {
-            "arch": VARIANTS["mobileone_s0"].replace(k=1, stem_k=1, scale_branch=False, skip_branch=False).to_dict()
-        },
+        "fused": (None, False),
+        "k=1": (k1, False),
+        "k=1, fold (before direct)": (k1, True),
+        "k=1, no scale / skip": (k1.replace(stem_k=1, scale_branch=False, skip_branch=False), False),
     }
     runs = {}
-    for label, kw in forms.items():
+    for label, (arch, fold) in forms.items():
         for cl in (False, True):
-            if "arch" in kw:
-                from mobileone.core.config import MobileOneConfig
-                from mobileone.core.model import MobileOne
-
-                bb = MobileOne(MobileOneConfig(**kw["arch"]), features_only=True, out_indices=(2, 3, 4))
+            if arch is None:
+                bb = create_model("s0", features_only=True, out_indices=(2, 3, 4), inference_mode=True)
             else:
-                bb = create_model("s0", features_only=True, out_indices=(2, 3, 4), **kw)
+                bb = MobileOne(arch, features_only=True, out_indices=(2, 3, 4))
             bb.train()
             xx = x.contiguous(memory_format=torch.channels_last) if cl else x
             if cl:
                 bb = bb.to(memory_format=torch.channels_last)
 
-            def step(bb=bb, xx=xx) -> None:
-                sum(o.mean() for o in bb(xx)).backward()
+            def step(bb=bb, xx=xx, fold=fold) -> None:
+                with mock.patch.object(fast_train, "_direct_applies", return_value=False) if fold else nullcontext():
+                    sum(o.mean() for o in bb(xx)).backward()
 
             runs[f"{label}{', channels_last' if cl else ''}"] = step
     times: dict[str, list[float]] = {k: [] for k in runs}
