@@ -101,3 +101,47 @@ def test_the_command_waits_passively_unless_the_user_says_otherwise():
     assert policy(command, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's word wins
     assert policy(command, GOMP_SPINCOUNT="10000") == "None"
     assert policy(["python", "my_script.py"]) == "None"  # a library user's process is left alone
+
+
+def test_eval_every_validates_some_epochs_and_the_last_and_resumes(tmp_path, monkeypatch):
+    """--eval-every 2 over 3 epochs validates epochs 2 and 3; best.* comes from those; a run stopped after
+    the unvalidated epoch 1 resumes to the same weights and rows; detection's default caps validations."""
+    from safetensors.torch import load_file
+
+    from mobileone.engine.trainer import validates
+    from mobileone.tasks.classify.task import ClassifyTask
+    from mobileone.tasks.detect.task import DetectTask
+
+    data = make_data(tmp_path / "data", n_train=8, n_val=4)
+
+    def options(out):
+        kw = dict(arch=TINY, epochs=3, batch_size=4, img_size=16, workers=0, progress=False, eval_every=2)
+        return resolve_config(data=str(data), out=str(out), deterministic=True, **kw)
+
+    summary = train(options(tmp_path / "full"))
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("val_top1") is not None for r in rows] == [False, True, True]
+    assert "eval_seconds" not in rows[0] and summary["best"]["epoch"] in (2, 3)
+    assert (tmp_path / "full" / "curves.png").is_file()
+
+    def stop_after_first_epoch(self, row):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ClassifyTask, "epoch_line", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(options(tmp_path / "resumed"))
+    monkeypatch.undo()
+    train(resolve_config(resume=str(tmp_path / "resumed"), workers=0))
+    a, b = (load_file(tmp_path / run / "last.safetensors") for run in ("full", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("val_top1") for r in again] == [r.get("val_top1") for r in rows]
+
+    detect, classify = DetectTask(), ClassifyTask()
+    at = lambda task, epochs, every=None: [  # noqa: E731
+        e + 1 for e in range(epochs) if validates(TrainConfig(epochs=epochs, eval_every=every), task, e)
+    ]
+    assert at(detect, 40) == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    assert at(detect, 12) == [2, 4, 6, 8, 10, 12] and at(detect, 5) == [1, 2, 3, 4, 5]
+    assert at(classify, 3) == [1, 2, 3] and at(detect, 5, 3) == [3, 5]
+    assert detect.epoch_line({"epoch": 1}) == "val -"

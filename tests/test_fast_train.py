@@ -179,7 +179,7 @@ def layer_configs(draw):
 
 LAYER_EXAMPLES = (
     layer_configs(),
-    st.sampled_from(["fold", "concat"]),
+    st.sampled_from(["fold", "concat", "direct"]),
     st.sampled_from([torch.float64, torch.float32]),
     st.sampled_from([torch.contiguous_format, torch.channels_last]),
 )
@@ -210,7 +210,7 @@ def test_random_layers_explore(asked_for_slow):
     settings(max_examples=600, deadline=None, print_blob=True)(given(*LAYER_EXAMPLES)(check_random_layer))()
 
 
-@pytest.mark.parametrize("method", ["fold", "concat"])
+@pytest.mark.parametrize("method", ["fold", "concat", "direct"])
 @pytest.mark.parametrize(
     "bn_setup",
     [
@@ -357,8 +357,32 @@ def test_plan_folds_where_it_saves_work():
     assert fast_train.plan(dw, x) == "fold"
     assert fast_train.plan(pw, x) == "fold"  # k Cout Cin M = 4 * 256^2 * M > 2 M 256^2 + ...
     assert fast_train.plan(pw, torch.empty(1, 256, 2, 2, device="meta")) == "concat"  # M = 4 < Cin
-    assert fast_train.plan(create_model("s1").stage3[3], x.new_empty(32, 512, 14, 14)) == "concat"  # k = 1
+    assert fast_train.plan(create_model("s1").stage3[3], x.new_empty(32, 512, 14, 14)) == "direct"  # k = 1
     assert fast_train.plan(model.stage3[0], torch.empty(32, 128, 28, 28, device="meta")) == "fold"  # dw, stride 2
+
+
+def test_k1_layers_run_the_conv_once():
+    """k = 1 (the detector's backbone): depthwise layers with scale + skip and pointwise layers run
+    "direct" (one conv, no statistics-only pass) and match the reference; the dense stem with its
+    dense 1x1 scale branch, and autocast, keep "fold"."""
+    model = create_model("s0", k=1)
+    dw, pw, x = model.stage3[2], model.stage3[3], torch.empty(32, 256, 14, 14)
+    assert fast_train.plan(dw, x) == fast_train.plan(pw, x) == "direct"
+    assert fast_train.plan(model.stage0, torch.empty(32, 3, 64, 64)) == "fold"
+    with torch.autocast("cpu", torch.bfloat16):
+        assert fast_train.plan(dw, x) == "fold"
+    torch.manual_seed(11)
+    for layer in (
+        MobileOneLayer(6, 6, 3, groups=6),
+        MobileOneLayer(6, 6, 3, stride=2, groups=6),
+        MobileOneLayer(6, 6, 1),
+    ):
+        fast, ref = twins(layer, torch.float64)
+        inputs = [torch.randn(3, 6, 9, 9, dtype=torch.float64) + 0.5 for _ in range(3)]
+        with mock.patch.object(fast_train.F, "conv2d", wraps=fast_train.F.conv2d) as conv:
+            run_steps(copy.deepcopy(fast), inputs, True)
+        assert conv.call_count == len(inputs)  # one conv a step, none for statistics
+        assert_same(fast, ref, inputs, torch.float64, lr=0.1)
 
 
 def test_patch_covariance_where_it_pays():
@@ -463,7 +487,7 @@ def test_issue_14_layer_stress_long(asked_for_slow):
     run_stress(15, "1,2,1+busy,2+busy")
 
 
-@pytest.mark.parametrize("method", ["concat", "fold"])
+@pytest.mark.parametrize("method", ["concat", "fold", "direct"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_deterministic(method, dtype, memory_format):
@@ -532,6 +556,17 @@ def test_custom_functions_gradients_and_saved_tensors():
                 lambda a, c=conv: branch_stats.ConvMoments.apply(a, None, c), (xi,), fast_mode=True
             )
     assert torch.autograd.gradcheck(branch_stats.QuadraticForms.apply, (w, cov), fast_mode=True)
+    per_channel = [
+        torch.randn(*n, dtype=torch.float64, requires_grad=True) for n in ((2,), (2,), (2, 2), (2, 2), (2, 2))
+    ]
+    for fmt, stride in itertools.product((torch.contiguous_format, torch.channels_last), (1, 2)):
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+        depthwise = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda a, k, *p, s=stride: branch_stats.ConvNormPlusAffine.apply(a, k, (s, 1, 1, 2), *p, 1e-3)[0],
+            (xi, depthwise, *per_channel),
+            fast_mode=True,
+        )
 
     def changed_after_forward(fn, *inputs):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -544,6 +579,10 @@ def test_custom_functions_gradients_and_saved_tensors():
         (branch_stats.Moments.apply, (x,)),
         (lambda a, k: branch_stats.ConvMoments.apply(a, k, (1, 1, 1, 2)), (x, kernels)),
         (branch_stats.QuadraticForms.apply, (w, cov)),
+        (
+            lambda a, k: branch_stats.ConvNormPlusAffine.apply(a, k, (1, 1, 1, 2), *per_channel, 1e-5)[0],
+            (x, kernels[0]),
+        ),
     ]:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             changed_after_forward(fn, *inputs)

@@ -224,3 +224,85 @@ def covariance_stats(kernels: Tensor, mean: Tensor, cov: Tensor) -> tuple[Tensor
     """Mean ``W m`` and variance ``diag(W S W^T)`` of 1x1 dense branches (kernels: (B, Cout, Cin))."""
     kernels = kernels.to(cov.dtype)
     return kernels @ mean, QuadraticForms.apply(kernels, cov)
+
+
+class ConvNormPlusAffine(torch.autograd.Function):
+    """``BN(conv(x, W)) + sum_e BN_e(w_e x_s)``: a k = 1 layer whose other branches are per-channel.
+
+    ``x_s = x[:, :, ::stride, ::stride]`` is what a 1x1 scale branch (depthwise weights ``w_e``) and
+    the BN-only skip (``w_e = 1``) see. The sum is ``A (z - mean_z) + B (x_s - mean_x) + bias`` with
+    per-channel ``A = g / sqrt(var_z + eps)``, ``B = sum_e g_e w_e / sqrt(w_e^2 var_x + eps)``: the
+    conv runs once, no branch runs for its statistics alone. The backward pass reads ``z`` and
+    ``x_s`` once each for their reductions (PyTorch's batch-norm backward kernel), runs the conv's
+    backward and adds ``x_s``'s share (``B dy + kappa (x_s - mean_x)`` plus a constant, ``kappa``
+    from ``B``'s dependence on ``var_x``) into its input gradient in place. Also returns the batch
+    mean and variance of ``z`` and of ``x_s`` for the running statistics. Float32 / float64 only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        conv: tuple,
+        g: Tensor,
+        b: Tensor,
+        ws: Tensor,
+        gs: Tensor,
+        bs: Tensor,
+        eps: float,
+    ):
+        stride, padding, dilation, groups = conv
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        x_s = x[:, :, ::stride, ::stride]
+        mean_z, var_z = batch_moments(z)
+        mean_x, var_x = batch_moments(x_s)
+        inv_z = torch.rsqrt(var_z + eps)
+        inv_e = torch.rsqrt(ws * ws * var_x + eps)  # (E, C)
+        a, bx = g * inv_z, (gs * ws * inv_e).sum(0)
+        shift = b + bs.sum(0) - a * mean_z - bx * mean_x
+        y = torch.addcmul(shift[:, None, None], z, a[:, None, None]).addcmul_(x_s, bx[:, None, None])
+        ctx.eps, ctx.conv = eps, conv
+        ctx.save_for_backward(x, weight, z, g, ws, gs, mean_z, inv_z, mean_x, inv_e, bx)
+        ctx.mark_non_differentiable(mean_z, var_z, mean_x, var_x)
+        return y, mean_z, var_z, mean_x, var_x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, z, g, ws, gs, mean_z, inv_z, mean_x, inv_e, bx = ctx.saved_tensors
+        need_x, need_w, _, need_g, need_b, need_ws, need_gs, need_bs = ctx.needs_input_grad[:8]
+        stride, padding, dilation, groups = ctx.conv
+        x_s = x[:, :, ::stride, ::stride]
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        dy = dy.contiguous(memory_format=torch.channels_last) if channels_last(z) else dy.contiguous()
+        dz, dg, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, z, g, None, None, mean_z, inv_z, True, ctx.eps, [need_x or need_w, True, True]
+        )
+        _, sum_dyx, _ = torch.ops.aten.native_batch_norm_backward(
+            dy, x_s, None, None, None, mean_x, torch.ones_like(mean_x), True, ctx.eps, [False, True, False]
+        )  # sum(dy (x_s - mean_x))
+        dx, dw = None, None
+        if need_x or need_w:
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dz,
+                x,
+                weight,
+                None,
+                [stride] * 2,
+                [padding] * 2,
+                [dilation] * 2,
+                False,
+                [0, 0],
+                groups,
+                [need_x, need_w, False],
+            )
+        if need_x:  # x_s's share; d var_x / dx_s = 2 (x_s - mean_x) / M, d inv_e / d var_x = -w^2 inv_e^3 / 2
+            kappa = (-1.0 / count) * sum_dyx * (gs * ws.pow(3) * inv_e.pow(3)).sum(0)
+            const = -bx * sum_dy / count - kappa * mean_x
+            share = dx[:, :, ::stride, ::stride]
+            share.addcmul_(dy, bx[:, None, None]).addcmul_(x_s, kappa[:, None, None]).add_(const[:, None, None])
+        dws = gs * sum_dyx * ctx.eps * inv_e.pow(3) if need_ws else None  # d(w / sqrt(w^2 v + eps)) / dw
+        dgs = ws * inv_e * sum_dyx if need_gs else None
+        dbs = sum_dy.expand_as(gs) if need_bs else None
+        return dx, dw, None, dg if need_g else None, sum_dy if need_b else None, dws, dgs, dbs, None

@@ -2,7 +2,10 @@
 
 A train-time MobileOne layer is ``sum_i BN_i(conv(x, W_i))`` over its branches, each BatchNorm using
 batch statistics. :func:`branch_sum` computes exactly that sum, its gradients and every branch
-BatchNorm's running-statistic update, in one of two ways chosen per layer by :func:`plan`:
+BatchNorm's running-statistic update, in one of three ways chosen per layer by :func:`plan`:
+
+- ``"direct"`` (k = 1, the other branches per-channel): the conv once, its BatchNorm, and the
+  scale / skip branches as a per-channel affine map of the input (:class:`ConvNormPlusAffine`).
 
 - ``"concat"``: the branches that share a conv geometry run as one conv over their concatenated
   kernels (output channel ``o * B + j`` is branch ``j`` of channel ``o``, which keeps grouped and
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 
 from .branch_stats import (
     ConvMoments,
+    ConvNormPlusAffine,
     Moments,
     conv2d,
     conv_moments,
@@ -58,7 +62,7 @@ from .fusion import fold_bn, identity_kernel, pad_kernel
 if TYPE_CHECKING:
     from .model import MobileOneLayer
 
-METHODS = ("reference", "concat", "fold")
+METHODS = ("reference", "concat", "fold", "direct")
 _enabled = True
 
 
@@ -81,11 +85,16 @@ def reference_mode() -> Iterator[None]:
 def plan(layer: MobileOneLayer, x: Tensor) -> str:
     """The formulation :func:`branch_sum` uses for ``layer`` on input ``x`` (measured: README, "Fast training").
 
+    ``"direct"`` where it applies (:func:`_direct_applies`: k = 1, the other branches per-channel,
+    float32 / float64 without autocast): the one conv runs once and nothing runs for statistics alone.
+
     ``"fold"``, except for dense 1x1 layers where folding does not save multiply-adds: the folded
     statistics cost about ``2 M Cin^2`` (input covariance, forward and backward) plus
     ``2 k Cout Cin^2`` (branch variances) against ``3 k M Cin Cout`` for running the k branches
     (so k > 1 and enough positions ``M``).
     """
+    if _direct_applies(layer, x):
+        return "direct"
     if layer.kernel_size == 1 and layer.groups == 1:
         out_h, out_w = -(-x.shape[2] // layer.stride), -(-x.shape[3] // layer.stride)
         cin, cout, k = layer.in_channels, layer.out_channels, layer.k
@@ -93,6 +102,15 @@ def plan(layer: MobileOneLayer, x: Tensor) -> str:
         fold_cost = 2 * positions * cin * cin + 2 * k * cout * cin * cin + 3 * positions * cin * cout
         return "fold" if fold_cost < 3 * k * positions * cin * cout else "concat"
     return "fold"
+
+
+def _direct_applies(layer: MobileOneLayer, x: Tensor) -> bool:
+    """Whether ``"direct"`` computes ``layer`` exactly: one conv branch, a scale branch only if per-channel."""
+    depthwise = layer.groups == layer.in_channels == layer.out_channels
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    plain_float = x.dtype in (torch.float32, torch.float64) and not autocast
+    strided_1x1 = layer.kernel_size == 1 and layer.stride > 1  # conv2d's workaround (branch_stats) is not inside
+    return layer.k == 1 and (layer.rbr_scale is None or depthwise) and plain_float and not strided_1x1
 
 
 def _patch_covariance_pays(layer: MobileOneLayer, positions: int) -> bool:
@@ -147,14 +165,18 @@ def branch_sum(layer: MobileOneLayer, x: Tensor, method: str | None = None) -> T
     bns = _branch_bns(layer)
     if method == "reference" or not _exact(bns):
         return layer.forward_branches(x)
-    if layer.groups > 1 and x.device.type == "cpu":
-        # CPU depthwise/grouped convs run forward + backward about 2x faster in channels_last.
+    if x.device.type == "cpu" and (layer.groups > 1 or layer.in_channels * layer.stride**2 < layer.out_channels):
+        # CPU depthwise/grouped convs run forward + backward about 2x faster in channels_last; a layer
+        # whose input is smaller than its output (the RGB stem) converts its input, so that the
+        # depthwise layer after it need not convert the larger output (6% of a detector step).
         x = x.contiguous(memory_format=torch.channels_last)
-    if method == "fold":
-        if x[:, :, :: layer.stride, :: layer.stride][:, 0].numel() > 1:  # else the reference raises BN's error
-            return _fold_sum(layer, x, bns)
+    if method == "concat":
+        return _concat_sum(layer, x)
+    if x[:, :, :: layer.stride, :: layer.stride][:, 0].numel() <= 1:  # the reference raises BN's error
         return layer.forward_branches(x)
-    return _concat_sum(layer, x)
+    if method == "direct" and _direct_applies(layer, x):
+        return _direct_sum(layer, x, bns)
+    return _fold_sum(layer, x, bns)
 
 
 # ---- "concat": the branches of one conv geometry as one conv, one batch-norm, one sum ----
@@ -207,6 +229,28 @@ def _concat_sum(layer: MobileOneLayer, x: Tensor) -> Tensor:
     if layer.rbr_skip is not None:
         out = out + layer.rbr_skip(x)
     return out
+
+
+# ---- "direct" (k = 1): the conv once, its BatchNorm, the per-channel branches as an affine map of x ----
+
+
+def _direct_sum(layer: MobileOneLayer, x: Tensor, bns: list[nn.BatchNorm2d]) -> Tensor:
+    """The conv and its BatchNorm, with the per-channel branches (:class:`ConvNormPlusAffine`) if any."""
+    main = layer.rbr_conv[0]
+    if len(bns) == 1:
+        return main.bn(conv2d(x, main.conv.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups))
+    ws = [layer.rbr_scale.conv.weight.reshape(-1)] if layer.rbr_scale is not None else []
+    ws = torch.stack(ws + ([torch.ones_like(main.bn.weight)] if layer.rbr_skip is not None else []))
+    extra = bns[1:]
+    gs, bs = torch.stack([bn.weight for bn in extra]), torch.stack([bn.bias for bn in extra])
+    conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    y, mean_z, var_z, mean_x, var_x = ConvNormPlusAffine.apply(
+        x, main.conv.weight, conv, main.bn.weight, main.bn.bias, ws, gs, bs, bns[0].eps
+    )
+    w = ws.detach()
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    _update_running(bns, torch.cat([mean_z[None], w * mean_x]), torch.cat([var_z[None], w * w * var_x]), count)
+    return y
 
 
 # ---- "fold": the branches' batch statistics first, then one conv with the folded kernel ----

@@ -188,6 +188,13 @@ class TrainConfig:
     sync_bn: bool = option(False, "run", "SyncBatchNorm across GPUs")
     strict_images: bool = option(False, "run", "stop on an unreadable image instead of skipping it")
     progress: bool = option(True, "run", "no progress bar", flag="--no-progress")
+    eval_every: int | None = option(
+        None,
+        "run",
+        "validate every N epochs (the last always; best.* among the validated); default: every epoch, "
+        "detection at most 10 validations a run",
+        Range(1, None, integer=True),
+    )
     log_every: int | None = option(
         None, "run", "without a terminal, a progress line every N steps", Range(1, None, integer=True)
     )

@@ -226,10 +226,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path, metrics: tuple[str, .
     ep = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     axes[0].plot(ep, [r["train_loss"] for r in history], label="train loss")
+    validated = [r for r in history if r.get(metrics[0]) is not None]  # --eval-every: not every epoch
+    val_ep = [r["epoch"] for r in validated]
     for name in metrics:
-        axes[1].plot(ep, [r[name] for r in history], label=f"val {name}")
-        if history[0].get(f"ema_{name}") is not None:
-            axes[1].plot(ep, [r[f"ema_{name}"] for r in history], "--", label=f"EMA {name}")
+        axes[1].plot(val_ep, [r[name] for r in validated], ".-", label=f"val {name}")
+        if validated and validated[0].get(f"ema_{name}") is not None:
+            axes[1].plot(val_ep, [r[f"ema_{name}"] for r in validated], ".--", label=f"EMA {name}")
     axes[2].plot(ep, [r["lr"] for r in history], label="learning rate")
     axes[3].plot(ep, [r["weight_decay"] for r in history], label="weight decay")
     for ax, title in zip(axes, ("loss", "validation", "learning rate", "weight decay"), strict=True):

@@ -81,6 +81,7 @@ class Task(ABC):
     metric: str  # the validation metric that picks best.* (higher is better)
     metric_names: tuple[str, ...]  # metrics logged every epoch (and again for the EMA weights, "ema_" + name)
     min_batch: int = 1  # images per process and micro-batch the model needs in train mode (automatic batches keep it)
+    max_validations: int | None = None  # validations a run without --eval-every (None: every epoch)
     min_img_size: int = 32  # the smallest image size a size derived from the data may take
 
     def defaults(self, recipe: str, variant: str, builtin: bool) -> dict[str, Any]:
@@ -150,4 +151,4 @@ class Task(ABC):
         parts = [f"{label} {row[n]:.2f}" for n, label in labels.items() if row.get(n) is not None]
         if row.get(f"ema_{self.metric}") is not None:
             parts.append(f"EMA {labels.get(self.metric, self.metric)} {row[f'ema_{self.metric}']:.2f}")
-        return "val " + "  ".join(parts)
+        return "val " + ("  ".join(parts) or "-")

@@ -114,7 +114,10 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         row = train_one_epoch(s, cfg, task, env, loader, epoch, lambda: _last_good(run, s.history))
-        row |= evaluate(s, task, env, val_loader, epoch, lambda: _last_good(run, s.history))
+        if validates(cfg, task, epoch):
+            row |= evaluate(s, task, env, val_loader, epoch, lambda: _last_good(run, s.history))
+        else:
+            _check_weights(s, epoch, lambda: _last_good(run, s.history))
         row |= {"img_size": size, "augment_strength": strength}
         s.history.append(row)
         if env.main:
@@ -225,11 +228,22 @@ def _set_schedule(s: _State, cfg: TrainConfig) -> tuple[float, float]:
     return lr, wd
 
 
-def evaluate(s: _State, task: Task, env: Env, val_loader, epoch: int, last_good) -> dict[str, Any]:
-    """The epoch's weights (and the EMA's), checked finite, fused and scored on the validation set."""
+def validates(cfg: TrainConfig, task: Task, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (from 0) is validated: every ``--eval-every``-th and the last; without it every
+    epoch, or every ``ceil(epochs / task.max_validations)``-th where validation costs much of a short run."""
+    every = cfg.eval_every or (-(-cfg.epochs // task.max_validations) if task.max_validations else 1)
+    return (epoch + 1) % every == 0 or epoch + 1 == cfg.epochs
+
+
+def _check_weights(s: _State, epoch: int, last_good) -> None:
     for name, weights in (("model", s.model), ("EMA model", s.ema.module if s.ema is not None else None)):
         if weights is not None:
             _check_finite(weights, f"after epoch {epoch + 1}", last_good(), name)
+
+
+def evaluate(s: _State, task: Task, env: Env, val_loader, epoch: int, last_good) -> dict[str, Any]:
+    """The epoch's weights (and the EMA's), checked finite, fused and scored on the validation set."""
+    _check_weights(s, epoch, last_good)
     t0 = time.perf_counter()
     try:
         row = task.evaluate(_fused_copy(s.model), val_loader, env)
@@ -360,11 +374,12 @@ def _save_epoch(run: RunDir, task: Task, s: _State, cfg: TrainConfig, epoch: int
 
     ``best`` and its deployable ``best_fused`` are written together whenever the metric improves."""
     row, metric, t_save = s.history[-1], task.metric, time.perf_counter()
-    task.save(s.model, run.path / "last.safetensors", epoch=epoch + 1, weights="model", **{metric: row[metric]})
-    use_ema = s.ema is not None and row[f"ema_{metric}"] > row[metric]
-    value = row[f"ema_{metric}"] if use_ema else row[metric]
+    task.save(s.model, run.path / "last.safetensors", epoch=epoch + 1, weights="model", **{metric: row.get(metric)})
+    validated = row.get(metric) is not None
+    use_ema = validated and s.ema is not None and row[f"ema_{metric}"] > row[metric]
+    value = row[f"ema_{metric}"] if use_ema else row.get(metric)
     best = s.best
-    if best.get(metric) is None or value > best[metric]:
+    if validated and (best.get(metric) is None or value > best[metric]):
         prefix = "ema_" if use_ema else ""
         best = {
             **{n: row[prefix + n] for n in task.metric_names},

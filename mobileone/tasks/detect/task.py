@@ -121,6 +121,7 @@ class DetectTask(Task):
     draw_predictions = staticmethod(draw_predictions)
     min_batch = 2  # BatchNorm over the 1x1 maps of the last extra block needs two images
     min_img_size = 64  # the extra blocks halve 1/32 of the input three more times
+    max_validations = 10  # a validation costs about an eighth of a training epoch (docs/detection.md, "Training speed")
 
     def __init__(self) -> None:
         self.builtin = False
