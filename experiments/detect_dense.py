@@ -24,6 +24,7 @@ benchmark alone, leaving torch alone::
     .venv/bin/python experiments/detect_dense.py --out runs/detect_dense            # 3 seeds, ~2 h on 2 cores
     .venv/bin/python experiments/detect_dense.py --seeds 0 --detectors s0 --no-yolo    # one run
     .venv/bin/python experiments/detect_dense.py --split --seeds --no-yolo             # the step split only
+    .venv/bin/python experiments/detect_dense.py --seeds 0 --detectors --yolo-epochs 47  # YOLOv8n alone
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def train_yolo(seed: int, scenes: Path, epochs: int, out: Path, args: argparse.N
 
     settings.update({"sync": False})
     torch.set_num_threads(args.threads)
+    out = out.resolve()  # Ultralytics puts a relative project under its own runs/ folder
     yaml = yolo_layout(scenes, out / "data")
     model = YOLO("yolov8n.yaml")
     epoch_times: list[float] = []
@@ -233,7 +235,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/detect_dense"))
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--detectors", nargs="+", default=["s0", "mnv3"], help="variants under the default head")
+    p.add_argument("--detectors", nargs="*", default=["s0", "mnv3"], help="variants (none: YOLO alone)")
     p.add_argument("--no-yolo", action="store_true", help="leave YOLOv8n out (Ultralytics not installed)")
     p.add_argument("--yolo-epochs", type=int, help="default: as many images as the first tal_s0 run saw")
     p.add_argument("--split", action="store_true", help="also time the parts of a training step")

@@ -23,6 +23,7 @@ from .core.checkpoint import CheckpointError
 from .core.files import check_replaceable, is_json_result
 from .deploy.common import ExportCheckError, ExportError
 from .engine import TrainingError
+from .engine.distributed import default_workers
 from .engine.rundir import RunDirError
 
 # Exit codes: 0 done, 1 a check failed or an input could not be read, 2 bad input (one line, no traceback),
@@ -42,6 +43,8 @@ def _task_command(command: str, module: str | None = None) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         if getattr(args, "task", None) is None or getattr(args, "checkpoint", None) or getattr(args, "onnx", None):
             _module("source").resolve_task(args)
+        if getattr(args, "workers", 0) is None:  # every task's eval and predict: loader processes that fit the cores
+            args.workers = default_workers()
         if getattr(args, "json", None) and isinstance(args.json, str):  # refused before a long evaluation
             check_replaceable(Path(args.json), is_json_result, "; choose another --json")
         return getattr(_module(module or args.task), command)(args)

@@ -21,7 +21,6 @@ from ..deploy.evaluate_onnx import evaluate_onnx
 from ..deploy.onnx import read_onnx_metadata
 from ..deploy.predict_onnx import predict_onnx
 from ..deploy.quantize import QuantSettings, quantization_study, quantize_model, study_table
-from ..engine.distributed import default_workers
 from ..tasks import resolve_config, train
 from ..tasks.classify.data import ImageFolderDataset, builtin_dataset, eval_transform
 from ..tasks.classify.evaluate import confusion_text, evaluate_checkpoint, plot_confusion
@@ -87,9 +86,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    workers = default_workers() if args.workers is None else args.workers
     r = evaluate_checkpoint(
-        args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, workers, args.device
+        args.data, args.checkpoint, args.img_size, args.crop_pct, args.batch_size, args.workers, args.device
     )
     print(
         f"{r['checkpoint']} ({'fused' if r['fused'] else 'unfused'}) on {r['data']}: top-1 {r['top1']:.2f} %, "
