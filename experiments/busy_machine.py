@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "defaults": ([], {}),
     "spinning": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {"GOMP_SPINCOUNT": "300000"}),
+    # the two halves of the difference, one at a time
+    "passive+loader": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {}),
+    "spin, no loader": (["--workers", "0"], {"GOMP_SPINCOUNT": "300000"}),
 }
 
 
@@ -53,7 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each setting, alternated (default 3)")
     parser.add_argument("--json", help="also write the times here")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     args = parser.parse_args()
+    chosen = {name: SETTINGS[name] for name in args.settings.split(",")} | {
+        n: SETTINGS[n] for n in ("defaults", "spinning")
+    }
     subprocess.run(
         [sys.executable, "-c", "from mobileone.tasks.classify.data import builtin_dataset as b; b()"],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -61,18 +68,18 @@ def main() -> None:
     )  # the digits, written once
     times: dict[tuple[str, bool], list[float]] = {}
     for r in range(args.rounds):
-        for name, (flags, env) in SETTINGS.items():
+        for name, (flags, env) in chosen.items():
             for competitor in (False, True):
                 t = epoch_seconds(flags, env, competitor)
                 times.setdefault((name, competitor), []).append(t)
                 print(
-                    f"round {r + 1}: {name:9s} {'beside a busy process' if competitor else 'alone':22s} {t:6.1f} s",
+                    f"round {r + 1}: {name:15s} {'beside a busy process' if competitor else 'alone':22s} {t:6.1f} s",
                     flush=True,
                 )
     median = {k: statistics.median(v) for k, v in times.items()}
     print("\n| settings | alone (s) | beside a busy process (s) | ratio |")
     print("|---|---:|---:|---:|")
-    for name in SETTINGS:
+    for name in chosen:
         alone, busy = median[name, False], median[name, True]
         print(f"| {name} | {alone:.1f} | {busy:.1f} | {busy / alone:.2f}x |")
     change = median["defaults", False] / median["spinning", False] - 1
