@@ -53,6 +53,17 @@ def conv2d(
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def conv_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, conv: tuple[int, int, int, int], need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of a bias-free ``(stride, padding, dilation, groups)`` conv; None where not needed."""
+    stride, padding, dilation, groups = conv
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dz, x, weight, None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups, [need_x, need_w, False]
+    )
+    return dx, dw
+
+
 class Moments(torch.autograd.Function):
     """Per-channel mean and centred channel covariance of ``x`` over (N, H, W), with a cheap backward.
 
@@ -134,7 +145,7 @@ class ConvMoments(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
         x, kernels, means, *outputs = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
+        stride = ctx.conv[0]
         x_sub = x[:, :, ::stride, ::stride]
         count = x.shape[0] * x_sub.shape[2] * x_sub.shape[3]
         beta = 2 * grad_var / count
@@ -154,19 +165,7 @@ class ConvMoments(torch.autograd.Function):
         grad_k = torch.empty_like(kernels) if need_k else None
         for j, z in enumerate(outputs):
             dz = torch.addcmul(shift[j], z.to(beta.dtype), slope[j]).to(x.dtype)
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                dz,
-                x,
-                kernels[j].to(x.dtype),
-                None,
-                [stride] * 2,
-                [padding] * 2,
-                [dilation] * 2,
-                False,
-                [0, 0],
-                groups,
-                [need_x, need_k, False],
-            )
+            dx, dw = conv_backward(dz, x, kernels[j].to(x.dtype), ctx.conv, need_x, need_k)
             if dx is not None:
                 grad_x = dx if grad_x is None else grad_x.add_(dx)
             if dw is not None:
@@ -272,7 +271,7 @@ class ConvNormPlusAffine(torch.autograd.Function):
     def backward(ctx, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, z, g, ws, gs, mean_z, inv_z, mean_x, inv_e, bx = ctx.saved_tensors
         need_x, need_w, _, need_g, need_b, need_ws, need_gs, need_bs = ctx.needs_input_grad[:8]
-        stride, padding, dilation, groups = ctx.conv
+        stride = ctx.conv[0]
         x_s = x[:, :, ::stride, ::stride]
         count = z.shape[0] * z.shape[2] * z.shape[3]
         dy = dy.contiguous(memory_format=torch.channels_last) if channels_last(z) else dy.contiguous()
@@ -284,19 +283,7 @@ class ConvNormPlusAffine(torch.autograd.Function):
         )  # sum(dy (x_s - mean_x))
         dx, dw = None, None
         if need_x or need_w:
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                dz,
-                x,
-                weight,
-                None,
-                [stride] * 2,
-                [padding] * 2,
-                [dilation] * 2,
-                False,
-                [0, 0],
-                groups,
-                [need_x, need_w, False],
-            )
+            dx, dw = conv_backward(dz, x, weight, ctx.conv, need_x, need_w)
         if need_x:  # x_s's share; d var_x / dx_s = 2 (x_s - mean_x) / M, d inv_e / d var_x = -w^2 inv_e^3 / 2
             kappa = (-1.0 / count) * sum_dyx * (gs * ws.pow(3) * inv_e.pow(3)).sum(0)
             const = -bx * sum_dy / count - kappa * mean_x
