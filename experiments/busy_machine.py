@@ -31,8 +31,9 @@ SETTINGS = {
     "defaults": ([], {}),
     "spinning": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {"GOMP_SPINCOUNT": "300000"}),
     # the two halves of the difference, one at a time
-    "passive+loader": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {}),
-    "spin, no loader": (["--workers", "0"], {"GOMP_SPINCOUNT": "300000"}),
+    "passive-loader": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {}),
+    "spin-no-loader": (["--workers", "0"], {"GOMP_SPINCOUNT": "300000"}),
+    "short-spin": ([], {"GOMP_SPINCOUNT": "10000"}),  # libgomp spins 1/30 as long before it sleeps
 }
 
 
