@@ -33,23 +33,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling train_runs.py, also when loaded by path
+from train_runs import train_subprocess  # noqa: E402
+
 
 def train_ours(variant: str, seed: int, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One ``mobileone train --task detect`` run in its own process; its best mAP, time and images/s."""
-    cmd = [sys.executable, "-m", "mobileone", "train", "--task", "detect", "--data", str(data)]
-    cmd += ["--variant", variant, "--seed", str(seed), "--out", str(out), "--workers", "1", "--no-progress"]
-    cmd += ["--threads", str(args.threads)] + (args.extra or [])
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    options = {"--data": data, "--variant": variant, "--seed": seed, "--workers": 1, "--threads": args.threads}
+    cmd, summary, seconds = train_subprocess("detect", out, options, args.extra)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cfg = json.loads((out / "config.json").read_text())
     seen = sum(r["images_per_second"] * r["train_seconds"] for r in rows)
@@ -58,7 +54,7 @@ def train_ours(variant: str, seed: int, data: Path, out: Path, args: argparse.Na
         "seed": seed,
         "map": summary["best"]["map"],
         "map_50": summary["best"]["map_50"],
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "images_seen": round(seen),
         "train_images_per_second": statistics.median(r["images_per_second"] for r in rows),
         "split": {k: sum(r.get(f"{k}_seconds", 0.0) for r in rows) for k in ("data", "step", "ema", "eval")},

@@ -21,46 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling train_runs.py, also when loaded by path
+from train_runs import train_subprocess  # noqa: E402
+
 
 def train_run(variant: str, seed: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One training run in its own process; its summary plus the wall time."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "mobileone",
-        "train",
-        "--task",
-        "detect",
-        "--variant",
-        variant,
-        "--seed",
-        str(seed),
-        "--out",
-        str(out),
-        "--workers",
-        str(args.workers),
-        "--no-progress",
-    ]
-    for flag, value in (
-        ("--data", args.data),
-        ("--epochs", args.epochs),
-        ("--img-size", args.img_size),
-        ("--steps-per-epoch", args.steps_per_epoch),
-        ("--threads", args.threads),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    options = {"--variant": variant, "--seed": seed, "--workers": args.workers, "--data": args.data}
+    options |= {"--epochs": args.epochs, "--img-size": args.img_size, "--steps-per-epoch": args.steps_per_epoch}
+    cmd, summary, seconds = train_subprocess("detect", out, options | {"--threads": args.threads})
     best = summary["best"]
     return {
         "variant": variant,
@@ -70,7 +44,7 @@ def train_run(variant: str, seed: int, out: Path, args: argparse.Namespace) -> d
         "map_75": best["map_75"],
         "best_epoch": best["epoch"],
         "weights": best["weights"],
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "train_images_per_second": summary["train_images_per_second"],
         "command": " ".join(cmd[1:]),
     }
