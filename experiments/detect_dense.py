@@ -152,6 +152,7 @@ def step_split(data: Path, threads: int, steps: int = 4) -> dict[str, dict[str, 
 
 def _split(data: Path, threads: int, name: str, k: int | None, steps: int) -> dict[str, float]:
     import torch
+    from detect_speed import timed_step  # the step as the speed benchmark times it
 
     from mobileone.core.config import VARIANTS
     from mobileone.engine.schedules import make_ema
@@ -169,23 +170,12 @@ def _split(data: Path, threads: int, name: str, k: int | None, steps: int) -> di
     opt = torch.optim.SGD(det.parameters(), lr=0.01, momentum=0.9)
     parts = dict.fromkeys(("data", "forward", "assignment_and_loss", "backward", "optimizer", "ema"), 0.0)
     for step in range(steps + 1):
-        marks = [time.perf_counter()]
+        t0 = time.perf_counter()
         x, targets, _ = collate_detection([ds[(0, step * 16 + i)] for i in range(16)])
-        marks.append(time.perf_counter())
-        codes, logits = det.head_outputs(x)
-        marks.append(time.perf_counter())
-        losses = det.compute_loss(codes, logits, targets, (320, 320))
-        marks.append(time.perf_counter())
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        marks.append(time.perf_counter())
-        opt.step()
-        marks.append(time.perf_counter())
-        ema.update_parameters(det)
-        marks.append(time.perf_counter())
+        seconds = [time.perf_counter() - t0, *timed_step(det, ema, opt, x, targets)]
         if step:  # the first step warms up
-            for name, a, b in zip(parts, marks, marks[1:]):
-                parts[name] += (b - a) / steps
+            for name, t in zip(parts, seconds):
+                parts[name] += t / steps
     return parts
 
 

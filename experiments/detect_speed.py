@@ -119,6 +119,25 @@ def yolo_model() -> tuple[torch.nn.Module, Any]:
     return m.train(), ModelEMA(m)
 
 
+def timed_step(
+    det: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, x: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+) -> list[float]:
+    """One training step of our detector; the seconds of its forward, assignment + loss, backward, optimizer, EMA."""
+    marks = [time.perf_counter()]
+    codes, logits = det.head_outputs(x)
+    marks.append(time.perf_counter())
+    losses = det.compute_loss(codes, logits, targets, tuple(x.shape[-2:]))
+    marks.append(time.perf_counter())
+    opt.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    marks.append(time.perf_counter())
+    opt.step()
+    marks.append(time.perf_counter())
+    ema.update_parameters(det)
+    marks.append(time.perf_counter())
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, dict[str, float]]:
     """Seconds per step by part for tal_s0 (contiguous and channels-last) and YOLOv8n, alternating, same batches."""
     _, default_cl = our_detector(scenes, threads)
@@ -138,21 +157,10 @@ def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, 
     for r, (x, targets) in enumerate(data):
         for label, (det, ema, opt, cl) in ours.items():
             xs = x.contiguous(memory_format=torch.channels_last) if cl else x
-            marks = [time.perf_counter()]
-            codes, logits = det.head_outputs(xs)
-            marks.append(time.perf_counter())
-            losses = det.compute_loss(codes, logits, targets, (SIZE, SIZE))
-            marks.append(time.perf_counter())
-            opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            marks.append(time.perf_counter())
-            opt.step()
-            marks.append(time.perf_counter())
-            ema.update_parameters(det)
-            marks.append(time.perf_counter())
+            seconds = timed_step(det, ema, opt, xs, targets)
             if r:
-                for part, a, b in zip(parts, marks, marks[1:]):
-                    times[label][part].append(b - a)
+                for part, t in zip(parts, seconds):
+                    times[label][part].append(t)
         if not yolo:
             continue
         batch = yolo_batch(x, targets)
