@@ -1,11 +1,17 @@
-"""An epoch of ``mobileone train`` alone and beside one competing CPU-bound process, today's settings against the
-spinning ones the command used before (OpenMP's default wait policy, one loader process beside a thread per core).
+"""An epoch of ``mobileone train`` alone and beside one competing CPU-bound process: today's defaults against
+the spinning settings the command used first and the passive ones it used next.
+
+- ``defaults``: OpenMP's default wait policy, and the run's compute threads fitted every half second to the
+  cores other processes leave (``mobileone.engine.threads``), no loader process on 2 cores;
+- ``spinning``: the first settings, OpenMP's default wait policy with a thread per core and one loader process;
+- ``passive``: the second, ``OMP_WAIT_POLICY=PASSIVE`` with a thread per core and no loader process.
 
 Each run is a fresh ``mobileone train --epochs 1`` on the built-in digits with the command's own defaults
 (S0, 32 px, batch 64); its time is the epoch's ``epoch_seconds`` (training, evaluation, checkpoints) from
-``metrics.jsonl``. The competitor is a pure-Python busy loop, one core. Rounds alternate the settings, so a
-machine whose load drifts affects them alike; medians are reported. The target (issue 22): beside the
-competitor at most 1.5x the time alone, and alone at most 5 % slower than the spinning settings.
+``metrics.jsonl``. The competitor is a pure-Python busy loop, one core, started by this script (so it is not
+the training process's child). Rounds alternate the settings, so a machine whose load drifts affects them
+alike; medians are reported. The target (issue 22): beside the competitor at most 1.5x the time alone, and
+alone at most 5 % slower than the spinning settings.
 
     python experiments/busy_machine.py --rounds 3
 
@@ -24,21 +30,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (extra train flags, extra environment). "spinning" is what the command did before: OpenMP's default
-# wait policy (GOMP_SPINCOUNT 300000, libgomp's default, which the command leaves alone) and one loader
-# process beside as many compute threads as cores.
+CORES = str(len(os.sched_getaffinity(0)))
+# name: (extra train flags, extra environment); a thread count given turns the fitting of threads off
 SETTINGS = {
     "defaults": ([], {}),
-    "spinning": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {"GOMP_SPINCOUNT": "300000"}),
-    # the two halves of the difference, one at a time
-    "passive-loader": (["--workers", "1", "--threads", str(len(os.sched_getaffinity(0)))], {}),
-    "spin-no-loader": (["--workers", "0"], {"GOMP_SPINCOUNT": "300000"}),
-    "short-spin": ([], {"GOMP_SPINCOUNT": "10000"}),  # libgomp spins 1/30 as long before it sleeps
+    "spinning": (["--workers", "1", "--threads", CORES], {}),
+    "passive": (["--workers", "0", "--threads", CORES], {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 
 
-def epoch_seconds(flags: list[str], env: dict[str, str], competitor: bool) -> float:
-    """One fresh ``mobileone train --epochs 1`` run; its epoch time (beside a busy loop if ``competitor``)."""
+def epoch_row(flags: list[str], env: dict[str, str], competitor: bool) -> dict:
+    """One fresh ``mobileone train --epochs 1`` run (beside a busy loop if ``competitor``); its metrics row."""
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competitor else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +48,7 @@ def epoch_seconds(flags: list[str], env: dict[str, str], competitor: bool) -> fl
             clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
             run_env = {**clean, "PYTHONPATH": str(ROOT), **env}
             subprocess.run([*cmd, *flags], env=run_env, check=True, capture_output=True, text=True)
-            return json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch_seconds"]
+            return json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     finally:
         if busy is not None:
             busy.kill()
@@ -71,10 +73,12 @@ def main() -> None:
     for r in range(args.rounds):
         for name, (flags, env) in chosen.items():
             for competitor in (False, True):
-                t = epoch_seconds(flags, env, competitor)
-                times.setdefault((name, competitor), []).append(t)
+                row = epoch_row(flags, env, competitor)
+                times.setdefault((name, competitor), []).append(row["epoch_seconds"])
+                where = "beside a busy process" if competitor else "alone"
                 print(
-                    f"round {r + 1}: {name:15s} {'beside a busy process' if competitor else 'alone':22s} {t:6.1f} s",
+                    f"round {r + 1}: {name:9s} {where:22s} {row['epoch_seconds']:6.1f} s "
+                    f"(fewest compute threads {row['fewest_threads']})",
                     flush=True,
                 )
     median = {k: statistics.median(v) for k, v in times.items()}

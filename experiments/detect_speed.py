@@ -25,8 +25,9 @@ Ultralytics (AGPL-3.0) is imported by this script only, never by the package::
     python experiments/detect_speed.py --threads 2 --steps 5 --out runs/detect_speed
     python experiments/detect_speed.py --parts step --steps 3        # the step alone
 
-On a shared machine read the ratios, not the seconds: each row of a round runs back to back. The
-script waits passively (``OMP_WAIT_POLICY=PASSIVE``, as ``mobileone train`` does) for both models.
+On a shared machine read the ratios, not the seconds: each row of a round runs back to back. Both
+models run with OpenMP's default wait policy and a fixed thread count, as ``mobileone train`` runs on
+cores it has to itself (``OMP_WAIT_POLICY=PASSIVE`` in the environment times the passive policy).
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ``mobileone train`` sets it, before torch loads OpenMP
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import _startup  # noqa: F401  (before torch: the command's OpenMP wait policy)
 from .core import registry as _registry
 from .core.checkpoint import (
     Checkpoint,

@@ -1,9 +1,13 @@
 """The training engine's own mechanisms: batch sizing, kept validation batches, the time breakdown, workers."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -15,7 +19,7 @@ from mobileone.engine.distributed import KeptBatches as _KeptBatches
 from mobileone.engine.trainer import _steps_per_epoch
 from mobileone.tasks import resolve_config, train
 
-from .test_train import ROOT, TINY, make_data
+from .test_train import TINY, make_data
 
 
 def test_default_batch_is_lowered_for_small_data_and_left_out_images_are_said():
@@ -85,22 +89,65 @@ def test_workers_and_threads_never_oversubscribe_the_cores():
         assert cpu_plan(None, None) == (0, 1) and default_workers() == 0
 
 
-def test_the_command_waits_passively_unless_the_user_says_otherwise():
-    code = "import sys; sys.orig_argv = {argv!r}\nimport os, mobileone\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["PYTHONPATH"] = str(ROOT)
+def test_threads_follow_the_cores_other_processes_leave():
+    """Two threads while the cores are free; one while another process takes about a core (also when our
+    spinning threads leave it only two thirds of one); two again when it stops; short work does not count."""
+    from mobileone.engine.threads import ThreadFitter
 
-    def policy(argv: list[str], **extra: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-c", code.format(argv=argv)], env={**env, **extra}, capture_output=True, text=True
-        )
-        return done.stdout.strip()
+    clock, busy, own = [0.0], [0.0], [0.0]
 
-    command = ["python", "-m", "mobileone", "train"]
-    assert policy(command) == "PASSIVE"  # set before torch starts its pools
-    assert policy(command, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's word wins
-    assert policy(command, GOMP_SPINCOUNT="10000") == "None"
-    assert policy(["python", "my_script.py"]) == "None"  # a library user's process is left alone
+    def run(seconds: float, ours: float, others: float) -> int:  # cores used over ``seconds``
+        clock[0] += seconds
+        busy[0] += (ours + others) * seconds
+        own[0] += ours * seconds
+        return fitter.poll()
+
+    threads = torch.get_num_threads()
+    try:
+        fitter = ThreadFitter(2, {0, 1}, read=lambda: (busy[0], own[0]), clock=lambda: clock[0])
+        assert run(0.6, 2.0, 0.1) == 2 and torch.get_num_threads() == threads  # system noise: nothing to do
+        assert run(0.6, 1.33, 0.67) == 1 and torch.get_num_threads() == 1  # a busy loop beside 2 spinning threads
+        assert run(0.2, 1.0, 1.0) == 1  # under ``every`` seconds: not read again
+        assert run(0.6, 1.0, 1.0) == 1
+        assert run(0.6, 1.0, 0.0) == 2 and torch.get_num_threads() == 2  # it ended
+        assert fitter.fewest == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc")
+def test_threads_fitter_sees_a_real_busy_process():
+    """On this machine's /proc: a busy loop pinned to one of two cores takes this run to one thread, and its end
+    gives the second back; the fitter is off where the user fixed the threads or several ranks share the cores."""
+    from mobileone.engine.threads import ThreadFitter, busy_seconds, own_seconds
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two cores")
+    assert ThreadFitter.for_run(2, fixed=True, world=1) is None
+    assert ThreadFitter.for_run(2, fixed=False, world=2) is None
+    assert ThreadFitter.for_run(2, fixed=False, world=1, device="cuda") is None
+    assert busy_seconds(set(cpus)) > 0 and own_seconds() > 0
+    threads = torch.get_num_threads()
+    # another process, not our child (a child's time counts as ours, as a data worker's does): started through sh
+    code = f"import os; os.sched_setaffinity(0, {{{cpus[0]}}})\nwhile True: pass"
+    shell = subprocess.run(["sh", "-c", '"$0" -c "$1" >/dev/null 2>&1 & echo $!', sys.executable, code], stdout=-1)
+    loop = int(shell.stdout)
+    try:
+        fitter = ThreadFitter(2, set(cpus[:2]), every=0.3)
+        for _ in range(20):
+            time.sleep(0.1)
+            fitter.poll()
+        assert fitter.threads == 1, f"others {fitter.others:.2f} cores"
+        os.kill(loop, signal.SIGKILL)
+        for _ in range(10):
+            time.sleep(0.1)
+            fitter.poll()
+        assert fitter.threads == 2, f"others {fitter.others:.2f} cores"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(loop, signal.SIGKILL)
+        torch.set_num_threads(threads)
 
 
 def test_eval_every_validates_some_epochs_and_the_last_and_resumes(tmp_path, monkeypatch):

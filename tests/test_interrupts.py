@@ -91,3 +91,27 @@ def test_sigterm_stops_like_ctrl_c(tmp_path, data):
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and f"mobileone train --resume {out}" in err and "Traceback" not in err
     assert not (out / ".lock").exists() and (out / "best_fused.safetensors").is_file()
+
+
+def test_a_worker_keeps_quiet_about_a_batch_the_stopping_trainer_abandoned():
+    """A data worker's resource-sharer thread (it hands tensors' file descriptors to the trainer) fails when the
+    trainer stops mid-handshake: that is the stop, not printed; any other thread's error still is."""
+    code = """
+import signal, sys, threading
+from mobileone.engine.distributed import ignore_termination
+ignore_termination(0)
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+def fail():  # what multiprocessing.resource_sharer does with a failed handshake
+    try:
+        raise ConnectionResetError("the trainer went away")
+    except ConnectionResetError:
+        sys.excepthook(*sys.exc_info())
+for name in ("Thread-3 (_serve)", "Thread-4 (load)"):
+    thread = threading.Thread(target=fail, name=name)
+    thread.start()
+    thread.join()
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(_serve)" not in done.stderr and done.stderr.count("ConnectionResetError") == 1

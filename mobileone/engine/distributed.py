@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -188,9 +190,18 @@ def ignore_termination(worker_id: int) -> None:
     """Data workers leave SIGTERM to the training process, which stops the run cleanly and then ends them.
 
     A cluster's time limit (or ``timeout``) signals the whole process group; a worker that died of it
-    first would turn the clean stop into a "DataLoader worker exited unexpectedly" error.
+    first would turn the clean stop into a "DataLoader worker exited unexpectedly" error. A batch the
+    stopping process no longer takes breaks the connection the worker hands its tensors' file
+    descriptors through: that thread's error is the stop, not a fault, and is not printed.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    report = sys.excepthook  # multiprocessing's resource-sharer thread reports its errors through it
+
+    def quiet_when_abandoned(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        if "(_serve)" not in threading.current_thread().name:
+            report(kind, error, trace)
+
+    sys.excepthook = quiet_when_abandoned
 
 
 def all_reduce_sum(values: torch.Tensor, env: Env) -> torch.Tensor:

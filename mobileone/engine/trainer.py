@@ -30,6 +30,7 @@ from .progress import Progress, epoch_line
 from .rundir import RunDir, plot_curves
 from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
 from .task import DataError, NonFiniteOutputError, Task, TaskData
+from .threads import ThreadFitter
 
 log = logging.getLogger("mobileone")
 MIN_STEPS = 4  # steps an epoch below which a default batch is lowered to fit the data
@@ -92,6 +93,7 @@ class _State:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
+    threads: ThreadFitter | None = None  # compute threads fitted to the cores other processes leave
 
 
 def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, model: nn.Module, per_epoch: int):
@@ -115,6 +117,8 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         t0 = time.perf_counter()
         row = train_one_epoch(s, cfg, task, env, loader, epoch, lambda: _last_good(run, s.history))
         if validates(cfg, task, epoch):
+            if s.threads is not None:
+                s.threads.poll()
             row |= evaluate(s, task, env, val_loader, epoch, lambda: _last_good(run, s.history))
         else:
             _check_weights(s, epoch, lambda: _last_good(run, s.history))
@@ -146,7 +150,9 @@ def _setup(cfg: TrainConfig, task: Task, env: Env, model: nn.Module, per_epoch: 
         net = torch.compile(net)
     total = cfg.epochs * per_epoch
     warmup = min(round(cfg.warmup_epochs * per_epoch), total // 5)  # a 1-epoch run still gets its cosine
-    return _State(model, net, ema, optimizer, scaler, per_epoch, total, warmup, best={task.metric: None})
+    state = _State(model, net, ema, optimizer, scaler, per_epoch, total, warmup, best={task.metric: None})
+    state.threads = ThreadFitter.for_run(torch.get_num_threads(), cfg.threads is not None, env.world, env.device.type)
+    return state
 
 
 def _restore(s: _State, run: RunDir, data: TaskData, env: Env) -> None:
@@ -171,6 +177,7 @@ def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, e
     loss_sum, seen, bad, short, t0 = torch.zeros((), device=env.device), 0, 0, 0, time.perf_counter()
     spent = dict.fromkeys(("data", "step", "ema"), 0.0)
     tick = t0
+    fewest = torch.get_num_threads()
 
     def lap(part: str) -> None:
         nonlocal tick
@@ -196,6 +203,8 @@ def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, e
             seen += len(x)
         s.step += 1
         report.update(b + 1, seen, loss)
+        if s.threads is not None:
+            fewest = min(fewest, s.threads.poll())
         tick = time.perf_counter()
     report.close()
     train_seconds = time.perf_counter() - t0
@@ -215,6 +224,7 @@ def train_one_epoch(s: _State, cfg: TrainConfig, task: Task, env: Env, loader, e
         "bad_images": bad,
         "skipped_steps": short,
         "train_seconds": train_seconds,
+        "fewest_threads": fewest,
         **{f"{k}_seconds": v for k, v in spent.items()},
     }
 
