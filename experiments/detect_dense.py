@@ -43,11 +43,28 @@ from train_runs import train_subprocess  # noqa: E402
 
 
 def train_ours(variant: str, seed: int, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One ``mobileone train --task detect`` run in its own process; its best mAP, time and images/s."""
+    """One ``mobileone train --task detect`` run in its own process; its best mAP, time and images/s.
+
+    A run already finished in ``out`` (its ``summary.json``, of this variant and seed) is read, not trained
+    again, so that seeds can be added to a table one session at a time; its wall time is then the sum of its
+    epochs' (``reused`` in the row says so)."""
     options = {"--data": data, "--variant": variant, "--seed": seed, "--workers": 1, "--threads": args.threads}
-    cmd, summary, seconds = train_subprocess("detect", out, options, args.extra)
+    reused = (out / "summary.json").exists()
+    if reused:
+        cfg = json.loads((out / "config.json").read_text())
+        if (cfg["variant"], cfg["seed"]) != (variant, seed):
+            raise SystemExit(f"{out} holds a run of {cfg['variant']} seed {cfg['seed']}; give another --out")
+        print(f"reusing the finished run {out} (its config.json has the options it ran with)", flush=True)
+        keys = ("variant", "seed", "epochs", "batch_size", "img_size")
+        cmd = ["mobileone", "train", "--task", "detect", "--out", str(out)]
+        cmd += [f"--{k.replace('_', '-')} {cfg[k]}" for k in keys]
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        cmd, summary, seconds = train_subprocess("detect", out, options, args.extra)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cfg = json.loads((out / "config.json").read_text())
+    if reused:
+        seconds = sum(r["epoch_seconds"] for r in rows)
     seen = sum(r["images_per_second"] * r["train_seconds"] for r in rows)
     return {
         "detector": f"{cfg['head']}_{variant}",
@@ -59,6 +76,7 @@ def train_ours(variant: str, seed: int, data: Path, out: Path, args: argparse.Na
         "train_images_per_second": statistics.median(r["images_per_second"] for r in rows),
         "split": {k: sum(r.get(f"{k}_seconds", 0.0) for r in rows) for k in ("data", "step", "ema", "eval")},
         "command": " ".join(cmd[1:]),
+        "reused": reused,
     }
 
 
@@ -204,7 +222,9 @@ def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]], split: d
         )
     lines += ["", "Per run (mAP@0.5 / mAP, images seen):"]
     lines += [
-        f"- {r['detector']} seed {r['seed']}: {r['map_50']:.2f} / {r['map']:.2f}, {r['images_seen']}" for r in rows
+        f"- {r['detector']} seed {r['seed']}: {r['map_50']:.2f} / {r['map']:.2f}, {r['images_seen']}"
+        + (" (a finished run, read)" if r.get("reused") else "")
+        for r in rows
     ]
     if split:
         parts = list(next(iter(split.values())))

@@ -7,8 +7,9 @@ machine load, and splits where the time goes:
 
 - ``step``: per training step of 16 images at 320 px, forward, assignment + loss, backward,
   optimizer (SGD, momentum 0.9) and EMA, for tal_s0 as ``mobileone train --task detect`` builds it
-  (k = 1, its channels-last choice) and for YOLOv8n (``DetectionModel("yolov8n.yaml")`` and its own
-  ``v8DetectionLoss``, Ultralytics' ``ModelEMA``); the median of ``--steps`` rounds after a warm-up;
+  (k = 1, its channels-last choice), for the MobileNetV3 peer under the same head (``--variant mnv3``)
+  and for YOLOv8n (``DetectionModel("yolov8n.yaml")`` and its own ``v8DetectionLoss``, Ultralytics'
+  ``ModelEMA``); the median of ``--steps`` rounds after a warm-up;
 - ``backbone``: forward + backward of S0's strides 8 / 16 / 32 alone (fused, train-time k = 1, the
   same with the fast path's "fold" formulation used before "direct", k = 1 without scale and skip
   branches), contiguous and channels-last;
@@ -72,13 +73,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def our_detector(scenes: Path, threads: int, channels_last: bool | None = None) -> tuple[torch.nn.Module, bool]:
-    """tal_s0 as ``mobileone train --task detect --data SCENES`` builds it, and its memory format.
-
-    ``channels_last=None``: the engine's default (``--channels-last`` / ``--no-channels-last`` unset).
+def our_detector(
+    scenes: Path, threads: int, channels_last: bool | None = None, variant: str = "s0"
+) -> tuple[torch.nn.Module, bool]:
+    """tal_s0 (or the ``mnv3`` peer) as ``mobileone train --task detect --data SCENES`` builds it, and its memory
+    format. ``channels_last=None``: the engine's default (``--channels-last`` / ``--no-channels-last`` unset).
     """
     task = DetectTask()
-    cfg = resolve_config(task, data=str(scenes), threads=threads, channels_last=channels_last)
+    cfg = resolve_config(task, data=str(scenes), threads=threads, channels_last=channels_last, variant=variant)
     env = setup_env(cfg)
     train, _ = load_splits(scenes)
     task.train_records = train.records
@@ -139,7 +141,8 @@ def timed_step(
 
 
 def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, dict[str, float]]:
-    """Seconds per step by part for tal_s0 (contiguous and channels-last) and YOLOv8n, alternating, same batches."""
+    """Seconds per step by part for tal_s0 (contiguous and channels-last), the MobileNetV3 peer under the same head
+    and YOLOv8n, alternating, on the same batches."""
     _, default_cl = our_detector(scenes, threads)
     data = batches(scenes, steps + 1)
     ours = {}
@@ -148,6 +151,9 @@ def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, 
         label = f"tal_s0 (k=1, {'channels_last' if cl else 'contiguous'}{', the default' if cl == default_cl else ''})"
         opt = torch.optim.SGD(det.parameters(), lr=0.001, momentum=0.9)
         ours[label] = (det, make_ema(det, 0.9995), opt, cl)
+    peer, peer_cl = our_detector(scenes, threads, variant="mnv3")
+    opt = torch.optim.SGD(peer.parameters(), lr=0.001, momentum=0.9)
+    ours["tal_mnv3 (the peer, same command)"] = (peer, make_ema(peer, 0.9995), opt, peer_cl)
     parts = ("forward", "assignment_and_loss", "backward", "optimizer", "ema")
     times: dict[str, dict[str, list[float]]] = {label: {p: [] for p in parts} for label in ours}
     if yolo:
@@ -297,6 +303,10 @@ def markdown(results: dict[str, Any]) -> str:
         for a, ta in totals.items():
             if "yolov8n" in totals and a != "yolov8n":
                 lines.append(f"- ratio: {a} trains {totals['yolov8n'] / ta:.2f}x the images/s of yolov8n (model step)")
+        peer = [t for label, t in totals.items() if label.startswith("tal_mnv3")]
+        for a, ta in totals.items():
+            if peer and "the default" in a:
+                lines.append(f"- ratio: {a} trains {peer[0] / ta:.2f}x the images/s of the peer (model step)")
     if "backbone" in results:
         lines += ["", "S0 backbone alone, forward + backward, s per batch of 16:", ""]
         lines += [f"- {k}: {v:.3f}" for k, v in results["backbone"].items()]
