@@ -67,6 +67,31 @@ def test_mosaic_scale_jitter_and_flips_keep_boxes_on_their_objects(tmp_path):
     assert checked > 50
 
 
+def test_kept_images_give_the_same_samples_and_follow_the_input_size(tmp_path, monkeypatch):
+    """Images kept in memory (decoded once, at the input size) give exactly the samples decoding again gives;
+    a new input size (progressive resizing) drops them; past the budget nothing more is kept."""
+    import mobileone.tasks.detect.augment as augment
+
+    split = _squares(tmp_path)
+
+    def data(size: int = 96) -> DenseTrainData:
+        return DenseTrainData(DetectionDataset(split, train=True), size, repeats=2, mosaic=0.5)
+
+    kept, fresh = data(), data()
+    for key in [(e, i) for e in range(2) for i in range(8)]:
+        fresh.cache.clear()  # decoded again for every sample
+        (x, t), (y, u) = kept[key], fresh[key]
+        assert torch.equal(x, y) and torch.equal(t["boxes"], u["boxes"]) and torch.equal(t["labels"], u["labels"])
+    assert len(kept.cache) == 4 and kept.cached_bytes == sum(i.width * i.height * 3 for i, _, _ in kept.cache.values())
+    kept.img_size = 64
+    assert not kept.cache and kept[(0, 0)][0].shape == (3, 64, 64)
+    assert kept.cache and all(max(part[0].size) == 64 for part in kept.cache.values())
+    monkeypatch.setattr(augment, "CACHE_BYTES", 0)
+    small = data()
+    small[(0, 0)]
+    assert not small.cache
+
+
 def test_letterbox_keeps_the_aspect_and_maps_back():
     img = Image.new("RGB", (200, 100), (255, 255, 255))
     x = letterbox_transform(64)(img)

@@ -134,13 +134,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def seeded(seed: int, epoch: int, index: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` with torch's RNG seeded from (run seed, epoch, index): a sample's augmentation is a pure
     function of its key (see :class:`EpochSampler`), whatever the worker, the process count or a resume. In a
-    data worker its own RNG is seeded; in the main process the caller's RNG state is kept."""
+    data worker its own RNG is seeded; in the main process the caller's RNG state is kept.
+
+    Only the CPU generator, which the transforms draw from: ``torch.manual_seed`` would also queue a seed
+    for every accelerator torch knows, formatting a stack trace each time (a millisecond a sample), and
+    in a process that uses CUDA would reseed its generator outside what ``fork_rng`` restores."""
     torch_seed = sample_seed(seed, epoch, index)
     if get_worker_info() is not None:  # a worker's RNG is its own
-        torch.manual_seed(torch_seed)
+        torch.default_generator.manual_seed(torch_seed)
         return fn(*args)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch_seed)
+        torch.default_generator.manual_seed(torch_seed)
         return fn(*args)
 
 
