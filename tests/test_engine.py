@@ -110,7 +110,6 @@ def test_threads_follow_the_cores_other_processes_leave():
         assert run(0.2, 1.0, 1.0) == 1  # under ``every`` seconds: not read again
         assert run(0.6, 1.0, 1.0) == 1
         assert run(0.6, 1.0, 0.0) == 2 and torch.get_num_threads() == 2  # it ended
-        assert fitter.fewest == 1
     finally:
         torch.set_num_threads(threads)
 

@@ -44,7 +44,7 @@ def own_seconds(pid: int | str = "self") -> float:
     for children in proc.glob("task/*/children"):
         for child in children.read_text().split():
             try:
-                ticks += sum(int(f) for f in (Path(f"/proc/{child}/stat")).read_text().rsplit(")", 1)[1].split()[11:13])
+                ticks += sum(int(f) for f in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
             except (OSError, IndexError):  # it ended between the two reads
                 pass
     return ticks / TICK
@@ -73,7 +73,6 @@ class ThreadFitter:
         self.most, self.every, self.share, self.clock = most, every, share, clock
         self.read = read or (lambda: _readings(cpus))
         self.threads = most
-        self.fewest = most
         self.others = 0.0
         self.last = (clock(), *self.read())
 
@@ -108,5 +107,4 @@ class ThreadFitter:
             )
             torch.set_num_threads(threads)
             self.threads = threads
-            self.fewest = min(self.fewest, threads)
         return threads
