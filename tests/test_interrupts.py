@@ -35,6 +35,15 @@ def test_ctrl_c_says_how_to_resume(tmp_path, data, monkeypatch, capsys):
 
 
 @pytest.mark.slow  # a subprocess with 2 data workers: about 10-20 s on 2 busy cores
+def default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a terminal gives them (default action, unblocked), whatever this test
+    process inherited or was left with by libraries loaded in it; an ignored or blocked SIGINT is inherited
+    across exec and would let the run finish untouched."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_sigint_to_the_process_group_prints_no_traceback(tmp_path, data):
     """A terminal's Ctrl-C signals the whole process group: the trainer and its data workers."""
     out = tmp_path / "run"
@@ -48,6 +57,7 @@ def test_sigint_to_the_process_group_prints_no_traceback(tmp_path, data):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_signals,
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "train_state.pt").exists():
@@ -82,6 +92,7 @@ def test_sigterm_stops_like_ctrl_c(tmp_path, data):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_signals,
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "train_state.pt").exists():
