@@ -137,7 +137,7 @@ def seeded(seed: int, epoch: int, index: int, fn: Callable[..., T], *args: Any) 
     data worker its own RNG is seeded; in the main process the caller's RNG state is kept.
 
     Only the CPU generator, which the transforms draw from: ``torch.manual_seed`` would also queue a seed
-    for every accelerator torch knows, formatting a stack trace each time (a millisecond a sample), and
+    for every accelerator torch knows, formatting a stack trace each time (every sample), and
     in a process that uses CUDA would reseed its generator outside what ``fork_rng`` restores."""
     torch_seed = sample_seed(seed, epoch, index)
     if get_worker_info() is not None:  # a worker's RNG is its own
