@@ -50,8 +50,11 @@ def train_ours(variant: str, seed: int, data: Path, out: Path, args: argparse.Na
     epochs' (``reused`` in the row says so)."""
     options = {"--data": data, "--variant": variant, "--seed": seed, "--workers": 1, "--threads": args.threads}
     reused = (out / "summary.json").exists()
+    if not reused:
+        cmd, summary, seconds = train_subprocess("detect", out, options, args.extra)
+    cfg = json.loads((out / "config.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if reused:
-        cfg = json.loads((out / "config.json").read_text())
         if (cfg["variant"], cfg["seed"]) != (variant, seed):
             raise SystemExit(f"{out} holds a run of {cfg['variant']} seed {cfg['seed']}; give another --out")
         print(f"reusing the finished run {out} (its config.json has the options it ran with)", flush=True)
@@ -59,11 +62,6 @@ def train_ours(variant: str, seed: int, data: Path, out: Path, args: argparse.Na
         cmd = ["mobileone", "train", "--task", "detect", "--out", str(out)]
         cmd += [f"--{k.replace('_', '-')} {cfg[k]}" for k in keys]
         summary = json.loads((out / "summary.json").read_text())
-    else:
-        cmd, summary, seconds = train_subprocess("detect", out, options, args.extra)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    cfg = json.loads((out / "config.json").read_text())
-    if reused:
         seconds = sum(r["epoch_seconds"] for r in rows)
     seen = sum(r["images_per_second"] * r["train_seconds"] for r in rows)
     return {

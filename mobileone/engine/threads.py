@@ -36,15 +36,18 @@ def busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float:
     return total / TICK
 
 
+def _stat_ticks(pid: int | str, fields: slice) -> int:
+    """The sum of some of ``/proc/PID/stat``'s CPU-time fields (counted after the command name)."""
+    return sum(int(f) for f in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[fields])
+
+
 def own_seconds(pid: int | str = "self") -> float:
     """CPU seconds of this process, its ended children and its live ones (data workers), since they began."""
-    proc = Path(f"/proc/{pid}")
-    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    for children in proc.glob("task/*/children"):
+    ticks = _stat_ticks(pid, slice(11, 15))  # utime, stime, cutime, cstime
+    for children in Path(f"/proc/{pid}").glob("task/*/children"):
         for child in children.read_text().split():
             try:
-                ticks += sum(int(f) for f in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                ticks += _stat_ticks(child, slice(11, 13))  # utime, stime
             except (OSError, IndexError):  # it ended between the two reads
                 pass
     return ticks / TICK
