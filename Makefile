@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 
 # The tests start with the lint: CI runs `make test`, so a change that ruff refuses does not land.
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check mobileone tests experiments && $(VENV)/bin/ruff format --check mobileone tests experiments

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from mobileone.engine.schedules import (
     image_size_at,
     lr_at,
     make_ema,
+    make_optimizer,
     param_groups,
     peak_lr,
     weight_decay_at,
@@ -183,6 +185,22 @@ def test_param_groups_skip_norms_and_biases():
     )
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_choice_keeps_the_groups_and_their_decay(name, kind):
+    cfg = resolve_config(task="classify", optimizer=name, weight_decay=1e-3, momentum=0.8)
+    model = create_model(TINY, num_classes=3)
+    opt = make_optimizer(model, cfg)
+    assert type(opt) is kind and [g["decay"] for g in opt.param_groups] == [True, False]
+    assert opt.param_groups[0]["weight_decay"] == 1e-3 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.defaults["betas" if name == "adamw" else "momentum"] == ((0.8, 0.999) if name == "adamw" else 0.8)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="optimizer"):
+        resolve_config(task="classify", optimizer="adam")
 
 
 def test_ema_warm_up_and_buffers():
@@ -439,6 +457,28 @@ def test_image_size_comes_from_the_data_when_not_given(tmp_path):
     with pytest.warns(UserWarning, match=r"--img-size 224 upsamples the training images \(about 28 px\) 8.0x: 64x"):
         fit_image_size(given, [28] * 5, 32)
     assert given.img_size == 224
+
+
+def test_time_budget_sets_the_epochs_from_the_pace_so_far(tmp_path, data, monkeypatch):
+    cfg = resolve_config(data=str(data), out=str(tmp_path / "a"), time=10.0, epochs=4)
+    assert not cfg.auto_epochs  # the budget decides, not the floor of steps
+    env = SimpleNamespace(main=True, world=1, device=torch.device("cpu"))
+    s = SimpleNamespace(per_epoch=7, total=28, history=[{"epoch_seconds": 90.0}])
+    tr._fit_epochs_to_time(s, cfg, env, 1)  # 510 s left at 90 s an epoch
+    assert (cfg.epochs, s.total) == (7, 49)
+    s.history += [{"epoch_seconds": 60.0}] * 2  # the first epoch (caches) no longer sets the pace
+    tr._fit_epochs_to_time(s, cfg, env, 3)  # 390 s left at 60 s
+    assert cfg.epochs == 10
+    s.history += [{"epoch_seconds": 200.0}] * 4  # past the budget: one more epoch, the last, validated
+    tr._fit_epochs_to_time(s, cfg, env, 7)
+    assert cfg.epochs == 8
+    with pytest.raises(ValueError, match="time"):
+        resolve_config(data=str(data), out=str(tmp_path / "b"), time=0)
+    # end to end: a budget the first epoch already spends trains it and one more, the last validated
+    opts = {"data": str(data), "arch": TINY, "out": str(tmp_path / "run"), "batch_size": 8, "img_size": 16}
+    summary = train(resolve_config(**opts, workers=0, progress=False, ema_decay=0.0, time=1e-4, epochs=5))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs"] == 2 and len(rows) == 2 and rows[-1].get("val_top1") is not None
 
 
 def test_small_data_gets_a_floor_of_optimizer_steps(tmp_path, data, monkeypatch):

@@ -36,6 +36,7 @@ CHOICES = {
     "data_format": ("auto", "coco", "voc", "yolo", "masks"),
     "augment": ("none", "randaugment", "autoaugment"),
     "init": ("torch", "unit-sum", "identity"),
+    "optimizer": ("sgd", "adamw"),
     "head": ("tal", "ssdlite", "deeplabv3", "lraspp"),
     "device": ("auto", "cuda", "cpu"),
     "amp": ("auto", "none", "bf16", "fp16"),
@@ -104,10 +105,13 @@ class TrainConfig:
         "torch", "data", "branch BN scales at the start (identity: skip layers)", choices=CHOICES["init"]
     )
     # --- optimization
+    optimizer: str = option(
+        "sgd", "optimization", "sgd (the paper's) or adamw (short runs from scratch)", choices=CHOICES["optimizer"]
+    )
     base_lr: float = option(0.1, "optimization", "learning rate per 256 images (lr = base_lr x batch / 256)", RATE)
     lr: float | None = option(None, "optimization", "peak learning rate (overrides --base-lr)", RATE)
     min_lr: float = option(1e-6, "optimization", "learning rate at the end of the cosine", Range(0.0, 100.0))
-    momentum: float = option(0.9, "optimization", "SGD momentum", BELOW_ONE)
+    momentum: float = option(0.9, "optimization", "SGD momentum (AdamW's beta1)", BELOW_ONE)
     weight_decay: float = option(1e-4, "optimization", "weight decay at the start", UNIT)
     weight_decay_end: float = option(
         1e-5, "optimization", "cosine-annealed weight decay at the end (= --weight-decay: constant)", UNIT
@@ -123,6 +127,14 @@ class TrainConfig:
         "short", "schedule", "imagenet: the paper's; finetune: the default with --pretrained", choices=tuple(RECIPES)
     )
     epochs: int = option(10, "schedule", "epochs", Range(1, None, integer=True))
+    time: float | None = option(
+        None,
+        "schedule",
+        "train for about this many minutes: before each epoch the epochs are set to what fits at the pace so "
+        "far, and the cosine follows (--epochs then only sizes the first epoch)",
+        Range(0.0, None, low_open=True),
+        metavar="MINUTES",
+    )
     batch_size: int = option(
         128, "schedule", "global batch, over all processes and micro-batches", Range(1, None, integer=True)
     )
@@ -327,7 +339,7 @@ def resolve_config(
     values["auto_batch"] = "batch_size" not in explicit
     own_data = explicit.get("data") is not None
     values["auto_img_size"] = own_data and "img_size" not in explicit
-    values["auto_epochs"] = own_data and "epochs" not in explicit and "steps_per_epoch" not in explicit
+    values["auto_epochs"] = own_data and not {"epochs", "steps_per_epoch", "time"} & set(explicit)
     cfg = TrainConfig(**values).validate()
     task.validate(cfg, frozenset(explicit))
     check_batch_floor(cfg, task.min_batch)

@@ -65,6 +65,16 @@ def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> AveragedMod
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper), or AdamW, on :func:`param_groups`; the schedule sets lr and decay per step.
+
+    AdamW's weight decay is decoupled (``lr * weight_decay`` of each weight a step), as torch implements it."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=(cfg.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=cfg.momentum)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv and linear weights only: none on norm layers and biases (the paper)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .data_fit import fit_epochs, fit_image_size
 from .distributed import Env, KeptBatches, all_reduce_sum, make_loader, setup_env, to_device, too_small_to_step
 from .progress import Progress, epoch_line
 from .rundir import RunDir, plot_curves
-from .schedules import image_size_at, lr_at, make_ema, param_groups, peak_lr, weight_decay_at
+from .schedules import image_size_at, lr_at, make_ema, make_optimizer, peak_lr, weight_decay_at
 from .task import DataError, NonFiniteOutputError, Task, TaskData
 from .threads import ThreadFitter
 
@@ -108,7 +109,10 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         s.best = {task.metric: None}
     val_loader = KeptBatches(make_loader(data.val, cfg, env, task.collate(), train=False))
     loader, loader_key = None, None
-    for epoch in range(s.start_epoch, cfg.epochs):
+    epoch = s.start_epoch
+    while epoch < cfg.epochs:
+        if cfg.time is not None and epoch > 0:
+            _fit_epochs_to_time(s, cfg, env, epoch)
         size, strength = image_size_at(epoch, cfg.epochs, cfg.img_size, cfg.progressive)
         if (size, strength) != loader_key:  # progressive phases change the transform: new workers
             task.set_train_transform(data, cfg, size, strength)
@@ -127,6 +131,8 @@ def _loop(cfg: TrainConfig, task: Task, env: Env, run: RunDir, data: TaskData, m
         if env.main:
             s.best = _save_epoch(run, task, s, cfg, epoch, data, t0)
             print(epoch_line(task, row, cfg.epochs), flush=True)
+        row.setdefault("epoch_seconds", time.perf_counter() - t0)  # other ranks time their epoch too
+        epoch += 1
     if env.main:
         return _finish(run, task, cfg, s.history, s.best, data)
     return {"run_dir": str(run.path), "best": s.best}
@@ -141,7 +147,7 @@ def _setup(cfg: TrainConfig, task: Task, env: Env, model: nn.Module, per_epoch: 
         model.to(memory_format=torch.channels_last)
     task.prepare(cfg, env, model)
     ema = make_ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=peak_lr(cfg), momentum=cfg.momentum)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
     net: nn.Module = model
     if env.world > 1:
@@ -153,6 +159,22 @@ def _setup(cfg: TrainConfig, task: Task, env: Env, model: nn.Module, per_epoch: 
     state = _State(model, net, ema, optimizer, scaler, per_epoch, total, warmup, best={task.metric: None})
     state.threads = ThreadFitter.for_run(torch.get_num_threads(), cfg.threads is not None, env.world, env.device.type)
     return state
+
+
+def _fit_epochs_to_time(s: _State, cfg: TrainConfig, env: Env, epoch: int) -> None:
+    """``--time``: the epochs that fit the budget at the pace of the epochs so far (training, validation,
+    checkpoints; the first left out once there are others, it fills caches), at least this one more.
+
+    A function of the run's history alone, so a resumed run decides as the uninterrupted one did; the
+    main process decides for every rank."""
+    seconds = [r["epoch_seconds"] for r in s.history]
+    pace = sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else seconds[0]
+    left = cfg.time * 60 - sum(seconds)
+    epochs = epoch + max(1, math.floor(left / pace + 0.5))
+    epochs = int(all_reduce_sum(torch.tensor(float(epochs if env.main else 0), device=env.device), env))
+    if epochs != cfg.epochs and env.main:
+        print(f"--time {cfg.time:g} min: {epochs} epochs fit at {pace:.1f} s an epoch", flush=True)
+    cfg.epochs, s.total = epochs, epochs * s.per_epoch
 
 
 def _restore(s: _State, run: RunDir, data: TaskData, env: Env) -> None:
