@@ -253,3 +253,20 @@ def test_small_sets_get_a_minimum_of_steps_whatever_the_epochs(tmp_path):
     assert train[(0, 0)][1]["boxes"].shape[1] == 4 and len(train.records) == 6
     capped = resolve_config(task="detect", data=str(data), epochs=4, batch_size=2, steps_per_epoch=5, workers=0)
     assert len(t.load_data(capped, Env(torch.device("cpu"))).train) == 2 * 6  # two passes fill the 5 steps
+
+
+def test_user_data_trains_with_adamw_and_each_optimizer_has_its_own_learning_rate(tmp_path):
+    from mobileone.engine.schedules import make_optimizer, peak_lr
+    from mobileone.tasks import resolve_config
+
+    data = str(tiny_dataset(tmp_path / "d", train=6, val=2))
+    cfg = resolve_config(task="detect", data=data)
+    assert (cfg.optimizer, peak_lr(cfg)) == ("adamw", pytest.approx(0.002))  # at batch 16
+    assert peak_lr(resolve_config(task="detect", data=data, batch_size=64)) == pytest.approx(0.004)  # sqrt scaling
+    sgd = resolve_config(task="detect", data=data, optimizer="sgd")
+    assert peak_lr(sgd) == pytest.approx(0.2 * 16 / 256)  # SGD asked for by name: its own rate, linear scaling
+    assert resolve_config(task="detect", data=data, optimizer="sgd", base_lr=0.1).base_lr == 0.1
+    builtin = resolve_config(task="detect")  # the demo's digit scenes keep their tuned SGD
+    assert (builtin.optimizer, builtin.base_lr) == ("sgd", 0.8)
+    assert resolve_config(task="detect", optimizer="adamw").base_lr == 0.008
+    assert isinstance(make_optimizer(tiny_detector(num_classes=2, img_size=64), cfg), torch.optim.AdamW)

@@ -108,7 +108,9 @@ class TrainConfig:
     optimizer: str = option(
         "sgd", "optimization", "sgd (the paper's) or adamw (short runs from scratch)", choices=CHOICES["optimizer"]
     )
-    base_lr: float = option(0.1, "optimization", "learning rate per 256 images (lr = base_lr x batch / 256)", RATE)
+    base_lr: float = option(
+        0.1, "optimization", "learning rate at batch 256 (SGD: x batch / 256; AdamW: x sqrt(batch / 256))", RATE
+    )
     lr: float | None = option(None, "optimization", "peak learning rate (overrides --base-lr)", RATE)
     min_lr: float = option(1e-6, "optimization", "learning rate at the end of the cosine", Range(0.0, 100.0))
     momentum: float = option(0.9, "optimization", "SGD momentum (AdamW's beta1)", BELOW_ONE)

@@ -19,8 +19,12 @@ PROGRESSIVE = ((37 / 300, 160 / 224, 0.3), (112 / 300, 192 / 224, 0.7), (1.0, 1.
 
 
 def peak_lr(cfg: TrainConfig) -> float:
-    """The paper's linear scaling: ``base_lr`` per 256 images of global batch, unless ``lr`` is given."""
-    return cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
+    """``base_lr`` at a global batch of 256, scaled to the batch, unless ``lr`` is given: linearly for SGD (the
+    paper), by the square root for AdamW (whose per-weight steps do not grow with the gradient's size)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    scale = cfg.batch_size / 256
+    return cfg.base_lr * (math.sqrt(scale) if cfg.optimizer == "adamw" else scale)
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
