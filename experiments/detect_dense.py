@@ -183,7 +183,7 @@ def _split(data: Path, threads: int, name: str, k: int | None, steps: int) -> di
     arch = VARIANTS["mobileone_s0"].replace(k=k).to_dict() if k else None
     det = create_detector(name, len(train.classes), 320, init="identity", arch=arch).train()
     ema = make_ema(det, 0.9995)
-    opt = torch.optim.SGD(det.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.AdamW(det.parameters(), lr=0.001)
     parts = dict.fromkeys(("data", "forward", "assignment_and_loss", "backward", "optimizer", "ema"), 0.0)
     for step in range(steps + 1):
         t0 = time.perf_counter()

@@ -6,7 +6,8 @@ dense scenes (``mobileone.tasks.detect.scenes``), in alternating rounds so that 
 machine load, and splits where the time goes:
 
 - ``step``: per training step of 16 images at 320 px, forward, assignment + loss, backward,
-  optimizer (SGD, momentum 0.9) and EMA, for tal_s0 as ``mobileone train --task detect`` builds it
+  optimizer (AdamW, what the default and Ultralytics' ``optimizer=auto`` train these runs with) and
+  EMA, for tal_s0 as ``mobileone train --task detect`` builds it
   (k = 1, its channels-last choice), for the MobileNetV3 peer under the same head (``--variant mnv3``)
   and for YOLOv8n (``DetectionModel("yolov8n.yaml")`` and its own ``v8DetectionLoss``, Ultralytics'
   ``ModelEMA``); the median of ``--steps`` rounds after a warm-up;
@@ -149,16 +150,16 @@ def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, 
     for cl in (False, True):
         det, _ = our_detector(scenes, threads, cl)
         label = f"tal_s0 (k=1, {'channels_last' if cl else 'contiguous'}{', the default' if cl == default_cl else ''})"
-        opt = torch.optim.SGD(det.parameters(), lr=0.001, momentum=0.9)
+        opt = torch.optim.AdamW(det.parameters(), lr=0.001)
         ours[label] = (det, make_ema(det, 0.9995), opt, cl)
     peer, peer_cl = our_detector(scenes, threads, variant="mnv3")
-    opt = torch.optim.SGD(peer.parameters(), lr=0.001, momentum=0.9)
+    opt = torch.optim.AdamW(peer.parameters(), lr=0.001)
     ours["tal_mnv3 (the peer, same command)"] = (peer, make_ema(peer, 0.9995), opt, peer_cl)
     parts = ("forward", "assignment_and_loss", "backward", "optimizer", "ema")
     times: dict[str, dict[str, list[float]]] = {label: {p: [] for p in parts} for label in ours}
     if yolo:
         ym, yema = yolo_model()
-        yopt = torch.optim.SGD(ym.parameters(), lr=0.001, momentum=0.9)
+        yopt = torch.optim.AdamW(ym.parameters(), lr=0.001)
         times["yolov8n"] = {p: [] for p in ("forward_and_loss", "backward", "optimizer", "ema")}
     for r, (x, targets) in enumerate(data):
         for label, (det, ema, opt, cl) in ours.items():
