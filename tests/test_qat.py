@@ -64,6 +64,8 @@ def test_the_graph_is_fake_quantized_with_ranges_from_training_images(tmp_path, 
     error = ((q - f).norm() / f.norm()).item()
     assert 0 < error < 0.2, "int8 rounding changes the logits a little, not entirely"
     assert (cfg.lr, cfg.weight_decay, cfg.img_size) == (QAT_DEFAULTS["lr"], 0.0, 16)
+    # SGD even where the task itself trains with AdamW (detection on user data)
+    assert qat_task("detect").defaults("short", "mobileone_s0", False)["optimizer"] == cfg.optimizer == "sgd"
 
 
 def test_the_source_runs_data_and_augmentation_are_kept_unless_given(tmp_path, data, checkpoint):

@@ -45,10 +45,12 @@ from .calibration import calibration_batch
 from .common import require
 from .int8 import Graph, task_graph
 
-# Fine-tuning scale. The fused kernels carry the folded BatchNorms: decay would shrink them with nothing to
-# renormalize, and a warm-up protects freshly initialised heads, of which there are none.
+# Fine-tuning scale, SGD whatever the task trains with (AdamW moves every weight by about lr each step, near
+# one INT8 step of a fused kernel's weights). The fused kernels carry the folded BatchNorms: decay would
+# shrink them with nothing to renormalize, and a warm-up protects freshly initialised heads, of which there are none.
 QAT_DEFAULTS: dict[str, Any] = {
     "epochs": 3,
+    "optimizer": "sgd",
     "lr": 1e-3,
     "min_lr": 0.0,
     "weight_decay": 0.0,
