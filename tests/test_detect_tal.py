@@ -166,3 +166,9 @@ def test_priors_fit_the_boxes_and_small_boxes_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_small_boxes(sides, "tal", 0.0)  # 8-30 px: the stride-8 level resolves them
+
+
+def test_the_peers_batchnorms_keep_statistics_that_follow_a_short_run():
+    peer = create_detector("tal_mnv3", 1, img_size=64)
+    norms = [m for m in peer.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) > 50 and {m.momentum for m in norms} == {0.1}  # torchvision's trunk says 0.01
