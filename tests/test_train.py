@@ -481,6 +481,18 @@ def test_time_budget_sets_the_epochs_from_the_pace_so_far(tmp_path, data, monkey
     assert summary["epochs"] == 2 and len(rows) == 2 and rows[-1].get("val_top1") is not None
 
 
+def test_deterministic_runs_keep_a_fixed_thread_count(tmp_path, data, monkeypatch):
+    # the threads fitted to a busy machine would change how reductions round: such a run would not resume exactly
+    fixed = []
+    fitter = tr.ThreadFitter.for_run
+    monkeypatch.setattr(tr.ThreadFitter, "for_run", staticmethod(lambda *a: fixed.append(a[1]) or fitter(*a)))
+    opts = {"data": str(data), "arch": TINY, "batch_size": 8, "img_size": 16, "epochs": 1, "workers": 0}
+    for deterministic in (False, True):
+        out = str(tmp_path / str(deterministic))
+        train(resolve_config(**opts, out=out, progress=False, ema_decay=0.0, deterministic=deterministic))
+    assert fixed == [False, True]
+
+
 def test_small_data_gets_a_floor_of_optimizer_steps(tmp_path, data, monkeypatch):
     cfg = resolve_config(data=str(data), out=str(tmp_path / "a"))
     assert cfg.auto_epochs and cfg.epochs == 10

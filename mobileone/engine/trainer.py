@@ -157,7 +157,10 @@ def _setup(cfg: TrainConfig, task: Task, env: Env, model: nn.Module, per_epoch: 
     total = cfg.epochs * per_epoch
     warmup = min(round(cfg.warmup_epochs * per_epoch), total // 5)  # a 1-epoch run still gets its cosine
     state = _State(model, net, ema, optimizer, scaler, per_epoch, total, warmup, best={task.metric: None})
-    state.threads = ThreadFitter.for_run(torch.get_num_threads(), cfg.threads is not None, env.world, env.device.type)
+    # A fixed thread count where the user set it, and for --deterministic: a reduction split over another number
+    # of threads rounds differently, and such a run promises the same weights however busy the machine is.
+    fixed = cfg.threads is not None or cfg.deterministic
+    state.threads = ThreadFitter.for_run(torch.get_num_threads(), fixed, env.world, env.device.type)
     return state
 
 
