@@ -264,9 +264,9 @@ def test_user_data_trains_with_adamw_and_each_optimizer_has_its_own_learning_rat
     assert (cfg.optimizer, peak_lr(cfg)) == ("adamw", pytest.approx(0.002))  # at batch 16
     assert peak_lr(resolve_config(task="detect", data=data, batch_size=64)) == pytest.approx(0.004)  # sqrt scaling
     sgd = resolve_config(task="detect", data=data, optimizer="sgd")
-    assert peak_lr(sgd) == pytest.approx(0.2 * 16 / 256)  # SGD asked for by name: its own rate, linear scaling
+    assert sgd.base_lr == 0.2 and peak_lr(sgd) == pytest.approx(0.2 * 16 / 256)  # SGD by name: its rate, linear
     assert resolve_config(task="detect", data=data, optimizer="sgd", base_lr=0.1).base_lr == 0.1
     builtin = resolve_config(task="detect")  # the demo's digit scenes keep their tuned SGD
     assert (builtin.optimizer, builtin.base_lr) == ("sgd", 0.8)
-    assert resolve_config(task="detect", optimizer="adamw").base_lr == 0.008
+    assert resolve_config(task="detect", optimizer="adamw").base_lr == pytest.approx(0.8 * 0.04)  # converted
     assert isinstance(make_optimizer(tiny_detector(num_classes=2, img_size=64), cfg), torch.optim.AdamW)

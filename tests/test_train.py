@@ -201,6 +201,10 @@ def test_optimizer_choice_keeps_the_groups_and_their_decay(name, kind):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="optimizer"):
         resolve_config(task="classify", optimizer="adam")
+    # without --base-lr the defaults' SGD rate is carried over to AdamW (x 0.04), the recipe's too
+    assert resolve_config(task="classify", optimizer="adamw").base_lr == pytest.approx(0.004)
+    assert resolve_config(task="classify", optimizer="adamw", pretrained=None, recipe="finetune").base_lr == 0.0004
+    assert resolve_config(task="classify", optimizer="adamw", base_lr=0.3).base_lr == 0.3
 
 
 def test_ema_warm_up_and_buffers():

@@ -39,14 +39,13 @@ log = logging.getLogger("mobileone")
 # Every detection run with user data: the tal head at 320 px, batch 16, AdamW at lr 0.002 (0.008 at batch
 # 256, square-root scaled; what Ultralytics picks for runs this short), weight decay 5e-4 (as YOLO's) without
 # annealing, and at least DETECT_MIN_STEPS optimizer steps (docs/detection.md: the ablation). SGD, asked for
-# by name, gets 0.2 per 256 images (torchvision's SSDLite recipe: 0.15 at batch 192).
-DETECT_BASE_LR = {"adamw": 0.008, "sgd": 0.2}
+# by name, gets 0.2 per 256 images (torchvision's SSDLite recipe: 0.15 at batch 192), by the engine's ADAMW_PER_SGD.
 DETECT_DEFAULTS: dict[str, Any] = {
     "head": DEFAULT_HEAD,
     "img_size": 320,
     "batch_size": 16,
     "optimizer": "adamw",
-    "base_lr": DETECT_BASE_LR["adamw"],
+    "base_lr": 0.008,
     "weight_decay": 5e-4,
     "weight_decay_end": 5e-4,
     "warmup_epochs": 1.0,
@@ -138,9 +137,6 @@ class DetectTask(Task):
     def validate(self, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> None:
         if cfg.head is None:
             cfg.head = DEFAULT_HEAD
-        own = self.defaults("short", cfg.variant, cfg.data is None)["optimizer"]
-        if "optimizer" in given and cfg.optimizer != own and not {"base_lr", "lr"} & given:
-            cfg.base_lr = DETECT_BASE_LR[cfg.optimizer]  # the other optimizer's own learning rate
         if cfg.head not in HEADS:
             raise ValueError(f"--head {cfg.head} is a segmentation head; detection heads: {', '.join(HEADS)}")
         if cfg.k is None and cfg.data is not None and not cfg.pretrained and not cfg.arch and cfg.variant != PEER:
