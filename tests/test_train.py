@@ -483,6 +483,8 @@ def test_time_budget_sets_the_epochs_from_the_pace_so_far(tmp_path, data, monkey
     summary = train(resolve_config(**opts, workers=0, progress=False, ema_decay=0.0, time=1e-4, epochs=5))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["epochs"] == 2 and len(rows) == 2 and rows[-1].get("val_top1") is not None
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    assert all(r["epoch_seconds"] > 0 for r in state["history"])  # what a resumed run decides from
 
 
 def test_deterministic_runs_keep_a_fixed_thread_count(tmp_path, data, monkeypatch):

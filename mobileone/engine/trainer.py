@@ -424,6 +424,8 @@ def _save_epoch(run: RunDir, task: Task, s: _State, cfg: TrainConfig, epoch: int
         weights = s.ema.module if use_ema else s.model
         task.save(weights, run.path / "best.safetensors", **best)
         _save_fused(run, task, weights, best)
+    now = time.perf_counter()  # before the training state's write, so that the state's history has it (--time)
+    row["save_seconds"], row["epoch_seconds"] = now - t_save, now - t0
     state = {
         "model": s.model.state_dict(),
         "optimizer": s.optimizer.state_dict(),
@@ -437,8 +439,6 @@ def _save_epoch(run: RunDir, task: Task, s: _State, cfg: TrainConfig, epoch: int
         "rng": torch.get_rng_state(),
     }
     run.save_state(state)
-    now = time.perf_counter()
-    row["save_seconds"], row["epoch_seconds"] = now - t_save, now - t0
     run.write_jsonl("metrics.jsonl", s.history)
     if row["epoch_seconds"] > 20 or epoch + 1 == cfg.epochs:
         plot_curves(s.history, run.path / "curves.png", task.metric_names)
