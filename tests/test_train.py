@@ -463,7 +463,7 @@ def test_image_size_comes_from_the_data_when_not_given(tmp_path):
     assert given.img_size == 224
 
 
-def test_time_budget_sets_the_epochs_from_the_pace_so_far(tmp_path, data, monkeypatch):
+def test_time_budget_sets_the_epochs_from_the_pace_so_far(tmp_path, data):
     cfg = resolve_config(data=str(data), out=str(tmp_path / "a"), time=10.0, epochs=4)
     assert not cfg.auto_epochs  # the budget decides, not the floor of steps
     env = SimpleNamespace(main=True, world=1, device=torch.device("cpu"))
