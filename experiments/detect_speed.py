@@ -7,10 +7,12 @@ machine load, and splits where the time goes:
 
 - ``step``: per training step of 16 images at 320 px, forward, assignment + loss, backward,
   optimizer (AdamW, what the default and Ultralytics' ``optimizer=auto`` train these runs with) and
-  EMA, for tal_s0 as ``mobileone train --task detect`` builds it
-  (k = 1, its channels-last choice), for the MobileNetV3 peer under the same head (``--variant mnv3``)
-  and for YOLOv8n (``DetectionModel("yolov8n.yaml")`` and its own ``v8DetectionLoss``, Ultralytics'
-  ``ModelEMA``); the median of ``--steps`` rounds after a warm-up;
+  EMA, for tal_s0 as ``mobileone train --task detect`` builds and runs it (k = 1, its memory format,
+  its autocast: bf16 on a CPU with native bf16; fused AdamW), the same in float32 (``--amp none``),
+  for the MobileNetV3 peer under the same head (``--variant mnv3``) and for YOLOv8n
+  (``DetectionModel("yolov8n.yaml")`` and its own ``v8DetectionLoss``, Ultralytics' ``ModelEMA``,
+  float32 as Ultralytics trains on a CPU, and under the same bf16 autocast as ours for comparison);
+  the median of ``--steps`` rounds after a warm-up;
 - ``backbone``: forward + backward of S0's strides 8 / 16 / 32 alone (fused, train-time k = 1, the
   same with the fast path's "fold" formulation used before "direct", k = 1 without scale and skip
   branches), contiguous and channels-last;
@@ -57,8 +59,8 @@ from mobileone.core import fast_train  # noqa: E402
 from mobileone.core.config import VARIANTS  # noqa: E402
 from mobileone.core.model import MobileOne  # noqa: E402
 from mobileone.engine.config import TrainConfig, resolve_config  # noqa: E402
-from mobileone.engine.distributed import cpu_plan, setup_env  # noqa: E402
-from mobileone.engine.schedules import make_ema  # noqa: E402
+from mobileone.engine.distributed import Env, cpu_plan, setup_env  # noqa: E402
+from mobileone.engine.schedules import make_ema, make_optimizer  # noqa: E402
 from mobileone.engine.trainer import validates  # noqa: E402
 from mobileone.tasks.detect.augment import DenseTrainData, letterbox_transform  # noqa: E402
 from mobileone.tasks.detect.data import DetectionDataset, collate_detection, load_splits  # noqa: E402
@@ -75,20 +77,19 @@ def median(values: list[float]) -> float:
 
 
 def our_detector(
-    scenes: Path, threads: int, channels_last: bool | None = None, variant: str = "s0"
-) -> tuple[torch.nn.Module, bool]:
-    """tal_s0 (or the ``mnv3`` peer) as ``mobileone train --task detect --data SCENES`` builds it, and its memory
-    format. ``channels_last=None``: the engine's default (``--channels-last`` / ``--no-channels-last`` unset).
-    """
+    scenes: Path, threads: int, variant: str = "s0", amp: str | None = None
+) -> tuple[torch.nn.Module, Env, TrainConfig]:
+    """tal_s0 (or the ``mnv3`` peer) as ``mobileone train --task detect --data SCENES`` builds it (``amp``: as
+    ``--amp``, None for the default), with its run environment (memory format, autocast) and config."""
     task = DetectTask()
-    cfg = resolve_config(task, data=str(scenes), threads=threads, channels_last=channels_last, variant=variant)
+    cfg = resolve_config(task, data=str(scenes), threads=threads, variant=variant, amp=amp)
     env = setup_env(cfg)
     train, _ = load_splits(scenes)
     task.train_records = train.records
     det = task.build_model(cfg, train.classes).train()
     if env.channels_last:
         det = det.to(memory_format=torch.channels_last)
-    return det, env.channels_last
+    return det, env, cfg
 
 
 def batches(scenes: Path, count: int) -> list[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
@@ -111,25 +112,31 @@ def yolo_batch(x: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[
     return {"img": x, "batch_idx": idx, "cls": labels, "bboxes": cxcywh}
 
 
-def yolo_model() -> tuple[torch.nn.Module, Any]:
+def yolo_model() -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
+    """YOLOv8n from its yaml, its EMA, and AdamW as Ultralytics builds it (per-tensor, not fused)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import DEFAULT_CFG
     from ultralytics.utils.torch_utils import ModelEMA
 
+    torch.manual_seed(0)
     m = DetectionModel("yolov8n.yaml", nc=1, verbose=False)
     m.args = get_cfg(DEFAULT_CFG)
-    return m.train(), ModelEMA(m)
+    return m.train(), ModelEMA(m), torch.optim.AdamW(m.parameters(), lr=0.001)
 
 
 def timed_step(
-    det: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, x: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    det: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, env: Env, x: torch.Tensor, targets: list[dict[str, Any]]
 ) -> list[float]:
-    """One training step of our detector; the seconds of its forward, assignment + loss, backward, optimizer, EMA."""
+    """One training step of our detector as the engine runs it (its autocast and memory format); the seconds of
+    its forward, assignment + loss, backward, optimizer, EMA."""
+    x = x.contiguous(memory_format=torch.channels_last) if env.channels_last else x
     marks = [time.perf_counter()]
-    codes, logits = det.head_outputs(x)
+    with env.autocast():
+        codes, logits = det.head_outputs(x)
     marks.append(time.perf_counter())
-    losses = det.compute_loss(codes, logits, targets, tuple(x.shape[-2:]))
+    with env.autocast():
+        losses = det.compute_loss(codes, logits, targets, tuple(x.shape[-2:]))
     marks.append(time.perf_counter())
     opt.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
@@ -142,48 +149,51 @@ def timed_step(
 
 
 def time_steps(scenes: Path, steps: int, yolo: bool, threads: int) -> dict[str, dict[str, float]]:
-    """Seconds per step by part for tal_s0 (contiguous and channels-last), the MobileNetV3 peer under the same head
-    and YOLOv8n, alternating, on the same batches."""
-    _, default_cl = our_detector(scenes, threads)
+    """Seconds per step by part for tal_s0 by default (bf16 autocast on a CPU with native bf16) and in float32,
+    the MobileNetV3 peer under the same head and command, and YOLOv8n as Ultralytics trains it on a CPU
+    (float32) and, where ours runs bf16, under the same bf16 autocast; alternating, on the same batches."""
     data = batches(scenes, steps + 1)
     ours = {}
-    for cl in (False, True):
-        det, _ = our_detector(scenes, threads, cl)
-        label = f"tal_s0 (k=1, {'channels_last' if cl else 'contiguous'}{', the default' if cl == default_cl else ''})"
-        opt = torch.optim.AdamW(det.parameters(), lr=0.001)
-        ours[label] = (det, make_ema(det, 0.9995), opt, cl)
-    peer, peer_cl = our_detector(scenes, threads, variant="mnv3")
-    opt = torch.optim.AdamW(peer.parameters(), lr=0.001)
-    ours["tal_mnv3 (the peer, same command)"] = (peer, make_ema(peer, 0.9995), opt, peer_cl)
+    det, env, cfg = our_detector(scenes, threads)
+    low = env.amp_dtype is not None
+    ours[f"tal_s0 (k=1), the default{' (bf16 autocast)' if low else ''}"] = det, env, cfg
+    if low:
+        ours["tal_s0 (k=1), float32 (--amp none)"] = our_detector(scenes, threads, amp="none")
+    ours["tal_mnv3 (the peer, same command)"] = our_detector(scenes, threads, variant="mnv3")
+    ours = {
+        label: (det, make_ema(det, 0.9995), make_optimizer(det, cfg), env) for label, (det, env, cfg) in ours.items()
+    }
     parts = ("forward", "assignment_and_loss", "backward", "optimizer", "ema")
     times: dict[str, dict[str, list[float]]] = {label: {p: [] for p in parts} for label in ours}
+    yolos = {}
     if yolo:
-        ym, yema = yolo_model()
-        yopt = torch.optim.AdamW(ym.parameters(), lr=0.001)
-        times["yolov8n"] = {p: [] for p in ("forward_and_loss", "backward", "optimizer", "ema")}
+        yolos["yolov8n"] = (*yolo_model(), False)
+        if low:
+            yolos["yolov8n, bf16 autocast (Ultralytics trains float32 on a CPU)"] = (*yolo_model(), True)
+        for label in yolos:
+            times[label] = {p: [] for p in ("forward_and_loss", "backward", "optimizer", "ema")}
     for r, (x, targets) in enumerate(data):
-        for label, (det, ema, opt, cl) in ours.items():
-            xs = x.contiguous(memory_format=torch.channels_last) if cl else x
-            seconds = timed_step(det, ema, opt, xs, targets)
+        for label, (det, ema, opt, env) in ours.items():
+            seconds = timed_step(det, ema, opt, env, x, targets)
             if r:
                 for part, t in zip(parts, seconds):
                     times[label][part].append(t)
-        if not yolo:
-            continue
         batch = yolo_batch(x, targets)
-        marks = [time.perf_counter()]
-        loss, _ = ym.loss(batch)
-        marks.append(time.perf_counter())
-        yopt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        marks.append(time.perf_counter())
-        yopt.step()
-        marks.append(time.perf_counter())
-        yema.update(ym)
-        marks.append(time.perf_counter())
-        if r:
-            for part, a, b in zip(times["yolov8n"], marks, marks[1:]):
-                times["yolov8n"][part].append(b - a)
+        for label, (ym, yema, yopt, autocast) in yolos.items():
+            marks = [time.perf_counter()]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = ym.loss(batch)
+            marks.append(time.perf_counter())
+            yopt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            marks.append(time.perf_counter())
+            yopt.step()
+            marks.append(time.perf_counter())
+            yema.update(ym)
+            marks.append(time.perf_counter())
+            if r:
+                for part, a, b in zip(times[label], marks, marks[1:]):
+                    times[label][part].append(b - a)
     return {label: {p: median(v) for p, v in parts_.items()} for label, parts_ in times.items()}
 
 
@@ -268,7 +278,7 @@ def yolo_dataset(scenes: Path) -> Any:
 def time_eval(scenes: Path, step_seconds: float, threads: int) -> dict[str, float]:
     """One validation as the engine runs it (fused copies of the model and of its EMA), and its share of the
     wall time of a default run (10 epochs) and of a 40-epoch run, validated as the engine's default does."""
-    det, _ = our_detector(scenes, threads)
+    det, _, _ = our_detector(scenes, threads)
     train, val = load_splits(scenes)
     ds = DetectionDataset(val)
     ds.transform = letterbox_transform(SIZE)
@@ -303,8 +313,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- {label}: {total:.3f} s/step, {BATCH / total:.1f} images/s ({cells})")
         totals = {k: sum(v.values()) for k, v in results["step"].items()}
         for a, ta in totals.items():
-            if "yolov8n" in totals and a != "yolov8n":
-                lines.append(f"- ratio: {a} trains {totals['yolov8n'] / ta:.2f}x the images/s of yolov8n (model step)")
+            for y in (y for y in totals if y.startswith("yolov8n") and not a.startswith("yolov8n")):
+                lines.append(f"- ratio: {a} trains {totals[y] / ta:.2f}x the images/s of {y} (model step)")
         peer = [t for label, t in totals.items() if label.startswith("tal_mnv3")]
         for a, ta in totals.items():
             if peer and "the default" in a:
@@ -319,9 +329,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Per-step wall time with data (0 loader processes):", ""]
         lines += [f"- {k}: {v:.3f} s/step, {BATCH / v:.1f} images/s" for k, v in results["epoch"].items()]
         for a, ta in results["epoch"].items():
-            if "yolov8n" in results["epoch"] and a != "yolov8n":
-                tb = results["epoch"]["yolov8n"]
-                lines.append(f"- ratio: {a} trains {tb / ta:.2f}x the images/s of yolov8n (data + step + EMA)")
+            for y in (y for y in results["epoch"] if y.startswith("yolov8n") and not a.startswith("yolov8n")):
+                tb = results["epoch"][y]
+                lines.append(f"- ratio: {a} trains {tb / ta:.2f}x the images/s of {y} (data + step + EMA)")
     if "eval" in results:
         lines += ["", "Validation:", ""]
         lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in results["eval"].items()]
@@ -360,9 +370,9 @@ def main() -> None:
         if "step" in results:
             (d_ours, *d_yolo) = results["data"].values()
             results["epoch"] = {
-                label: sum(step.values()) + BATCH * (d_yolo[0] if label == "yolov8n" else d_ours)
+                label: sum(step.values()) + BATCH * (d_yolo[0] if label.startswith("yolov8n") else d_ours)
                 for label, step in results["step"].items()
-                if label != "yolov8n" or d_yolo
+                if not label.startswith("yolov8n") or d_yolo
             }
     if "eval" in parts:
         default = [v for k, v in results.get("step", {}).items() if "the default" in k]

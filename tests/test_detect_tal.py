@@ -115,6 +115,32 @@ def test_loss_is_finite_and_falls_when_overfitting_two_images(one_thread):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_bf16_autocast_trains_with_float32_boxes_and_loss(one_thread):
+    """Under bf16 autocast (the default on CPUs with native bf16) the head's outputs, box decoding and loss are
+    float32, and the loss falls as in float32."""
+    from mobileone.core.branch_stats import use_fast_strided_depthwise
+
+    torch.manual_seed(0)
+    tal = create_detector("tal_s0", 2, 64, arch={**TINY_ARCH, "k": 1}, neck_channels=16)  # k = 1 runs "direct"
+    det = use_fast_strided_depthwise(tal).train()
+    x = torch.randn(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[8.0, 8, 24, 24], [40, 40, 60, 60]]), "labels": torch.tensor([0, 1])}] * 2
+    opt = torch.optim.AdamW(det.parameters(), lr=0.01)
+    losses = []
+    for _ in range(15):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            codes, logits = det.head_outputs(x)
+            out = det.compute_loss(codes, logits, targets, (64, 64))
+        assert codes.dtype == logits.dtype == torch.float32
+        loss = out["bbox_regression"] + out["classification"]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
 def test_any_size_input_and_fused_detections_equal_unfused(one_thread):
     det = tiny_tal(num_classes=3).train()
     with torch.no_grad():

@@ -255,6 +255,18 @@ def test_small_sets_get_a_minimum_of_steps_whatever_the_epochs(tmp_path):
     assert len(t.load_data(capped, Env(torch.device("cpu"))).train) == 2 * 6  # two passes fill the 5 steps
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_trains_the_tal_detector_in_bf16_on_a_cpu_with_native_bf16(native, monkeypatch):
+    from mobileone.tasks import resolve_config
+    from mobileone.tasks.detect import task as detect_task
+
+    monkeypatch.setattr(detect_task, "cpu_computes_bf16", lambda: native)
+    assert resolve_config(task="detect", data="x", device="cpu").amp == ("bf16" if native else "auto")
+    assert resolve_config(task="detect", data="x", device="cpu", amp="none").amp == "none"  # asked for: kept
+    assert resolve_config(task="detect", device="cpu").amp == "auto"  # the demo's scenes: float32 as measured
+    assert resolve_config(task="detect", data="x", device="cpu", head="ssdlite").amp == "auto"  # not measured
+
+
 def test_user_data_trains_with_adamw_and_each_optimizer_has_its_own_learning_rate(tmp_path):
     from mobileone.engine.schedules import make_optimizer, peak_lr
     from mobileone.tasks import resolve_config

@@ -370,7 +370,8 @@ def test_k1_layers_run_the_conv_once():
     assert fast_train.plan(dw, x) == fast_train.plan(pw, x) == "direct"
     assert fast_train.plan(model.stage0, torch.empty(32, 3, 64, 64)) == "fold"
     with torch.autocast("cpu", torch.bfloat16):
-        assert fast_train.plan(dw, x) == "fold"
+        assert fast_train.plan(dw, x) == "direct"  # bf16 conv, float32 statistics
+        assert fast_train.plan(dw, x.double()) == "fold"
     torch.manual_seed(11)
     for layer in (
         MobileOneLayer(6, 6, 3, groups=6),
@@ -586,3 +587,95 @@ def test_custom_functions_gradients_and_saved_tensors():
     ]:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             changed_after_forward(fn, *inputs)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: MobileOneLayer(8, 8, 3, groups=8),
+        lambda: MobileOneLayer(8, 8, 3, stride=2, groups=8),  # the phases input gradient
+        lambda: MobileOneLayer(8, 8, 1),
+    ],
+)
+def test_k1_layers_under_bf16_autocast_as_close_as_the_reference(layer):
+    """The detector's bf16 autocast: "direct" runs the conv in bf16 with float32 statistics and is about as
+    close to the float32 result (output, input and parameter gradients, running statistics) as the reference.
+    Compared before the ReLU: a bf16 rounding that flips a near-zero output's sign moves a small layer's
+    gradients by several percent, in either path."""
+    torch.manual_seed(12)
+    exact, _ = twins(layer(), torch.float32)
+    fast, ref = copy.deepcopy(exact), copy.deepcopy(exact)
+    x = torch.randn(4, 8, 10, 10) + 0.5
+    dy = torch.randn_like(exact(x.clone()))
+    exact.load_state_dict(fast.state_dict())  # undo that call's buffer update
+
+    def run(model, autocast, reference):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fast_train.branch_sum(model, xi, "reference" if reference else None)
+        (y.float() * dy).sum().backward()
+        grads = torch.cat([xi.grad.flatten()] + [p.grad.float().flatten() for p in model.parameters()])
+        return y.float(), grads
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_train.plan(fast, x) == "direct"
+    y_exact, g_exact = run(exact, False, True)
+    y_fast, g_fast = run(fast, True, False)
+    y_ref, g_ref = run(ref, True, True)
+    assert rel_err(y_fast, y_exact) < max(3 * rel_err(y_ref, y_exact), 2e-2)
+    err_fast, err_ref = ((g - g_exact).norm() / g_exact.norm() for g in (g_fast, g_ref))
+    assert err_fast < max(3 * err_ref, 2e-2)
+    for b_fast, b_exact in zip(fast.buffers(), exact.buffers()):
+        assert b_fast.dtype == b_exact.dtype and rel_err(b_fast.float(), b_exact.float()) < 2e-2
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 6), (5, 10), (1, 1), (2, 3)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_strided_depthwise_input_grad_is_the_conv_backward(size, memory_format):
+    torch.manual_seed(14)
+    x = torch.randn(2, 5, *size, dtype=torch.float64).contiguous(memory_format=memory_format)
+    w = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    dy = torch.randn_like(torch.nn.functional.conv2d(x, w, None, 2, 1, 1, 5))
+    expected = torch.ops.aten.convolution_backward(
+        dy, x, w, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 5, [True, False, False]
+    )[0]
+    assert (branch_stats.strided_depthwise_input_grad(dy, w, x.shape[-2:]) - expected).abs().max() < 1e-12
+
+
+def test_fast_strided_depthwise_module():
+    """Depthwise 3x3 stride-2 ``nn.Conv2d`` layers (the detector's neck, MobileNetV3) become
+    ``FastStridedDepthwise``: same state dict, plain conv in eval mode, and under bf16 autocast
+    the phases input gradient, as close to float32 as autograd's own bf16 backward."""
+    torch.manual_seed(15)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.Conv2d(8, 16, 3, 2, 1)
+    )
+    fast = branch_stats.use_fast_strided_depthwise(copy.deepcopy(model))
+    assert [type(m) for m in fast] == [branch_stats.FastStridedDepthwise, nn.Conv2d, nn.Conv2d]
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 8, 9, 9)
+
+    def grads(m, autocast):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xi)
+        y.float().square().sum().backward()
+        return y.float(), torch.cat([xi.grad.flatten()] + [p.grad.flatten() for p in m.parameters()])
+
+    y_exact, g_exact = grads(model, False)
+    with mock.patch.object(
+        branch_stats, "strided_depthwise_input_grad", wraps=branch_stats.strided_depthwise_input_grad
+    ) as phases:
+        y_fast, g_fast = grads(fast, True)
+    assert phases.call_count == 1
+    y_ref, g_ref = grads(model, True)
+    assert rel_err(y_fast, y_exact) < max(3 * rel_err(y_ref, y_exact), 2e-2)
+    assert (g_fast - g_exact).norm() / g_exact.norm() < max(3 * (g_ref - g_exact).norm() / g_exact.norm(), 2e-2)
+    assert torch.equal(fast.eval()(x), model.eval()(x))
+    with_bn = branch_stats.use_fast_strided_depthwise(
+        nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.BatchNorm2d(8))
+    )
+    assert mobileone.core.fusion.fold_conv_bn(with_bn) == 1  # fuses like the nn.Conv2d it is
+    assert type(with_bn[0]) is nn.Conv2d and isinstance(with_bn[1], nn.Identity)

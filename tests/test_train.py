@@ -195,6 +195,7 @@ def test_optimizer_choice_keeps_the_groups_and_their_decay(name, kind):
     assert type(opt) is kind and [g["decay"] for g in opt.param_groups] == [True, False]
     assert opt.param_groups[0]["weight_decay"] == 1e-3 and opt.param_groups[1]["weight_decay"] == 0.0
     assert opt.defaults["betas" if name == "adamw" else "momentum"] == ((0.8, 0.999) if name == "adamw" else 0.8)
+    assert opt.defaults["fused"]  # one kernel over all parameters on CPU and CUDA
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def hits_strided_1x1_bug(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
@@ -50,7 +50,63 @@ def conv2d(
     """
     if hits_strided_1x1_bug(x, weight, stride, padding):
         x, stride = x[:, :, ::stride, ::stride], 1
+    if (
+        weight.requires_grad
+        and torch.is_grad_enabled()
+        and _slow_strided_depthwise(x, weight, (stride, padding, dilation, groups), compute_dtype(x))
+    ):
+        return StridedDepthwiseConv.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class StridedDepthwiseConv(torch.autograd.Function):
+    """A depthwise 3x3 conv of stride 2 and padding 1 in bf16 / fp16 on CPU, its input gradient by
+    :func:`strided_depthwise_input_grad` (PyTorch's own takes 10-40x the float32 time there)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        low = compute_dtype(x)
+        x, w = x.to(low), weight.to(low)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.conv2d(x, w, None if bias is None else bias.to(low), 2, 1, 1, x.shape[1])
+        ctx.save_for_backward(x, w)
+        ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx, dw = conv_backward(dy, x, w, (2, 1, 1, x.shape[1]), need_x, need_w)
+        db = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.weight_dtype) if need_b and ctx.has_bias else None
+        return dx, None if dw is None else dw.to(ctx.weight_dtype), db
+
+
+class FastStridedDepthwise(nn.Conv2d):
+    """``nn.Conv2d`` that trains a bf16 / fp16 depthwise 3x3 stride-2 conv on CPU by :func:`conv2d`; the same
+    parameters and state dict, and plain ``nn.Conv2d`` in eval mode (what exports)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], self.dilation[0], self.groups)
+
+
+def use_fast_strided_depthwise(model: nn.Module) -> nn.Module:
+    """Turn ``model``'s depthwise 3x3 stride-2 ``nn.Conv2d`` layers into :class:`FastStridedDepthwise` in place."""
+    for m in model.modules():
+        if (
+            type(m) is nn.Conv2d
+            and m.groups == m.in_channels == m.out_channels
+            and m.kernel_size == (3, 3)
+            and m.stride == (2, 2)
+            and m.padding == (1, 1)
+            and m.dilation == (1, 1)
+        ):
+            m.__class__ = FastStridedDepthwise
+    return model
 
 
 def conv_backward(
@@ -58,10 +114,65 @@ def conv_backward(
 ) -> tuple[Tensor | None, Tensor | None]:
     """Input and weight gradients of a bias-free ``(stride, padding, dilation, groups)`` conv; None where not needed."""
     stride, padding, dilation, groups = conv
+    phases = need_x and _slow_strided_depthwise(x, weight, conv, x.dtype)
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        dz, x, weight, None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups, [need_x, need_w, False]
+        dz,
+        x,
+        weight,
+        None,
+        [stride] * 2,
+        [padding] * 2,
+        [dilation] * 2,
+        False,
+        [0, 0],
+        groups,
+        [need_x and not phases, need_w, False],
     )
+    if phases:
+        dx = strided_depthwise_input_grad(dz, weight, x.shape[-2:])
     return dx, dw
+
+
+def _slow_strided_depthwise(x: Tensor, weight: Tensor, conv: tuple[int, int, int, int], dtype: torch.dtype) -> bool:
+    """A depthwise 3x3 conv of stride 2 on CPU computed in bf16 / fp16 (``dtype``), whose input gradient PyTorch
+    takes 10-40x the float32 time for (oneDNN's transposed depthwise kernel): :func:`strided_depthwise_input_grad`."""
+    stride, padding, dilation, groups = conv
+    return (
+        x.device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and groups == x.shape[1] == weight.shape[0]
+        and tuple(weight.shape[1:]) == (1, 3, 3)
+        and (stride, padding, dilation) == (2, 1, 1)
+    )
+
+
+def strided_depthwise_input_grad(dy: Tensor, weight: Tensor, size: torch.Size) -> Tensor:
+    """The input gradient of a depthwise 3x3 conv of stride 2 and padding 1, as four stride-1 convs of ``dy``.
+
+    Input pixel ``(2r + a, 2c + b)`` is read by taps ``i = 1`` (row ``r`` of the output) when ``a = 0``,
+    by ``i = 2`` (row ``r``) and ``i = 0`` (row ``r + 1``) when ``a = 1``; the same for columns. Each of
+    the four parities is thus a depthwise conv of ``dy`` (zero-padded by one row and column at the
+    end) with a 1x1, 1x2, 2x1 or 2x2 kernel taken from ``weight``, written into its strided view.
+    """
+    (height, width), channels = size, weight.shape[0]
+    w = weight[:, 0]
+    dx = torch.empty(
+        (dy.shape[0], channels, height, width),
+        dtype=dy.dtype,
+        device=dy.device,
+        memory_format=torch.channels_last if channels_last(dy) else torch.contiguous_format,
+    )
+    padded = F.pad(dy, (0, 1, 0, 1))
+    taps = {0: [1], 1: [2, 0]}  # for a parity: the kernel rows (columns) read from output row r, then r + 1
+    for a in (0, 1):
+        for b in (0, 1):
+            rows, cols = (height - a + 1) // 2, (width - b + 1) // 2
+            if rows == 0 or cols == 0:
+                continue
+            kernel = w[:, taps[a]][:, :, taps[b]].unsqueeze(1)  # (C, 1, len(rows), len(cols))
+            source = padded[:, :, : rows + len(taps[a]) - 1, : cols + len(taps[b]) - 1]
+            dx[:, :, a::2, b::2] = F.conv2d(source, kernel, None, 1, 0, 1, channels)
+    return dx
 
 
 class Moments(torch.autograd.Function):
@@ -184,13 +295,25 @@ def conv_moments(x: Tensor, kernels: Tensor, conv: tuple) -> tuple[Tensor, Tenso
 def batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``z``, in float32 (float64 for float64 input).
 
-    On CPU ``batch_norm_update_stats`` gives them in one pass without writing a normalized copy.
+    On CPU ``batch_norm_update_stats`` gives them in one pass without writing a normalized copy; for
+    bf16 / fp16 input, given float32 running buffers (scratch here), it accumulates and returns
+    float32 without a float32 copy of ``z``.
     """
-    z = z.to(stats_dtype(z.dtype))
     if z.device.type == "cpu":
-        return torch.batch_norm_update_stats(z, None, None, 0.0)
+        if z.dtype in (torch.float32, torch.float64):
+            return torch.batch_norm_update_stats(z, None, None, 0.0)
+        scratch = torch.zeros(z.shape[1], dtype=torch.float32)
+        return torch.batch_norm_update_stats(z, scratch, torch.ones_like(scratch), 1.0)
+    z = z.to(stats_dtype(z.dtype))
     var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
     return mean, var
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a conv on ``x`` runs in: autocast's where it is on for ``x``'s device, else ``x``'s own."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -235,7 +358,9 @@ class ConvNormPlusAffine(torch.autograd.Function):
     ``x_s`` once each for their reductions (PyTorch's batch-norm backward kernel), runs the conv's
     backward and adds ``x_s``'s share (``B dy + kappa (x_s - mean_x)`` plus a constant, ``kappa``
     from ``B``'s dependence on ``var_x``) into its input gradient in place. Also returns the batch
-    mean and variance of ``z`` and of ``x_s`` for the running statistics. Float32 / float64 only.
+    mean and variance of ``z`` and of ``x_s`` for the running statistics. Under autocast the conv, ``y``
+    and what backward keeps are in autocast's dtype (``x`` is cast to it); the statistics and the
+    per-channel coefficients are float32, rounded to that dtype only where they scale a tensor.
     """
 
     @staticmethod
@@ -252,15 +377,25 @@ class ConvNormPlusAffine(torch.autograd.Function):
         eps: float,
     ):
         stride, padding, dilation, groups = conv
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        x_s = x[:, :, ::stride, ::stride]
-        mean_z, var_z = batch_moments(z)
-        mean_x, var_x = batch_moments(x_s)
-        inv_z = torch.rsqrt(var_z + eps)
-        inv_e = torch.rsqrt(ws * ws * var_x + eps)  # (E, C)
-        a, bx = g * inv_z, (gs * ws * inv_e).sum(0)
-        shift = b + bs.sum(0) - a * mean_z - bx * mean_x
-        y = torch.addcmul(shift[:, None, None], z, a[:, None, None]).addcmul_(x_s, bx[:, None, None])
+        low = compute_dtype(x)  # autocast's dtype (bf16 / fp16) or the input's own
+        x = x.to(low)
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.conv2d(x, weight.to(low), None, stride, padding, dilation, groups)
+            x_s = x[:, :, ::stride, ::stride]
+            mean_x, var_x = batch_moments(x_s)
+            inv_e = torch.rsqrt(ws * ws * var_x + eps)  # (E, C)
+            bx = (gs * ws * inv_e).sum(0)
+            if z.dtype in (torch.float32, torch.float64):
+                mean_z, var_z = batch_moments(z)
+                inv_z = torch.rsqrt(var_z + eps)
+                shift = b + bs.sum(0) - g * inv_z * mean_z - bx * mean_x
+                y = torch.addcmul(shift[:, None, None], z, (g * inv_z)[:, None, None])
+            else:  # bf16 / fp16: PyTorch's batch norm takes float32 parameters and statistics over them at full speed
+                y, mean_z, inv_z = torch.native_batch_norm(
+                    z, g, b + bs.sum(0) - bx * mean_x, None, None, True, 0.0, eps
+                )
+                var_z = inv_z.pow(-2) - eps
+            y.addcmul_(x_s, bx[:, None, None].to(y.dtype))
         ctx.eps, ctx.conv = eps, conv
         ctx.save_for_backward(x, weight, z, g, ws, gs, mean_z, inv_z, mean_x, inv_e, bx)
         ctx.mark_non_differentiable(mean_z, var_z, mean_x, var_x)
@@ -274,6 +409,7 @@ class ConvNormPlusAffine(torch.autograd.Function):
         stride = ctx.conv[0]
         x_s = x[:, :, ::stride, ::stride]
         count = z.shape[0] * z.shape[2] * z.shape[3]
+        dy = dy.to(z.dtype)
         dy = dy.contiguous(memory_format=torch.channels_last) if channels_last(z) else dy.contiguous()
         dz, dg, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, z, g, None, None, mean_z, inv_z, True, ctx.eps, [need_x or need_w, True, True]
@@ -283,12 +419,14 @@ class ConvNormPlusAffine(torch.autograd.Function):
         )  # sum(dy (x_s - mean_x))
         dx, dw = None, None
         if need_x or need_w:
-            dx, dw = conv_backward(dz, x, weight, ctx.conv, need_x, need_w)
+            dx, dw = conv_backward(dz, x, weight.to(x.dtype), ctx.conv, need_x, need_w)
+            dw = dw.to(weight.dtype) if dw is not None else None
         if need_x:  # x_s's share; d var_x / dx_s = 2 (x_s - mean_x) / M, d inv_e / d var_x = -w^2 inv_e^3 / 2
             kappa = (-1.0 / count) * sum_dyx * (gs * ws.pow(3) * inv_e.pow(3)).sum(0)
             const = -bx * sum_dy / count - kappa * mean_x
             share = dx[:, :, ::stride, ::stride]
-            share.addcmul_(dy, bx[:, None, None]).addcmul_(x_s, kappa[:, None, None]).add_(const[:, None, None])
+            bx, kappa, const = (t[:, None, None].to(dx.dtype) for t in (bx, kappa, const))
+            share.addcmul_(dy, bx).addcmul_(x_s, kappa).add_(const)
         dws = gs * sum_dyx * ctx.eps * inv_e.pow(3) if need_ws else None  # d(w / sqrt(w^2 v + eps)) / dw
         dgs = ws * inv_e * sum_dyx if need_gs else None
         dbs = sum_dy.expand_as(gs) if need_bs else None

@@ -53,6 +53,7 @@ from .branch_stats import (
     ConvMoments,
     ConvNormPlusAffine,
     Moments,
+    compute_dtype,
     conv2d,
     conv_moments,
     covariance_stats,
@@ -109,6 +110,7 @@ def _direct_applies(layer: MobileOneLayer, x: Tensor) -> bool:
     depthwise = layer.groups == layer.in_channels == layer.out_channels
     autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     plain_float = x.dtype in (torch.float32, torch.float64) and not autocast
+    plain_float |= autocast and x.dtype in (torch.float32, compute_dtype(x))  # low precision, float32 statistics
     strided_1x1 = layer.kernel_size == 1 and layer.stride > 1  # conv2d's workaround (branch_stats) is not inside
     return layer.k == 1 and (layer.rbr_scale is None or depthwise) and plain_float and not strided_1x1
 

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .branch_stats import FastStridedDepthwise
+
 
 class FusionWarning(UserWarning):
     """Fusion did something the caller may not expect (train mode, already fused, fresh BN)."""
@@ -90,7 +92,7 @@ def fold_conv_bn(module: nn.Module) -> int:
     if isinstance(module, nn.Sequential):
         items = list(module._modules.items())
         for (name, conv), (bn_name, bn) in zip(items, items[1:]):
-            if type(conv) is nn.Conv2d and _foldable_bn(bn):
+            if type(conv) in (nn.Conv2d, FastStridedDepthwise) and _foldable_bn(bn):
                 module._modules[name] = _folded_conv(conv, bn)
                 module._modules[bn_name] = nn.Identity()
                 folded += 1

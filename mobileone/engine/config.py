@@ -199,7 +199,12 @@ class TrainConfig:
     seed: int = option(0, "run", "random seed", Range(0, 2**63 - 1, integer=True))
     deterministic: bool = option(False, "run", "deterministic kernels (exact resume)")
     device: str = option("auto", "run", "auto: CUDA when there is one", choices=CHOICES["device"])
-    amp: str = option("auto", "run", "mixed precision (auto: bf16 on CUDA, off on CPU)", choices=CHOICES["amp"])
+    amp: str = option(
+        "auto",
+        "run",
+        "mixed precision (auto: bf16 on CUDA, and for the tal detector on a CPU with native bf16)",
+        choices=CHOICES["amp"],
+    )
     channels_last: bool | None = option(None, "run", "channels-last memory format (default: on CUDA)")
     compile: bool = option(False, "run", "torch.compile the model")
     sync_bn: bool = option(False, "run", "SyncBatchNorm across GPUs")

@@ -138,8 +138,12 @@ class TALDetector(Detector):
             logits.append(cls.flatten(2))
             dists.append(box.flatten(2))
         _, strides = self.points(images.shape[-2], images.shape[-1], images)
-        dist = F.softplus(torch.cat(dists, 2).transpose(1, 2)) * strides.to(images.dtype)
-        return dist, torch.cat(logits, 2).transpose(1, 2)
+        # float32 from here on under autocast: a bf16 distance of 150 px is only good to 1 px
+        dist, logits = (
+            torch.cat(t, 2).transpose(1, 2).to(torch.promote_types(images.dtype, torch.float32))
+            for t in (dists, logits)
+        )
+        return F.softplus(dist) * strides.to(dist.dtype), logits
 
     def decode(self, codes: Tensor, logits: Tensor, size: Size) -> tuple[Tensor, Tensor]:
         """Boxes (N, A, 4) clipped to the input and class probabilities (N, A, C)."""

@@ -21,9 +21,10 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ...core.branch_stats import use_fast_strided_depthwise
 from ...core.config import VARIANTS, MobileOneConfig, resolve_variant
 from ...engine.config import TrainConfig
-from ...engine.distributed import Env
+from ...engine.distributed import Env, cpu_computes_bf16, pick_device
 from ...engine.task import DataError, Task, TaskData
 from .augment import DenseTrainData, letterbox_transform
 from .builtin import digit_scenes
@@ -79,6 +80,11 @@ def detector_name(cfg: TrainConfig) -> str:
     return (
         f"{head}_{PEER}" if cfg.variant == PEER else f"{head}_{resolve_variant(cfg.variant).removeprefix('mobileone_')}"
     )
+
+
+def cpu_bf16_pays(device: str) -> bool:
+    """Whether ``--amp auto`` trains a detector on ``device`` in bf16: a CPU that computes bf16 natively."""
+    return pick_device(device).type == "cpu" and cpu_computes_bf16()
 
 
 def build_detector_for(cfg: TrainConfig, classes: Sequence[str], **options: Any) -> Detector:
@@ -144,6 +150,10 @@ class DetectTask(Task):
             # fuses into the very same network (docs/detection.md: the ablation). A checkpoint keeps its own k.
             if resolve_variant(cfg.variant) == "mobileone_s0":
                 cfg.k = 1
+        if cfg.amp == "auto" and cfg.data is not None and cfg.head == "tal" and cpu_bf16_pays(cfg.device):
+            # bf16 autocast on a CPU that computes bf16 natively: the tal detector's step 1.3x faster, the same
+            # mAP (docs/detection.md, "Training speed"); statistics, box decoding and the loss stay float32.
+            cfg.amp = "bf16"
         # SSDLite's last extra block normalizes 1x1 maps: BatchNorm needs two images; the tal head's smallest map
         # is 1/32 of the input.
         self.min_batch = 2 if cfg.head == "ssdlite" else 1
@@ -205,6 +215,9 @@ class DetectTask(Task):
         return TaskData(train, val_ds, list(train_split.classes))
 
     def build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
+        return use_fast_strided_depthwise(self._build_model(cfg, classes))
+
+    def _build_model(self, cfg: TrainConfig, classes: Sequence[str]) -> nn.Module:
         if self.builtin:
             return build_detector_for(cfg, classes, topk_candidates=BUILTIN_TOPK)
         sides = box_sides(self.train_records, cfg.img_size)
