@@ -265,6 +265,8 @@ def test_amp_auto_trains_the_tal_detector_in_bf16_on_a_cpu_with_native_bf16(nati
     assert resolve_config(task="detect", data="x", device="cpu", amp="none").amp == "none"  # asked for: kept
     assert resolve_config(task="detect", device="cpu").amp == "auto"  # the demo's scenes: float32 as measured
     assert resolve_config(task="detect", data="x", device="cpu", head="ssdlite").amp == "auto"  # not measured
+    assert resolve_config(task="detect", data="x", device="cpu", k=4).amp == "auto"  # k > 1: not measured
+    assert resolve_config(task="detect", data="x", device="cpu", variant="mnv3").amp == ("bf16" if native else "auto")
 
 
 def test_user_data_trains_with_adamw_and_each_optimizer_has_its_own_learning_rate(tmp_path):
