@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint install bench
+.PHONY: demo test test-all lint install bench
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -15,8 +15,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: $(VENV)/.installed
 	$(PY) -m mobileone demo
 
-# The tests start with the lint: CI runs `make test`, so a change that ruff refuses does not land.
+# The tests start with the lint: CI runs `make test`, so a change that ruff refuses does not land. It leaves
+# out the tests marked slow (runtime converters, training subprocesses: about 4 minutes on 2 cores);
+# `make test-all` runs them too.
 test: lint
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not slow"
+
+test-all: lint
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(VENV)/.installed
