@@ -388,8 +388,9 @@ class ConvNormPlusAffine(torch.autograd.Function):
             if z.dtype in (torch.float32, torch.float64):
                 mean_z, var_z = batch_moments(z)
                 inv_z = torch.rsqrt(var_z + eps)
-                shift = b + bs.sum(0) - g * inv_z * mean_z - bx * mean_x
-                y = torch.addcmul(shift[:, None, None], z, (g * inv_z)[:, None, None])
+                a = g * inv_z
+                shift = b + bs.sum(0) - a * mean_z - bx * mean_x
+                y = torch.addcmul(shift[:, None, None], z, a[:, None, None])
             else:  # bf16 / fp16: PyTorch's batch norm takes float32 parameters and statistics over them at full speed
                 y, mean_z, inv_z = torch.native_batch_norm(
                     z, g, b + bs.sum(0) - bx * mean_x, None, None, True, 0.0, eps
